@@ -1,0 +1,11 @@
+"""flatmin: training neural networks toward flat minima.
+
+AMP (Zheng et al., CVPR 2021), SAM/ASAM (Foret et al. 2021; Kwon et al. 2021) and the random
+perturbation baseline RMP as drop-in PyTorch optimizers, plus the AMP paper's data, models,
+training protocol, experiments and flatness analyses.
+"""
+
+from flatmin.optim import AMP, RMP, SAM
+
+__version__ = "0.1.0"
+__all__ = ["AMP", "SAM", "RMP", "__version__"]
