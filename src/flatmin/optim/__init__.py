@@ -1,0 +1,9 @@
+"""Perturbation optimizers: AMP (the paper), SAM/ASAM and RMP (its baselines)."""
+
+from flatmin.optim.amp import AMP
+from flatmin.optim.base import PerturbedOptimizer
+from flatmin.optim.bn import frozen_running_stats
+from flatmin.optim.rmp import RMP
+from flatmin.optim.sam import SAM
+
+__all__ = ["AMP", "SAM", "RMP", "PerturbedOptimizer", "frozen_running_stats"]

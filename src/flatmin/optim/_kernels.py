@@ -1,0 +1,205 @@
+"""The arithmetic of model perturbation, as plain single-tensor loops and as `torch._foreach_*` twins.
+
+Every optimizer in `flatmin.optim` does its math here. Each `_single_tensor_*` function is the
+obvious reference; its `_multi_tensor_*` twin does the same with one foreach launch per list
+(the style of torch.optim's multi-tensor kernels) and the tests hold them equal. Nothing here
+reads a tensor value on the host: clipping is `torch.clamp`, never a Python `if` on a norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+TINY = 1e-12  # the authors' guard against a zero norm
+
+
+# --- norms and clipping ------------------------------------------------------------------------
+
+
+def clip_coefficients(norms: Tensor, radius: float, ball: str) -> Tensor:
+    """min(1, ε/‖Δ‖): one coefficient for the whole group ("global") or one per tensor."""
+    if ball == "global":
+        norms = torch.linalg.vector_norm(norms)
+    return torch.clamp(radius / (norms + TINY), max=1.0)
+
+
+def rescale_coefficients(norms: Tensor, radius: float, ball: str) -> Tensor:
+    """ε/‖d‖ with no clipping: puts a direction exactly on the sphere (SAM, RMP)."""
+    if ball == "global":
+        norms = torch.linalg.vector_norm(norms)
+    return radius / (norms + TINY)
+
+
+def _stack_norms(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """One vector of norms, at least float32 (half-precision norms overflow) but never less precise."""
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return torch.stack([n.to(dtype) for n in norms])
+
+
+def _single_tensor_norms(tensors: list[Tensor]) -> Tensor:
+    """Stacked L2 norms, one per tensor."""
+    return _stack_norms([torch.linalg.vector_norm(t) for t in tensors])
+
+
+def _multi_tensor_norms(tensors: list[Tensor]) -> Tensor:
+    """Stacked L2 norms, one foreach launch."""
+    return _stack_norms(torch._foreach_norm(tensors))
+
+
+def _as_list(coefs: Tensor, n: int) -> list[Tensor] | Tensor:
+    """A 0-d coefficient is shared by every tensor; a vector gives one per tensor."""
+    return coefs if coefs.dim() == 0 else list(coefs.unbind())
+
+
+# --- AMP: one step of projected gradient ascent on the perturbation ---------------------------
+
+
+def _single_tensor_amp_ascent(
+    params: list[Tensor],
+    grads: list[Tensor],
+    thetas: list[Tensor],
+    deltas: list[Tensor] | None,
+    *,
+    step_size: float | Tensor,
+    epsilon: float,
+    ball: str,
+    first: bool,
+) -> None:
+    """Δ ← Π_ε(Δ + ζ∇J(θ+Δ)); params ← θ + Δ. deltas=None: Δ starts at 0 and lives in the grads."""
+    ds = []
+    for i, g in enumerate(grads):
+        g.mul_(step_size)
+        if deltas is None:
+            ds.append(g)
+        else:
+            if first:
+                deltas[i].zero_()
+            ds.append(deltas[i].add_(g))
+    coefs = clip_coefficients(_single_tensor_norms(ds), epsilon, ball)
+    for i, (p, theta, d) in enumerate(zip(params, thetas, ds)):
+        d.mul_(coefs if coefs.dim() == 0 else coefs[i])
+        if not first:
+            p.copy_(theta)
+        p.add_(d)
+
+
+def _multi_tensor_amp_ascent(
+    params: list[Tensor],
+    grads: list[Tensor],
+    thetas: list[Tensor],
+    deltas: list[Tensor] | None,
+    *,
+    step_size: float | Tensor,
+    epsilon: float,
+    ball: str,
+    first: bool,
+) -> None:
+    """Foreach twin of `_single_tensor_amp_ascent`."""
+    torch._foreach_mul_(grads, step_size)
+    if deltas is None:
+        ds = grads
+    else:
+        if first:
+            torch._foreach_zero_(deltas)
+        torch._foreach_add_(deltas, grads)
+        ds = deltas
+    coefs = clip_coefficients(_multi_tensor_norms(ds), epsilon, ball)
+    torch._foreach_mul_(ds, _as_list(coefs, len(ds)))
+    if not first:
+        torch._foreach_copy_(params, thetas)
+    torch._foreach_add_(params, ds)
+
+
+# --- SAM / ASAM: the normalised ascent step --------------------------------------------------
+
+
+def _single_tensor_sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: bool) -> Tensor:
+    """‖T_w ∇L‖ over all tensors (T_w = |w| for ASAM, identity for SAM)."""
+    return torch.linalg.vector_norm(
+        _single_tensor_norms([p.abs() * g if adaptive else g for p, g in zip(params, grads)])
+    )
+
+
+def _multi_tensor_sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: bool) -> Tensor:
+    """Foreach twin of `_single_tensor_sam_norm`."""
+    scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if adaptive else grads
+    return torch.linalg.vector_norm(_multi_tensor_norms(scaled))
+
+
+def _single_tensor_sam_ascent(
+    params: list[Tensor], grads: list[Tensor], *, scale: Tensor, adaptive: bool, inplace: bool
+) -> None:
+    """params ← θ + ρ·T_w²∇L/‖T_w∇L‖ (scale = ρ/‖T_w∇L‖ already computed)."""
+    for p, g in zip(params, grads):
+        e = g if inplace else g.clone()
+        if adaptive:
+            e.mul_(p).mul_(p)
+        p.add_(e.mul_(scale))
+
+
+def _multi_tensor_sam_ascent(
+    params: list[Tensor], grads: list[Tensor], *, scale: Tensor, adaptive: bool, inplace: bool
+) -> None:
+    """Foreach twin of `_single_tensor_sam_ascent`."""
+    e = grads if inplace else torch._foreach_mul(grads, 1.0)
+    if adaptive:
+        torch._foreach_mul_(e, params)
+        torch._foreach_mul_(e, params)
+    torch._foreach_mul_(e, scale)
+    torch._foreach_add_(params, e)
+
+
+# --- RMP: a random point on the sphere ---------------------------------------------------------
+
+
+def _single_tensor_random_perturb(
+    params: list[Tensor], *, radius: float, ball: str, generator: torch.Generator | None
+) -> None:
+    """params ← θ + r·d/‖d‖ with d ~ N(0, I): uniform on the sphere of radius r."""
+    ds = [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in params]
+    coefs = rescale_coefficients(_single_tensor_norms(ds), radius, ball)
+    for i, (p, d) in enumerate(zip(params, ds)):
+        p.add_(d.mul_(coefs if coefs.dim() == 0 else coefs[i]))
+
+
+def _multi_tensor_random_perturb(
+    params: list[Tensor], *, radius: float, ball: str, generator: torch.Generator | None
+) -> None:
+    """Foreach twin of `_single_tensor_random_perturb` (same random numbers, same order)."""
+    ds = [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in params]
+    coefs = rescale_coefficients(_multi_tensor_norms(ds), radius, ball)
+    torch._foreach_mul_(ds, _as_list(coefs, len(ds)))
+    torch._foreach_add_(params, ds)
+
+
+# --- keeping θ -----------------------------------------------------------------------------------
+
+
+def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    """dst ← src bit for bit: how θ is saved before and restored after a perturbation."""
+    if foreach:
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def amp_ascent(*args, foreach: bool, **kwargs) -> None:
+    """Dispatch to the foreach or the single-tensor AMP ascent."""
+    (_multi_tensor_amp_ascent if foreach else _single_tensor_amp_ascent)(*args, **kwargs)
+
+
+def sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: bool, foreach: bool) -> Tensor:
+    """Dispatch to the foreach or the single-tensor SAM gradient norm."""
+    return (_multi_tensor_sam_norm if foreach else _single_tensor_sam_norm)(params, grads, adaptive)
+
+
+def sam_ascent(*args, foreach: bool, **kwargs) -> None:
+    """Dispatch to the foreach or the single-tensor SAM ascent."""
+    (_multi_tensor_sam_ascent if foreach else _single_tensor_sam_ascent)(*args, **kwargs)
+
+
+def random_perturb(*args, foreach: bool, **kwargs) -> None:
+    """Dispatch to the foreach or the single-tensor random perturbation."""
+    (_multi_tensor_random_perturb if foreach else _single_tensor_random_perturb)(*args, **kwargs)

@@ -1,0 +1,147 @@
+"""AMP — Adversarial Model Perturbation (Zheng, Zhang & Mao, CVPR 2021), Algorithm 1.
+
+    min_θ max_{‖Δ‖≤ε} L_ERM(θ + Δ)
+
+For each batch:  Δ ← 0;  N times:  Δ ← Δ + ζ·∇J(θ+Δ),  Δ ← ε·Δ/‖Δ‖ if ‖Δ‖ > ε;
+then the gradient at θ+Δ drives the base optimizer *from θ* (weight decay, momentum, Nesterov
+are the base optimizer's business, applied at θ).
+
+The ball. ``ball="global"``: ‖Δ‖ is the norm of the whole perturbation of a parameter group,
+as the paper writes it. ``ball="per_tensor"``: each parameter tensor is clipped to ε on its own,
+which is what the authors' released code does and what produced the paper's tables (so the
+paper presets use it). For a model with T tensors the per-tensor ball allows a total
+perturbation of up to ε·√T.
+
+Memory. θ is kept in one parameter-sized buffer (reused across steps) so that restoring it is a
+copy, bit for bit. With N = 1 that is the only extra buffer: Δ is built in place in the
+gradients (which the next backward pass overwrites anyway). N > 1 adds one buffer for Δ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from flatmin.optim import _kernels as K
+from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative, detached, loss_of
+
+
+class AMP(PerturbedOptimizer):
+    """Adversarial model perturbation around any base optimizer.
+
+    Keyword-compatible with the authors' optimizer: ``AMP(params, lr, epsilon, inner_lr=1,
+    inner_iter=1, base_optimizer=SGD, **base_kwargs)``.
+
+    ``step(closure)``: the closure zeroes grads, runs forward and backward, and returns the loss
+    or ``(outputs, loss)``; it is called N+1 times and ``step`` returns what the first call
+    returned (detached). A non-finite loss restores θ, skips the base step, increments
+    ``skipped_steps`` and raises :class:`flatmin.errors.NonFiniteLossError` (``check_finite=False``
+    removes that check and with it the step's only host-device synchronisation).
+
+    Two-call form (a gradient scaler, manual optimisation)::
+
+        loss(θ).backward();      opt.perturb()            # N times, each after a backward
+        loss(θ+Δ).backward();    opt.restore_and_step()   # or: opt.restore(); scaler.step(opt.base_optimizer)
+
+    ``perturb()`` consumes the gradients (they become Δ): zero them before the next backward.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = None,
+        epsilon: float = 0.5,
+        inner_lr: float = 1.0,
+        inner_iter: int = 1,
+        base_optimizer: Callable[..., Optimizer] = torch.optim.SGD,
+        *,
+        ball: str = "global",
+        foreach: bool | None = None,
+        check_finite: bool = True,
+        **base_kwargs: Any,
+    ) -> None:
+        defaults = dict(epsilon=epsilon, inner_lr=inner_lr, inner_iter=inner_iter, ball=ball)
+        self.validate_group(defaults)
+        if lr is not None:
+            check_nonnegative("lr", lr)
+            base_kwargs["lr"] = lr
+        super().__init__(params, defaults, base_optimizer, base_kwargs,
+                         foreach=foreach, check_finite=check_finite)
+        self._iteration = 0  # ascent iterations done in the current step
+        self._delta: dict[Tensor, Tensor] = {}  # Δ buffers, only for groups with N > 1
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        """ε, ζ ≥ 0 and finite; N a non-negative integer; a known ball."""
+        check_nonnegative("epsilon", group["epsilon"])
+        check_nonnegative("inner_lr", group["inner_lr"])
+        n = group["inner_iter"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"inner_iter must be an integer >= 0, got {n!r}")
+        check_ball(group["ball"])
+
+    @property
+    def inner_iter(self) -> int:
+        """The number of ascent passes a step makes (the largest N over the groups)."""
+        return max(group["inner_iter"] for group in self.param_groups)
+
+    @torch.no_grad()
+    def perturb(self, grad_scale: Tensor | float | None = None) -> None:
+        """One ascent iteration from the current gradients; params become θ + Δ.
+
+        ``grad_scale``: the loss scale of a gradient scaler, divided out of the gradients.
+        """
+        first = not self.perturbed
+        for group in self.param_groups:
+            if self._iteration >= group["inner_iter"]:
+                continue
+            params, grads = self.params_with_grad(group)
+            if not params:
+                continue
+            if first:
+                self.save_theta(params)
+            step_size = group["inner_lr"] if grad_scale is None else group["inner_lr"] / grad_scale
+            deltas = None if group["inner_iter"] == 1 else self._delta_buffers(params)
+            K.amp_ascent(params, grads, self.thetas_of(params), deltas, step_size=step_size,
+                         epsilon=group["epsilon"], ball=group["ball"], first=first,
+                         foreach=self.foreach)
+        self._iteration += 1
+
+    def _delta_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """Persistent Δ storage for N > 1 (zeroed at the first iteration of each step)."""
+        out = []
+        for p in params:
+            buf = self._delta.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                buf = self._delta[p] = torch.zeros_like(p)
+            out.append(buf)
+        return out
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """θ back bit for bit; the next perturbation starts from Δ = 0."""
+        super().restore()
+        self._iteration = 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Algorithm 1 for one batch: N ascent passes, then the base update from θ."""
+        if closure is None:
+            raise RuntimeError(
+                "AMP.step() needs a closure that zeroes grads, runs forward and backward and "
+                "returns the loss; without one, use perturb() and restore_and_step()"
+            )
+        first = self.call_closure(closure)
+        losses = [loss_of(first)]
+        try:
+            for _ in range(self.inner_iter):
+                self.perturb()
+                self.zero_grad(set_to_none=True)
+                losses.append(loss_of(self.call_closure(closure)))
+        finally:
+            self.restore()
+        self.base_step(losses)
+        return detached(first)

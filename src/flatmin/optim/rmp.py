@@ -1,0 +1,79 @@
+"""RMP — random model perturbation, the AMP paper's control baseline (§5.1, radius 0.1).
+
+Sampling: d ~ N(0, I) over the parameters of a group, Δ = r·d/‖d‖ — a point drawn uniformly on
+the sphere of radius r (``ball="global"``), or on each tensor's own sphere of radius r
+(``ball="per_tensor"``). In high dimension nearly all of a ball's volume lies at its surface, so
+this is also what "uniform in the ball" gives in practice. The gradient at θ+Δ then drives the
+base optimizer from θ. Only one forward/backward per step: RMP costs what ERM costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from flatmin.optim import _kernels as K
+from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative, detached, loss_of
+
+
+class RMP(PerturbedOptimizer):
+    """Random perturbation of radius r before each gradient evaluation.
+
+    ``step(closure)`` perturbs, calls the closure once at θ+Δ, restores θ and takes the base step.
+    Two-call form: ``opt.perturb()`` before the forward pass, ``opt.restore_and_step()`` after
+    the backward pass. Random numbers come from ``generator`` (default: the global RNG of the
+    parameters' device), so a seeded run is reproducible.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Callable[..., Optimizer] = torch.optim.SGD,
+        radius: float = 0.1,
+        *,
+        ball: str = "global",
+        generator: torch.Generator | None = None,
+        foreach: bool | None = None,
+        check_finite: bool = True,
+        **base_kwargs: Any,
+    ) -> None:
+        defaults = dict(radius=radius, ball=ball)
+        self.validate_group(defaults)
+        super().__init__(params, defaults, base_optimizer, base_kwargs,
+                         foreach=foreach, check_finite=check_finite)
+        self.generator = generator
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        """r ≥ 0 and finite; a known ball."""
+        check_nonnegative("radius", group["radius"])
+        check_ball(group["ball"])
+
+    @torch.no_grad()
+    def perturb(self) -> None:
+        """params ← θ + Δ with Δ uniform on the sphere of radius r (needs no gradient)."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            if not params:
+                continue
+            self.save_theta(params)
+            K.random_perturb(params, radius=group["radius"], ball=group["ball"],
+                             generator=self.generator, foreach=self.foreach)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perturb, one forward/backward at θ+Δ, restore θ, base update."""
+        if closure is None:
+            raise RuntimeError(
+                "RMP.step() needs a closure that zeroes grads, runs forward and backward and "
+                "returns the loss; without one, use perturb() and restore_and_step()"
+            )
+        self.perturb()
+        try:
+            result = self.call_closure(closure)
+        finally:
+            self.restore()
+        self.base_step([loss_of(result)])
+        return detached(result)

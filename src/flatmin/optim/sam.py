@@ -1,0 +1,96 @@
+"""SAM — Sharpness-Aware Minimization (Foret et al., ICLR 2021) and ASAM (Kwon et al., ICML 2021).
+
+    e(w) = ρ · T_w² ∇L(w) / ‖T_w ∇L(w)‖,   then the gradient at w + e(w) updates w.
+
+T_w = I for SAM and T_w = |w| (element-wise) for ASAM (``adaptive=True``). Unlike AMP's
+clipped ascent, SAM always moves exactly to the sphere: it is AMP with N = 1 and ζ → ∞ up to
+the norm (global over all groups here, as in the widely used PyTorch implementation, with ρ
+taken per group). The API follows that implementation: ``first_step`` / ``second_step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from flatmin.optim import _kernels as K
+from flatmin.optim.base import PerturbedOptimizer, check_nonnegative, detached, loss_of
+
+
+class SAM(PerturbedOptimizer):
+    """SAM/ASAM around any base optimizer; θ is restored bit for bit after the perturbed pass.
+
+    ``step(closure)`` calls the closure twice (at w, then at w + e(w)) and returns the first
+    result, detached; a non-finite loss restores w, skips the update and raises
+    :class:`flatmin.errors.NonFiniteLossError`. For loops without a closure::
+
+        loss(w).backward();        opt.first_step(zero_grad=True)
+        loss(w + e).backward();    opt.second_step(zero_grad=True)
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: Callable[..., Optimizer] = torch.optim.SGD,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        foreach: bool | None = None,
+        check_finite: bool = True,
+        **base_kwargs: Any,
+    ) -> None:
+        defaults = dict(rho=rho, adaptive=bool(adaptive))
+        self.validate_group(defaults)
+        super().__init__(params, defaults, base_optimizer, base_kwargs,
+                         foreach=foreach, check_finite=check_finite)
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        """ρ ≥ 0 and finite."""
+        check_nonnegative("rho", group["rho"])
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to w + e(w) using the current gradients (the ascent half)."""
+        groups = [self.params_with_grad(g) for g in self.param_groups]
+        norms = [K.sam_norm(params, grads, group["adaptive"], self.foreach)
+                 for group, (params, grads) in zip(self.param_groups, groups) if params]
+        if not norms:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(norms))  # one norm over every group
+        for group, (params, grads) in zip(self.param_groups, groups):
+            if not params:
+                continue
+            self.save_theta(params)
+            K.sam_ascent(params, grads, scale=group["rho"] / (norm + K.TINY),
+                         adaptive=group["adaptive"], inplace=zero_grad, foreach=self.foreach)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    perturb = first_step
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Back to w exactly, then the base update with the gradient taken at w + e(w)."""
+        self.restore_and_step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Both passes for one batch; the closure zeroes grads, runs forward/backward, returns the loss."""
+        if closure is None:
+            raise RuntimeError(
+                "SAM.step() needs a closure that zeroes grads, runs forward and backward and "
+                "returns the loss; without one, use first_step() and second_step()"
+            )
+        first = self.call_closure(closure)
+        try:
+            self.first_step(zero_grad=True)
+            last = self.call_closure(closure)
+        finally:
+            self.restore()
+        self.base_step([loss_of(first), loss_of(last)])
+        return detached(first)
