@@ -1,1 +1,5 @@
-"""flatmin.data."""
+"""Datasets as whole in-memory tensors behind one registry: `load_dataset(name, ...)`."""
+
+from flatmin.data.registry import DATASETS, Dataset, Split, load_dataset
+
+__all__ = ["DATASETS", "Dataset", "Split", "load_dataset"]

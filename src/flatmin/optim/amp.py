@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative, detached, loss_of
+from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative
 
 
 class AMP(PerturbedOptimizer):
@@ -88,6 +88,10 @@ class AMP(PerturbedOptimizer):
         """The number of ascent passes a step makes (the largest N over the groups)."""
         return max(group["inner_iter"] for group in self.param_groups)
 
+    def ascent_passes(self) -> int:
+        """N gradient passes feed the ascent (the closure runs N+1 times)."""
+        return self.inner_iter
+
     @torch.no_grad()
     def perturb(self, grad_scale: Tensor | float | None = None) -> None:
         """One ascent iteration from the current gradients; params become θ + Δ.
@@ -125,23 +129,3 @@ class AMP(PerturbedOptimizer):
         """θ back bit for bit; the next perturbation starts from Δ = 0."""
         super().restore()
         self._iteration = 0
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Algorithm 1 for one batch: N ascent passes, then the base update from θ."""
-        if closure is None:
-            raise RuntimeError(
-                "AMP.step() needs a closure that zeroes grads, runs forward and backward and "
-                "returns the loss; without one, use perturb() and restore_and_step()"
-            )
-        first = self.call_closure(closure)
-        losses = [loss_of(first)]
-        try:
-            for _ in range(self.inner_iter):
-                self.perturb()
-                self.zero_grad(set_to_none=True)
-                losses.append(loss_of(self.call_closure(closure)))
-        finally:
-            self.restore()
-        self.base_step(losses)
-        return detached(first)

@@ -157,10 +157,49 @@ class PerturbedOptimizer(Optimizer):
                 return p.device
         return torch.device("cpu")
 
-    def restore_and_step(self) -> None:
-        """Second half of the two-call form: θ back, then the base optimizer's update."""
+    def restore_and_step(self, step: Callable[[], Any] | None = None) -> None:
+        """Last call of a step: θ back, then the base update (``step``: e.g. a scaler's step)."""
         self.restore()
-        self.base_optimizer.step()
+        (step or self.base_optimizer.step)()
+
+    # -- the protocol one training loop drives every method with -----------------------------
+    #   begin_step(); ascent_passes() × (forward/backward on an ascent batch; perturb(scale));
+    #   forward/backward on the batch; restore_and_step(step)
+
+    ascent_fraction: float = 1.0  # share of the batch the ascent passes use (1: all of it)
+
+    def begin_step(self) -> None:
+        """Perturb before any gradient is taken (RMP, reuse-style variants); default: nothing."""
+
+    def ascent_passes(self) -> int:
+        """How many gradient passes feed `perturb` before the final pass of this step."""
+        raise NotImplementedError
+
+    def perturb(self, grad_scale: Tensor | float | None = None) -> None:
+        """One ascent update from the current gradients (``grad_scale``: a loss scale to divide out)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One batch: the closure (zero grads, forward, backward, return the loss or (outputs, loss))
+        runs once per ascent pass and once at the final point; returns the first result, detached."""
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that zeroes grads, runs forward and "
+                "backward and returns the loss; without one, use the two-call form (see the class docs)"
+            )
+        results = []
+        try:
+            self.begin_step()
+            for _ in range(self.ascent_passes()):
+                results.append(self.call_closure(closure))
+                self.perturb()
+                self.zero_grad(set_to_none=True)
+            results.append(self.call_closure(closure))
+        finally:
+            self.restore()
+        self.base_step([loss_of(r) for r in results])
+        return detached(results[0])
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative, detached, loss_of
+from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative
 
 
 class RMP(PerturbedOptimizer):
@@ -52,7 +52,7 @@ class RMP(PerturbedOptimizer):
         check_ball(group["ball"])
 
     @torch.no_grad()
-    def perturb(self) -> None:
+    def perturb(self, grad_scale: object = None) -> None:
         """params ← θ + Δ with Δ uniform on the sphere of radius r (needs no gradient)."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
@@ -62,18 +62,10 @@ class RMP(PerturbedOptimizer):
             K.random_perturb(params, radius=group["radius"], ball=group["ball"],
                              generator=self.generator, foreach=self.foreach)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perturb, one forward/backward at θ+Δ, restore θ, base update."""
-        if closure is None:
-            raise RuntimeError(
-                "RMP.step() needs a closure that zeroes grads, runs forward and backward and "
-                "returns the loss; without one, use perturb() and restore_and_step()"
-            )
+    def begin_step(self) -> None:
+        """RMP perturbs before its one and only pass."""
         self.perturb()
-        try:
-            result = self.call_closure(closure)
-        finally:
-            self.restore()
-        self.base_step([loss_of(result)])
-        return detached(result)
+
+    def ascent_passes(self) -> int:
+        """No ascent: the direction is random."""
+        return 0

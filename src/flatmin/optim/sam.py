@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_nonnegative, detached, loss_of
+from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
 
 
 class SAM(PerturbedOptimizer):
@@ -54,6 +54,12 @@ class SAM(PerturbedOptimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to w + e(w) using the current gradients (the ascent half)."""
+        self._ascend(consume_grads=zero_grad)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def _ascend(self, consume_grads: bool) -> None:
+        """w ← w + e(w); with ``consume_grads`` e(w) is built in the gradients' storage."""
         groups = [self.params_with_grad(g) for g in self.param_groups]
         norms = [K.sam_norm(params, grads, group["adaptive"], self.foreach)
                  for group, (params, grads) in zip(self.param_groups, groups) if params]
@@ -65,11 +71,16 @@ class SAM(PerturbedOptimizer):
                 continue
             self.save_theta(params)
             K.sam_ascent(params, grads, scale=group["rho"] / (norm + K.TINY),
-                         adaptive=group["adaptive"], inplace=zero_grad, foreach=self.foreach)
-        if zero_grad:
-            self.zero_grad(set_to_none=True)
+                         adaptive=group["adaptive"], inplace=consume_grads, foreach=self.foreach)
 
-    perturb = first_step
+    @torch.no_grad()
+    def perturb(self, grad_scale: object = None) -> None:
+        """The protocol's ascent update (consumes the grads); a loss scale cancels in the normalisation."""
+        self._ascend(consume_grads=True)
+
+    def ascent_passes(self) -> int:
+        """One ascent pass (the closure runs twice)."""
+        return 1
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -77,20 +88,3 @@ class SAM(PerturbedOptimizer):
         self.restore_and_step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Both passes for one batch; the closure zeroes grads, runs forward/backward, returns the loss."""
-        if closure is None:
-            raise RuntimeError(
-                "SAM.step() needs a closure that zeroes grads, runs forward and backward and "
-                "returns the loss; without one, use first_step() and second_step()"
-            )
-        first = self.call_closure(closure)
-        try:
-            self.first_step(zero_grad=True)
-            last = self.call_closure(closure)
-        finally:
-            self.restore()
-        self.base_step([loss_of(first), loss_of(last)])
-        return detached(first)

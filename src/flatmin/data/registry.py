@@ -1,0 +1,170 @@
+"""The dataset registry: one `load_dataset(name, ...)` for every dataset, held as whole tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flatmin.data import files, synthetic
+from flatmin.data.download import default_data_dir, ensure_files
+from flatmin.errors import FlatminError, UnknownNameError
+
+Arrays = tuple[Tensor, Tensor, Tensor, Tensor]  # x_train, y_train, x_test, y_test
+Transform = Callable[[Tensor, bool, "torch.Generator | None"], Tensor]
+
+
+@dataclass
+class Split:
+    """Inputs and int64 labels of one split, whole, so the trainer can move it to the device."""
+
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset plus what a run needs to know about it (model, defaults, normalisation)."""
+
+    name: str
+    train: Split
+    val: Split | None
+    test: Split
+    num_classes: int
+    input_shape: tuple[int, ...]
+    default_model: str
+    defaults: dict
+    mean: tuple[float, ...] | None = None  # per channel, in [0,1] pixel units; images only
+    std: tuple[float, ...] | None = None
+    augment: str = "none"
+    _transform: Transform | None = field(default=None, repr=False, compare=False)
+
+    def transform(self, x: Tensor, train: bool, generator: torch.Generator | None = None
+                  ) -> Tensor:
+        """Batch -> model input on x's device: augment (train only) and normalise images."""
+        if self._transform is None:
+            return x.float()
+        return self._transform(x, train, generator)
+
+
+def holdout(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """Hold out a seeded, deterministic val_fraction of the training set (paper: 10%)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise FlatminError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0.0:
+        return split, None
+    n_val = max(1, round(len(split) * val_fraction))
+    perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
+    return Split(split.x[train], split.y[train]), Split(split.x[val], split.y[val])
+
+
+def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of uint8 NCHW images in [0,1] units, in chunks to bound memory."""
+    c = x.shape[1]
+    s = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for chunk in x.split(4096):
+        f = chunk.to(torch.float64).transpose(0, 1).reshape(c, -1)
+        s += f.sum(1)
+        s2 += (f * f).sum(1)
+    n = max(1, x.numel() // c)
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp_min(1.0).sqrt()  # >= 1/255: a flat channel can't divide by 0
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
+
+
+@dataclass(frozen=True)
+class Loader:
+    """What a dataset is (classes, shape, model, defaults) and how to read it, before reading it."""
+
+    name: str
+    read: Callable[..., Arrays]
+    num_classes: int
+    input_shape: tuple[int, ...]
+    default_model: str
+    defaults: dict
+    options: tuple[str, ...] = ()  # extra keyword arguments the reader accepts
+
+    def __call__(self, *, data_dir: str | Path | None = None, val_fraction: float = 0.1,
+                 seed: int = 0, augment: str = "standard", download: bool = False,
+                 **kwargs) -> Dataset:
+        """Read, hold out val, and attach the transform; see `load_dataset`."""
+        if unknown := sorted(set(kwargs) - set(self.options)):
+            raise FlatminError(f"dataset {self.name!r} takes no option(s) {', '.join(unknown)}; "
+                               f"its options: {', '.join(self.options) or 'none'}")
+        root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+        x, y, xt, yt = self.read(data_dir=root, seed=seed, download=download, **kwargs)
+        train, val = holdout(Split(x, y.long()), val_fraction, seed)
+        ds = Dataset(self.name, train, val, Split(xt, yt.long()), self.num_classes,
+                     self.input_shape, self.default_model, dict(self.defaults), augment=augment)
+        if x.dtype == torch.uint8:
+            from flatmin.data.augment import build_transform
+
+            ds.mean, ds.std = channel_stats(train.x)
+            ds._transform = build_transform(self.name, augment, ds.mean, ds.std)
+        elif augment not in ("none", "standard"):
+            raise FlatminError(f"augment={augment!r} applies to image datasets; {self.name!r} "
+                               "takes 'none' or 'standard' (both mean no augmentation)")
+        return ds
+
+
+def _official(name: str, read: Callable[..., Arrays]) -> Callable[..., Arrays]:
+    """A reader that finds (or downloads) and verifies the official files, then parses them."""
+
+    def load(*, data_dir: Path, download: bool, verify: bool = True, **_: object) -> Arrays:
+        return read(*ensure_files(name, data_dir, download_missing=download, check=verify))
+
+    return load
+
+
+def _svhn(train: Path, test: Path) -> Arrays:
+    return (*files.read_svhn_mat(train), *files.read_svhn_mat(test))
+
+
+def _spiral(*, seed: int, n_samples: int = 600, noise: float = 0.05, turns: float = 1.5,
+            **_: object) -> Arrays:
+    return synthetic.spiral(seed, n_samples=n_samples, noise=noise, turns=turns)
+
+
+PAPER = {"epochs": 200, "lr": 0.1, "batch_size": 50, "weight_decay": 1e-4}  # paper §5.1
+_IMG, _CHECK = (3, 32, 32), ("verify",)
+
+DATASETS: dict[str, Loader] = {
+    "cifar10": Loader("cifar10", _official("cifar10", files.read_cifar), 10, _IMG,
+                      "preactresnet18", PAPER, _CHECK),
+    "cifar100": Loader("cifar100", _official("cifar100", partial(files.read_cifar, fine=True)),
+                       100, _IMG, "preactresnet18", PAPER, _CHECK),
+    "svhn": Loader("svhn", _official("svhn", _svhn), 10, _IMG, "preactresnet18", PAPER, _CHECK),
+    "gtsrb": Loader("gtsrb", _official("gtsrb", files.read_gtsrb), 43, _IMG, "preactresnet18",
+                    PAPER, _CHECK),
+    # CPU-sized defaults: a default run is short but meaningful (to be tuned with the trainer).
+    "mnist1d": Loader("mnist1d", lambda **_: synthetic.mnist1d(), 10, (1, 40), "cnn1d",
+                      {"epochs": 40, "lr": 0.05, "batch_size": 100, "weight_decay": 5e-4}),
+    "spiral": Loader("spiral", _spiral, 2, (2,), "mlp",
+                     {"epochs": 200, "lr": 0.1, "batch_size": 50, "weight_decay": 0.0},
+                     ("n_samples", "noise", "turns")),
+    "digits": Loader("digits", lambda **_: synthetic.digits(), 10, (1, 8, 8), "mlp",
+                     {"epochs": 30, "lr": 0.05, "batch_size": 50, "weight_decay": 1e-4}),
+}
+
+
+def load_dataset(name: str, *, data_dir: str | Path | None = None, val_fraction: float = 0.1,
+                 seed: int = 0, augment: str = "standard", download: bool = False,
+                 **kwargs) -> Dataset:
+    """Every dataset through one call, so the trainer and CLI never special-case a dataset."""
+    if name not in DATASETS:
+        raise UnknownNameError("dataset", name, list(DATASETS))
+    return DATASETS[name](data_dir=data_dir, val_fraction=val_fraction, seed=seed,
+                          augment=augment, download=download, **kwargs)
