@@ -12,9 +12,9 @@ from torch import Tensor
 
 from flatmin.data import files, synthetic
 from flatmin.data.download import default_data_dir, ensure_files
+from flatmin.data.files import Arrays
 from flatmin.errors import FlatminError, UnknownNameError
 
-Arrays = tuple[Tensor, Tensor, Tensor, Tensor]  # x_train, y_train, x_test, y_test
 Transform = Callable[[Tensor, bool, "torch.Generator | None"], Tensor]
 
 
