@@ -71,17 +71,14 @@ def holdout(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split 
 
 
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std of uint8 NCHW images in [0,1] units, in chunks to bound memory."""
-    c = x.shape[1]
-    s = torch.zeros(c, dtype=torch.float64)
-    s2 = torch.zeros(c, dtype=torch.float64)
-    for chunk in x.split(4096):
-        f = chunk.to(torch.float64).transpose(0, 1).reshape(c, -1)
-        s += f.sum(1)
-        s2 += (f * f).sum(1)
-    n = max(1, x.numel() // c)
-    mean = s / n
-    std = (s2 / n - mean * mean).clamp_min(1.0).sqrt()  # >= 1/255: a flat channel can't divide by 0
+    """Per-channel mean/std of uint8 NCHW images in [0,1] units, exact, via 256-bin histograms."""
+    v = torch.arange(256, dtype=torch.float64)
+    hist = torch.stack([torch.bincount(x[:, c].flatten(), minlength=256)
+                        for c in range(x.shape[1])]).double()
+    n = hist.sum(1).clamp_min(1)
+    mean = (hist * v).sum(1) / n
+    var = (hist * (v - mean[:, None]) ** 2).sum(1) / n
+    std = var.clamp_min(1.0).sqrt()  # >= 1/255, so a flat channel cannot divide by zero
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
