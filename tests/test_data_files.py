@@ -255,10 +255,11 @@ def test_download_without_network_says_what_to_put_where(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dl, "urlopen", offline)
     with pytest.raises(FlatminError) as err:
-        load_dataset("cifar100", data_dir=tmp_path, download=True)
+        load_dataset("gtsrb", data_dir=tmp_path, download=True)
     msg = str(err.value)
-    assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in msg
-    assert str(tmp_path / "cifar-100-python.tar.gz") in msg
+    assert "could not download" in msg and "name resolution" in msg
+    for r in dl.FILES["gtsrb"]:  # every file still to fetch: its full path and its URL
+        assert str(tmp_path / r.name) in msg and r.url in msg
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -114,13 +115,20 @@ def download(url: str, dest: Path, *, progress: bool = True) -> Path:
             raise FlatminError(f"downloaded {url} but its md5 is not {expected}; try again, or "
                                f"download it by hand and put it at {dest}")
         os.replace(tmp, dest)
-    except OSError as err:  # URLError, timeouts, no network, disk full
+    except (OSError, HTTPException) as err:  # URLError, timeouts, no network, disk full
         raise FlatminError(f"could not download {url} ({err}); download it by hand and put it "
                            f"at {dest}") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def _missing(dataset: str, missing: list[tuple[Remote, Path]]) -> str:
+    """Every absent file with its full path and URL, so one message says all there is to do."""
+    lines = "\n".join(f"  {p}   (from {r.url})" for r, p in missing)
+    return (f"dataset {dataset!r} needs these files, which are missing:\n{lines}\n"
+            "put them there (or pass another data_dir)")
 
 
 def ensure_files(dataset: str, data_dir: Path, *, download_missing: bool = False,
@@ -130,12 +138,12 @@ def ensure_files(dataset: str, data_dir: Path, *, download_missing: bool = False
     paths = [data_dir / r.name for r in remotes]
     missing = [(r, p) for r, p in zip(remotes, paths) if not p.is_file()]
     if missing and not download_missing:
-        lines = "\n".join(f"  {p}   (from {r.url})" for r, p in missing)
-        raise FlatminError(
-            f"dataset {dataset!r} needs these files, which are missing:\n{lines}\n"
-            f"put them there (or pass another data_dir), or pass download=True (--download)")
-    for r, p in missing:
-        download(r.url, p)
+        raise FlatminError(_missing(dataset, missing) + ", or pass download=True (--download)")
+    for i, (r, p) in enumerate(missing):
+        try:
+            download(r.url, p)
+        except FlatminError as err:
+            raise FlatminError(f"{err}\n{_missing(dataset, missing[i:])}") from err
     if check:
         for r, p in zip(remotes, paths):
             verify(p, r.url)
