@@ -20,3 +20,7 @@ class UnknownNameError(FlatminError, KeyError):
 
 class NonFiniteLossError(FlatminError, FloatingPointError):
     """Training produced a NaN/inf loss; parameters and the last checkpoint are left intact."""
+
+
+class ConfigError(FlatminError, ValueError):
+    """A configuration value out of range; the message names the field."""

@@ -1,0 +1,41 @@
+"""What every saved result records about where it came from: git commit and library versions."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import numpy
+import torch
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the flatmin checkout that produced a result ("+dirty" if modified), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "") if sha else None
+
+
+def versions() -> dict[str, str]:
+    """Library versions that can change a number."""
+    import flatmin
+
+    return {"flatmin": flatmin.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
+
+
+def device_name(device: torch.device | str) -> str:
+    """A human name for the device a result was measured on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

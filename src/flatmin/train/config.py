@@ -1,0 +1,149 @@
+"""A run's configuration: plain values, every one overridable, defaults from the paper.
+
+Fields left ``None`` are filled by `resolve` from, in order: the paper presets for the model and
+augmentation (§5.1–5.2), the dataset's own defaults (CPU-sized for the embedded datasets), and
+the method's defaults (§5.1: label smoothing 0.2, flooding 0.02, MixUp Beta(1,1), RMP r=0.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from flatmin.errors import ConfigError
+
+PRECISIONS = ("32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; saved with every result and checkpoint."""
+
+    dataset: str = "mnist1d"
+    model: str | None = None
+    method: str = "erm"
+    # protocol (paper §5.1: SGD, momentum 0.9, Nesterov, lr 0.1 ÷10 at 50% and 75%, batch 50, wd 1e-4)
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float | None = None
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs
+    lr_gamma: float = 0.1
+    grad_clip: float | None = None  # the authors clip the gradient norm at 50
+    # data
+    augment: str = "standard"
+    val_fraction: float = 0.1
+    data_dir: str | None = None
+    download: bool = False
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    # methods
+    dropout: float = 0.1
+    label_smoothing: float = 0.2
+    flood_level: float = 0.02
+    mixup_alpha: float = 1.0
+    adv_epsilon: float = 1.0  # FGSM step in pixel levels (of 255) of the input range
+    rmp_radius: float = 0.1
+    epsilon: float | None = None  # AMP ball radius ε
+    inner_lr: float | None = None  # AMP ζ
+    inner_iter: int = 1  # AMP N
+    ball: str | None = None  # "global" (the paper's text) or "per_tensor" (the authors' code)
+    amp_variant: str = "exact"
+    reuse_every: int = 1
+    ascent_fraction: float = 1.0
+    rho: float | None = None  # SAM/ASAM radius
+    # execution
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "32"
+    compile: bool = False
+    eval_batch_size: int = 1000
+    ddp_local_ascent: bool = False  # under DDP: per-rank ascent gradient (no all-reduce)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON- and weights_only-safe plain values."""
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys are an error, missing ones take defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(d) - names):
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        d = dict(d)
+        if "milestones" in d:
+            d["milestones"] = tuple(d["milestones"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (grids and sweeps)."""
+        return dataclasses.replace(self, **changes)
+
+
+# Paper presets for AMP (§5.1–5.2): (model, augment) -> ε, ζ; N = 1 and the authors' per-tensor ball.
+PAPER_AMP = {
+    ("preactresnet18", "standard"): (0.5, 1.0),
+    ("vgg16", "standard"): (0.1, 0.2),
+    ("wrn28_10", "standard"): (0.5, 1.0),
+    ("pyramidnet164_270", "standard"): (0.5, 1.0),
+    ("*", "cutout"): (0.3, 0.5),
+    ("*", "autoaugment"): (0.1, 0.1),
+}
+PAPER_DATASETS = ("cifar10", "cifar100", "svhn", "gtsrb")
+# CPU datasets: ε, ζ, ball, ρ chosen on the validation split (see docs/tuning.md).
+CPU_PRESETS = {
+    "mnist1d": dict(epsilon=0.5, inner_lr=1.0, ball="global", rho=0.05),
+    "spiral": dict(epsilon=0.5, inner_lr=1.0, ball="global", rho=0.05),
+    "digits": dict(epsilon=0.5, inner_lr=1.0, ball="global", rho=0.05),
+}
+
+
+def paper_amp_preset(model: str, augment: str) -> tuple[float, float]:
+    """The paper's ε, ζ for a model and augmentation (falls back to PreActResNet18's)."""
+    return PAPER_AMP.get((model, augment)) or PAPER_AMP.get(("*", augment)) or (0.5, 1.0)
+
+
+def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: str) -> TrainConfig:
+    """Fill every None from presets and the dataset's defaults, then validate."""
+    c = cfg.replace()
+    c.model = c.model or default_model
+    for key in ("epochs", "batch_size", "lr", "weight_decay"):
+        if getattr(c, key) is None:
+            setattr(c, key, dataset_defaults[key])
+    if c.dataset in PAPER_DATASETS:
+        eps, zeta = paper_amp_preset(c.model, c.augment)
+        preset = dict(epsilon=eps, inner_lr=zeta, ball="per_tensor", rho=0.05)
+    else:
+        preset = CPU_PRESETS.get(c.dataset, dict(epsilon=0.5, inner_lr=1.0, ball="global", rho=0.05))
+    for key, value in preset.items():
+        if getattr(c, key) is None:
+            setattr(c, key, value)
+    if c.method == "asam" and cfg.rho is None:
+        c.rho = 10 * c.rho  # ASAM's ρ lives on the |w|-scaled sphere (Kwon et al. use ~10× SAM's)
+    validate(c)
+    return c
+
+
+def validate(c: TrainConfig) -> None:
+    """Bad values get a ValueError naming the field."""
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if not isinstance(getattr(c, key), int) or getattr(c, key) < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {getattr(c, key)!r}")
+    for key in ("lr", "weight_decay", "momentum", "epsilon", "inner_lr", "rho", "rmp_radius",
+                "label_smoothing", "flood_level", "mixup_alpha", "adv_epsilon", "dropout"):
+        v = getattr(c, key)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{key} must be a finite number >= 0, got {v!r}")
+    if not 0 <= c.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {c.val_fraction!r}")
+    if c.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
+    if c.dropout >= 1 or c.label_smoothing >= 1:
+        raise ConfigError("dropout and label_smoothing must be < 1")
+    if c.grad_clip is not None and not c.grad_clip > 0:
+        raise ConfigError(f"grad_clip must be > 0, got {c.grad_clip!r}")

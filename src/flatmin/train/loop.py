@@ -1,0 +1,324 @@
+"""The one training loop: the paper's protocol for every method of Table 1.
+
+Per epoch: the learning rate from the step schedule, a seeded permutation of the training set,
+and for each batch one `train_step`; then validation and test metrics (error, NLL, ECE), a log
+line and an atomic checkpoint. Every random number comes from generators seeded by (seed,
+epoch), so a run resumed from any checkpoint retraces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flatmin.data import Dataset, Split, load_dataset
+from flatmin.errors import FlatminError, NonFiniteLossError
+from flatmin.metrics import MetricAccumulator
+from flatmin.models import create_model
+from flatmin.optim import PerturbedOptimizer, frozen_running_stats
+from flatmin.provenance import device_name, git_commit, versions
+from flatmin.train import checkpoint as ckpt
+from flatmin.train.config import TrainConfig, resolve
+from flatmin.train.distributed import current
+from flatmin.train.methods import Batch, Method, get_method
+
+AUTOCAST = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """Independent, reproducible seeds per (run seed, epoch, use)."""
+    return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63 - 1)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Step schedule: lr divided by 10 at each milestone (fractions of the epochs; paper 50%, 75%)."""
+    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    return cfg.lr * cfg.lr_gamma ** passed
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the model and batch: precision and the data-parallel context."""
+
+    cfg: TrainConfig
+    method: Method
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    input_range: float
+    dist: Any
+
+    def autocast(self) -> Any:
+        """Mixed-precision forward passes (no-op at 32 bits)."""
+        dtype = AUTOCAST[self.cfg.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def grad_scale(self) -> Tensor | None:
+        """The scaler's current loss scale as a tensor (no host sync), or None without fp16."""
+        return self.scaler._scale if self.scaler.is_enabled() else None
+
+
+def forward_backward(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, batch: Batch,
+                     ctx: StepContext, update_bn: bool) -> tuple[Tensor, Tensor]:
+    """One gradient pass; only the step's first pass may move BatchNorm's running statistics."""
+    opt.zero_grad(set_to_none=True)
+    bn = contextlib.nullcontext() if update_bn else frozen_running_stats(model)
+    with bn, ctx.autocast():
+        logits = net(batch.x)
+        loss = ctx.method.loss(logits.float(), batch, ctx.cfg)
+    ctx.scaler.scale(loss).backward()
+    return logits.detach(), loss.detach()
+
+
+def grad_norm(model: nn.Module, scale: Tensor | None) -> Tensor:
+    """‖∇J‖ of the current gradients (Theorem 2's quantity), without a host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    return norm / scale if scale is not None else norm
+
+
+def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, batch: Batch,
+               ctx: StepContext) -> tuple[Tensor, Tensor, Tensor]:
+    """The step protocol for every method: ascent passes (if any), final pass, update from θ.
+
+    Returns the loss and logits of the first full-batch pass (at θ for AMP/SAM) and ‖∇J(θ)‖.
+    """
+    batch = ctx.method.prepare(model, batch, ctx.cfg, ctx.input_range)
+    perturbed = isinstance(opt, PerturbedOptimizer)
+    base = opt.base_optimizer if perturbed else opt
+    reported, n_passes = None, 0
+    if perturbed:
+        opt.begin_step()
+        n_asc = max(1, math.ceil(opt.ascent_fraction * len(batch.x)))
+        n_passes = opt.ascent_passes()
+        for i in range(n_passes):
+            sub = batch if n_asc >= len(batch.x) else batch.head(n_asc)
+            with ctx.dist.ascent_context(net):
+                out = forward_backward(net, model, opt, sub, ctx, update_bn=i == 0)
+            if i == 0:
+                gnorm = grad_norm(model, ctx.grad_scale())
+                if sub is batch:
+                    reported = out
+            opt.perturb(ctx.grad_scale())
+    logits, loss = forward_backward(net, model, opt, batch, ctx, update_bn=n_passes == 0)
+    if reported is None:
+        reported = (logits, loss)
+        gnorm = grad_norm(model, ctx.grad_scale())
+    if ctx.scaler.is_enabled():
+        ctx.scaler.unscale_(base)
+    if ctx.cfg.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg.grad_clip, foreach=True)
+    if ctx.scaler.is_enabled():
+        step = lambda: ctx.scaler.step(base)  # noqa: E731 - skipped on inf/nan grads, θ kept
+    else:
+        step = base.step
+    if perturbed:
+        opt.restore_and_step(step)
+    else:
+        step()
+    ctx.scaler.update()
+    return reported[1], reported[0], gnorm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, ds: Dataset, ctx: StepContext,
+             reliability: bool = False) -> dict[str, Any]:
+    """Error (%), NLL and ECE of a split, streamed in batches; optionally the reliability bins."""
+    model.eval()
+    acc = MetricAccumulator()
+    bs = ctx.cfg.eval_batch_size
+    for start in range(0, len(split), bs):
+        x = ds.transform(split.x[start:start + bs], False)
+        with ctx.autocast():
+            logits = model(x)
+        acc.update(logits.float(), split.y[start:start + bs])
+    out = acc.compute()
+    if reliability:
+        out["reliability"] = acc.reliability()
+    return out
+
+
+def run_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, ds: Dataset,
+              epoch: int, ctx: StepContext, progress: bool) -> dict[str, float]:
+    """One pass over the training set in a seeded order; returns mean loss, error and ‖∇J‖."""
+    cfg = ctx.cfg
+    model.train()
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))  # dropout masks, MixUp, RMP
+    order = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(
+        epoch_seed(cfg.seed, epoch, 2))).to(ctx.device)
+    aug = torch.Generator(device=ctx.device).manual_seed(epoch_seed(cfg.seed, epoch, 3))
+    sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, correct, count, ‖∇J‖
+    steps = list(order.split(cfg.batch_size))
+    bar = _progress(len(steps), f"epoch {epoch + 1}/{cfg.epochs}", progress)
+    for i, idx in enumerate(steps):
+        idx = ctx.dist.shard(idx)
+        batch = Batch(ds.transform(ds.train.x[idx], True, aug), ds.train.y[idx])
+        loss, logits, gnorm = train_step(net, model, opt, batch, ctx)
+        sums += torch.stack([loss.double() * len(idx), (logits.argmax(1) == batch.y).sum().double(),
+                             torch.tensor(float(len(idx)), dtype=torch.float64, device=ctx.device),
+                             gnorm.double()])
+        if ctx.device.type == "cpu" or i % 50 == 0 or i == len(steps) - 1:
+            if not bool(torch.isfinite(loss)):
+                raise NonFiniteLossError(
+                    f"non-finite training loss at epoch {epoch + 1}, step {i + 1} (method {cfg.method}, "
+                    f"lr {lr_at(cfg, epoch):g}); lower the learning rate or ε")
+        if bar is not None and (i % 10 == 0 or i == len(steps) - 1):
+            bar.update(i + 1 - bar.n)
+            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(sums[1] / sums[2]) * 100:.1f}%")
+    if bar is not None:
+        bar.close()
+    sums = ctx.dist.all_reduce_sum(sums)
+    return {"train_loss": float(sums[0] / sums[2]), "train_error": 100.0 * float(1 - sums[1] / sums[2]),
+            "grad_norm": float(sums[3]) / len(steps) / ctx.dist.world_size}
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar on a terminal, nothing in CI or a pipe."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _input_range(ds: Dataset) -> float:
+    """The dynamic range of the model's inputs (adversarial training's step is 1/255 of it)."""
+    x = ds.transform(ds.train.x[:2048], False)
+    return float(x.max() - x.min())
+
+
+def _check_resumable(out: Path, resume: bool) -> dict | None:
+    """An existing run is continued only when asked; it is never overwritten."""
+    path = out / ckpt.CHECKPOINT
+    if not path.exists():
+        return None
+    if not resume:
+        raise FlatminError(f"{out} already holds a run ({path.name}); pass --resume to continue it "
+                           "or choose another --out")
+    return ckpt.load_checkpoint(path)
+
+
+def _config_mismatch(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
+    """Fields in which a resumed run would differ from the saved one."""
+    a, b = saved.to_dict(), wanted.to_dict()
+    return [f"{k}: saved {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k] and k != "device"]
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
+          progress: bool | None = None) -> dict[str, Any]:
+    """Train one model with one method; returns what metrics.json holds (written when ``out``)."""
+    t0 = time.perf_counter()
+    device = torch.device(cfg.device)
+    dist = current(device)
+    method = get_method(cfg.method)
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                      augment=cfg.augment, download=cfg.download, **cfg.dataset_options)
+    cfg = resolve(cfg, ds.defaults, ds.default_model)
+    out = Path(out) if out is not None else None
+    saved = _check_resumable(out, resume) if out is not None else None
+    if out is not None and dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if saved is not None:
+        if diff := _config_mismatch(TrainConfig.from_dict(saved["config"]), cfg):
+            raise FlatminError(f"cannot resume {out}: the configuration differs ({'; '.join(diff)})")
+        if (out / "metrics.json").exists() and saved["epoch"] >= cfg.epochs:
+            import json
+
+            return json.loads((out / "metrics.json").read_text())
+    if progress is None:
+        progress = sys.stderr.isatty() and dist.is_main
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=ds.num_classes, in_channels=ds.input_shape[0],
+                         input_shape=ds.input_shape, dropout=cfg.dropout if method.dropout else 0.0)
+    model.to(device)
+    opt = method.build_optimizer(model.parameters(), cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    for split in (ds.train, ds.val, ds.test):
+        if split is not None:
+            split.x, split.y = split.x.to(device), split.y.to(device)
+    ctx = StepContext(cfg, method, scaler, device, _input_range(ds), dist)
+
+    history: list[dict[str, Any]] = []
+    start, elapsed = 0, 0.0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        history, start, elapsed = list(saved["history"]), int(saved["epoch"]), float(saved["time_s"])
+        if dist.is_main:
+            ckpt.atomic_write_text(out / "log.jsonl", "".join(_jsonl(h) for h in history))
+    net = dist.wrap(model, cfg.ddp_local_ascent)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    for epoch in range(start, cfg.epochs):
+        te = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        record = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
+        record.update(run_epoch(net, model, opt, ds, epoch, ctx, progress))
+        record["epoch_time_s"] = time.perf_counter() - te
+        for name, split in (("val", ds.val), ("test", ds.test)):
+            if split is not None:
+                m = evaluate(model, split, ds, ctx)
+                record.update({f"{name}_{k}": m[k] for k in ("error", "nll", "ece")})
+        history.append(record)
+        if out is not None and dist.is_main:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(_jsonl(record))
+            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
+                "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                "time_s": elapsed + time.perf_counter() - t0, "num_classes": ds.num_classes,
+                "input_shape": list(ds.input_shape)})
+        if progress:
+            print(_summary(record), file=sys.stderr)
+    return _finish(model, ds, ctx, history, out, elapsed + time.perf_counter() - t0)
+
+
+def _finish(model: nn.Module, ds: Dataset, ctx: StepContext, history: list[dict[str, Any]],
+            out: Path | None, time_s: float) -> dict[str, Any]:
+    """Final-epoch metrics on train/val/test, the best epoch chosen on validation, provenance."""
+    cfg = ctx.cfg
+    result: dict[str, Any] = {"test": evaluate(model, ds.test, ds, ctx, reliability=True)}
+    result["reliability"] = {"test": result["test"].pop("reliability")}
+    result["val"] = evaluate(model, ds.val, ds, ctx) if ds.val is not None else None
+    result["train"] = evaluate(model, ds.train, ds, ctx)
+    if ds.val is not None and history:
+        best = min(history, key=lambda h: (h["val_error"], h["val_nll"]))
+        result["best_val_epoch"] = {
+            "epoch": best["epoch"], "chosen_on": "val",
+            "val": {k: best[f"val_{k}"] for k in ("error", "nll", "ece")},
+            "test": {k: best[f"test_{k}"] for k in ("error", "nll", "ece")}}
+    result.update({
+        "config": cfg.to_dict(), "epochs_completed": len(history), "time_s": time_s,
+        "train_time_s": sum(h["epoch_time_s"] for h in history),
+        "versions": versions(), "git_commit": git_commit(), "device": device_name(ctx.device),
+        "world_size": ctx.dist.world_size})
+    if out is not None and ctx.dist.is_main:
+        ckpt.write_json(out / "metrics.json", result)
+    return result
+
+
+def _jsonl(record: dict[str, Any]) -> str:
+    """One log line."""
+    import json
+
+    return json.dumps(record) + "\n"
+
+
+def _summary(r: dict[str, Any]) -> str:
+    """One human line per epoch."""
+    test = f" test err {r['test_error']:.2f}% nll {r['test_nll']:.3f}" if "test_error" in r else ""
+    return (f"epoch {r['epoch']}: loss {r['train_loss']:.4f} train err {r['train_error']:.2f}%"
+            f"{test} ({r['epoch_time_s']:.1f}s)")
