@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,10 +59,14 @@ class Dataset:
         return self._transform(x, train, generator)
 
 
-def holdout(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split | None]:
-    """Hold out a seeded, deterministic val_fraction of the training set (paper: 10%)."""
+def _check_fraction(val_fraction: float) -> None:
     if not 0.0 <= val_fraction < 1.0:
         raise FlatminError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def holdout(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """Hold out a seeded, deterministic val_fraction of the training set (paper: 10%)."""
+    _check_fraction(val_fraction)
     if val_fraction == 0.0:
         return split, None
     n_val = max(1, round(len(split) * val_fraction))
@@ -101,6 +106,7 @@ class Loader:
         if unknown := sorted(set(kwargs) - set(self.options)):
             raise FlatminError(f"dataset {self.name!r} takes no option(s) {', '.join(unknown)}; "
                                f"its options: {', '.join(self.options) or 'none'}")
+        _check_fraction(val_fraction)  # before a read that may take seconds
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         x, y, xt, yt = self.read(data_dir=root, seed=seed, download=download, **kwargs)
         train, val = holdout(Split(x, y.long()), val_fraction, seed)
@@ -130,9 +136,8 @@ def _svhn(train: Path, test: Path) -> Arrays:
     return (*files.read_svhn_mat(train), *files.read_svhn_mat(test))
 
 
-def _spiral(*, seed: int, n_samples: int = 600, noise: float = 0.05, turns: float = 1.5,
-            **_: object) -> Arrays:
-    return synthetic.spiral(seed, n_samples=n_samples, noise=noise, turns=turns)
+def _spiral(*, seed: int, data_dir: Path, download: bool, **options: Any) -> Arrays:
+    return synthetic.spiral(seed, **options)  # n_samples, noise, turns
 
 
 PAPER = {"epochs": 200, "lr": 0.1, "batch_size": 50, "weight_decay": 1e-4}  # paper §5.1
