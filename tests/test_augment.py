@@ -357,3 +357,14 @@ def test_auto_augment_is_seeded_and_keeps_dtype() -> None:
     assert not torch.equal(a, aa.auto_augment(x, "cifar10", gen(2)))
     with pytest.raises(UnknownNameError, match="cifar10, svhn"):
         aa.auto_augment(x, "imagenet", gen())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batch_matches_cpu_for_the_same_seed() -> None:
+    x = images(64)
+    t = build_transform("cifar10", "autoaugment", MEAN, STD)
+    cpu = t(x, train=True, generator=gen(9))
+    cuda = t(x.cuda(), train=True, generator=gen(9))
+    one_level = 1 / 255 / min(STD) + 1e-5  # CUDA's float maths may round a tie the other way
+    diff = (cuda.cpu() - cpu).abs()
+    assert cuda.is_cuda and diff.max() <= one_level and (diff > 1e-5).float().mean() < 1e-3
