@@ -1,9 +1,11 @@
-"""Perturbation optimizers: AMP (the paper), SAM/ASAM and RMP (its baselines)."""
+"""Perturbation optimizers: AMP (the paper), SAM/ASAM and RMP (its baselines), efficient AMP variants."""
 
 from flatmin.optim.amp import AMP
 from flatmin.optim.base import PerturbedOptimizer
 from flatmin.optim.bn import frozen_running_stats
+from flatmin.optim.efficient import VARIANTS, OnePassAMP, ReuseAMP, SubBatchAMP, build_amp
 from flatmin.optim.rmp import RMP
 from flatmin.optim.sam import SAM
 
-__all__ = ["AMP", "SAM", "RMP", "PerturbedOptimizer", "frozen_running_stats"]
+__all__ = ["AMP", "SAM", "RMP", "PerturbedOptimizer", "frozen_running_stats",
+           "ReuseAMP", "SubBatchAMP", "OnePassAMP", "VARIANTS", "build_amp"]

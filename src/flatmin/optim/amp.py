@@ -108,11 +108,19 @@ class AMP(PerturbedOptimizer):
             if first:
                 self.save_theta(params)
             step_size = group["inner_lr"] if grad_scale is None else group["inner_lr"] / grad_scale
-            deltas = None if group["inner_iter"] == 1 else self._delta_buffers(params)
+            deltas = self.delta_storage(group, params)
             K.amp_ascent(params, grads, self.thetas_of(params), deltas, step_size=step_size,
                          epsilon=group["epsilon"], ball=group["ball"], first=first,
                          foreach=self.foreach)
         self._iteration += 1
+
+    def delta_storage(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
+        """Where Δ is built: in the gradients when N = 1 (no memory), else in kept buffers."""
+        return None if group["inner_iter"] == 1 else self._delta_buffers(params)
+
+    def held_buffers(self) -> list[Tensor]:
+        """θ copies plus the Δ buffers (only groups with N > 1 have any)."""
+        return super().held_buffers() + list(self._delta.values())
 
     def _delta_buffers(self, params: list[Tensor]) -> list[Tensor]:
         """Persistent Δ storage for N > 1 (zeroed at the first iteration of each step)."""

@@ -3,7 +3,8 @@
 A perturbation method evaluates the gradient at θ+Δ but updates θ. The wrapper owns the
 parameter groups *jointly* with the base optimizer (the same dicts), so LR schedulers,
 `zero_grad` and per-group hyperparameters act on both, and `state_dict()` is the base
-optimizer's (momentum etc.) plus the perturbation hyperparameters stored in the groups.
+optimizer's (momentum etc.) plus the perturbation hyperparameters stored in the groups
+(and, under ``"perturbation"``, whatever a method keeps between steps).
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ class PerturbedOptimizer(Optimizer):
             K.copy_(params, thetas, self.foreach)
         self._saved.clear()
 
+    def held_buffers(self) -> list[Tensor]:
+        """Every buffer kept across steps (θ copies here; subclasses add Δ or stored gradients)."""
+        return list(self._theta.values())
+
     def release_buffers(self) -> None:
         """Free the θ buffers (they are re-created on the next step)."""
         if self.perturbed:
@@ -132,10 +137,11 @@ class PerturbedOptimizer(Optimizer):
 
     # -- the update ----------------------------------------------------------------------------
 
-    def call_closure(self, closure: Callable[[], Any]) -> Any:
-        """Run a closure with autograd on (step itself runs under no_grad)."""
+    def call_closure(self, closure: Callable[..., Any], ascent: bool = False) -> Any:
+        """Run a closure with autograd on (step runs under no_grad); with a sub-batch ascent
+        (``ascent_fraction < 1``) the closure is told which pass it serves: ``closure(ascent=...)``."""
         with torch.enable_grad():
-            return closure()
+            return closure(ascent=ascent) if self.ascent_fraction < 1 else closure()
 
     def base_step(self, losses: list[Tensor | float]) -> None:
         """θ is back; skip the base update if a loss was non-finite, else take it."""
@@ -168,6 +174,10 @@ class PerturbedOptimizer(Optimizer):
 
     ascent_fraction: float = 1.0  # share of the batch the ascent passes use (1: all of it)
 
+    def ascent_size(self, batch_size: int) -> int:
+        """⌈ascent_fraction·B⌉ examples, at least one (the slack absorbs 0.3·10 = 3.0000000000000004)."""
+        return min(batch_size, max(1, math.ceil(self.ascent_fraction * batch_size - 1e-9)))
+
     def begin_step(self) -> None:
         """Perturb before any gradient is taken (RMP, reuse-style variants); default: nothing."""
 
@@ -192,7 +202,7 @@ class PerturbedOptimizer(Optimizer):
         try:
             self.begin_step()
             for _ in range(self.ascent_passes()):
-                results.append(self.call_closure(closure))
+                results.append(self.call_closure(closure, ascent=True))
                 self.perturb()
                 self.zero_grad(set_to_none=True)
             results.append(self.call_closure(closure))
@@ -203,20 +213,32 @@ class PerturbedOptimizer(Optimizer):
 
     # -- state -----------------------------------------------------------------------------------
 
+    def extra_state(self) -> dict[str, Any]:
+        """What a method carries from step to step besides the base optimizer (a stored Δ, a counter)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Take back what `extra_state` saved (called after the groups are loaded)."""
+
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state; the groups carry the perturbation hyperparameters too."""
+        """The base optimizer's state (the groups carry the perturbation hyperparameters too),
+        plus ``"perturbation"``: the method's `extra_state`, when it has one."""
         if self.perturbed:
             raise RuntimeError("state_dict() while perturbed would save θ+Δ; call restore() first")
-        return self.base_optimizer.state_dict()
+        state, extra = self.base_optimizer.state_dict(), self.extra_state()
+        return {**state, "perturbation": extra} if extra else state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load into the base optimizer and share its (new) group dicts again."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("perturbation", {})
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             self.validate_group(group)
+        self.load_extra_state(extra)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={self.base_optimizer!r})"

@@ -1,0 +1,256 @@
+"""Efficient AMP: approximations of Algorithm 1 that spend fewer gradient passes per step.
+
+Exact AMP (N = 1) costs two forward/backward passes per step. Each variant keeps AMP's ascent
+Δ = Π_ε(ζ·g) (the same kernel, the same ball) and only changes where g comes from:
+
+- ``"reuse"`` (`ReuseAMP`, in the spirit of LookSAM, Liu et al. 2022): Δ is recomputed every k
+  steps (``reuse_every``) and the *same* Δ (direction and AMP's clipped length) is added to θ on
+  the k−1 steps between. Approximates Δ_t by Δ_{t₀} from the last refresh t₀: exact at refreshes,
+  up to k−1 steps stale in between. Passes per step: 1 + N/k. Memory: θ and Δ (2× parameters).
+- ``"subbatch"`` (`SubBatchAMP`, in the spirit of ESAM, Du et al. 2022): the ascent gradient is
+  taken on the first ⌈f·B⌉ examples of the batch (``ascent_fraction``). Approximates ∇J_B(θ) by
+  ∇J_{B_f}(θ): same expectation, more noise; the ascent pass costs f of a pass. k and f compose
+  (``ReuseAMP(..., ascent_fraction=f)``).
+- ``"onepass"`` (`OnePassAMP`): Δ_t = Π_ε(ζ·g_{t−1}), g_{t−1} the gradient that drove the previous
+  update (batch t−1, at θ_{t−1}+Δ_{t−1}); no extra pass. Approximates the current batch's gradient
+  at θ_t by the previous batch's at the previous perturbed point, so Δ ascends the *expected*
+  loss, not batch t's own (AMP's per-batch worst case is lost). For plain SGD
+  g_{t−1} = (θ_{t−1} − θ_t)/η: the ascent climbs back up the last descent step (a "look-back").
+  The first step, and the step after a skipped one, are unperturbed. Memory: 2× parameters.
+
+`build_amp` picks one by name (the trainer's and CLI's entry point).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flatmin.errors import UnknownNameError
+from flatmin.optim import _kernels as K
+from flatmin.optim.amp import AMP
+from flatmin.optim.base import PerturbedOptimizer
+
+# --- kernels and helpers -------------------------------------------------------------------------
+
+
+def add_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    """dst ← dst + src: puts a kept Δ on θ (same bits as AMP's own ``p.add_(d)``)."""
+    if foreach:
+        torch._foreach_add_(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.add_(s)
+
+
+def finite_copy_(dst: list[Tensor], src: list[Tensor]) -> None:
+    """dst ← src with NaN/±inf as 0, so one skipped step cannot poison every later one
+    (torch has no foreach nan_to_num: one kernel per tensor, the price of a copy)."""
+    for d, s in zip(dst, src):
+        torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0, out=d)
+
+
+def check_reuse_every(k: Any) -> None:
+    """k is a whole number of steps, at least 1 (k = 1 is exact AMP)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"reuse_every must be an integer >= 1, got {k!r}")
+
+
+def check_fraction(f: Any) -> None:
+    """f ∈ (0, 1]: some of the batch, at most all of it (f = 1 is exact AMP)."""
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 < f <= 1:
+        raise ValueError(f"ascent_fraction must be in (0, 1], got {f!r}")
+
+
+def _by_index(opt: PerturbedOptimizer, kept: dict[Tensor, Tensor]) -> dict[int, Tensor]:
+    """Kept buffers keyed as torch keys optimizer state: the parameter's position over all groups."""
+    order = [p for group in opt.param_groups for p in group["params"]]
+    return {i: kept[p] for i, p in enumerate(order) if p in kept}
+
+
+def _from_index(opt: PerturbedOptimizer, saved: dict[int, Tensor]) -> dict[Tensor, Tensor]:
+    """The inverse of `_by_index`, copied onto each parameter's device and dtype."""
+    order = [p for group in opt.param_groups for p in group["params"]]
+    return {order[i]: t.detach().to(order[i].device, order[i].dtype, copy=True) for i, t in saved.items()}
+
+
+# --- the variants --------------------------------------------------------------------------------
+
+
+class SubBatchAMP(AMP):
+    """AMP whose ascent gradient comes from the first ⌈f·B⌉ examples of the batch.
+
+    A training loop slices the batch itself (``opt.ascent_size(len(batch))``). ``step(closure)``
+    with f < 1 calls ``closure(ascent=True)`` for each ascent pass and ``closure(ascent=False)``
+    for the final one, so the closure slices: ``x[:opt.ascent_size(len(x))] if ascent else x``;
+    ``step`` returns the first (sub-batch) result.
+    """
+
+    def __init__(self, params: Iterable, *args: Any, ascent_fraction: float = 0.5, **kwargs: Any) -> None:
+        check_fraction(ascent_fraction)
+        super().__init__(params, *args, **kwargs)
+        self.ascent_fraction = float(ascent_fraction)
+
+
+class ReuseAMP(SubBatchAMP):
+    """AMP that refreshes Δ every ``reuse_every`` steps and adds the kept Δ to θ in between.
+
+    ``begin_step()`` is part of the protocol here (two-call form included): it decides whether
+    this step refreshes (``ascent_passes()`` = N) or reuses (``ascent_passes()`` = 0, θ+Δ already
+    set). The step counter and Δ go into ``state_dict()["perturbation"]``.
+    """
+
+    def __init__(self, params: Iterable, *args: Any, reuse_every: int = 5,
+                 ascent_fraction: float = 1.0, **kwargs: Any) -> None:
+        check_reuse_every(reuse_every)
+        super().__init__(params, *args, ascent_fraction=ascent_fraction, **kwargs)
+        self.reuse_every = reuse_every
+        self._steps = 0  # steps begun
+        self._refresh = True  # whether the current step recomputes Δ
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """Refresh every k-th step (or when no Δ is kept); otherwise θ ← θ + kept Δ now."""
+        self._refresh = self._steps % self.reuse_every == 0 or not self._delta
+        self._steps += 1
+        if self._refresh:
+            return
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p in self._delta]
+            if params:
+                self.save_theta(params)
+                add_(params, [self._delta[p] for p in params], self.foreach)
+
+    def ascent_passes(self) -> int:
+        """N passes on a refresh step, none on a reuse step."""
+        return self.inner_iter if self._refresh else 0
+
+    def delta_storage(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """Δ is always built in kept buffers, even for N = 1: the next k−1 steps reuse it."""
+        return self._delta_buffers(params)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """θ back; after a refresh the kept Δ is made finite (a non-finite ascent reuses Δ = 0)."""
+        super().restore()
+        if self._refresh:
+            finite_copy_(list(self._delta.values()), list(self._delta.values()))
+            self._refresh = False
+
+    def extra_state(self) -> dict[str, Any]:
+        """The step counter (where in the k-cycle we are) and the kept Δ."""
+        return {"steps": self._steps, "delta": _by_index(self, self._delta)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Continue the k-cycle with the saved Δ."""
+        self._steps = int(state.get("steps", 0))
+        self._delta = _from_index(self, state.get("delta", {}))
+
+
+class OnePassAMP(AMP):
+    """AMP with Δ from the gradient of the previous update: one forward/backward per step.
+
+    ``begin_step()`` perturbs (from the kept gradient); ``ascent_passes()`` is 0. The gradient is
+    kept after the base update (``restore_and_step``, or ``step(closure)`` once the loss checks
+    pass), when a GradScaler has already unscaled it; non-finite entries are kept as 0.
+    """
+
+    def __init__(self, params: Iterable, *args: Any, **kwargs: Any) -> None:
+        super().__init__(params, *args, **kwargs)
+        self._grads: dict[Tensor, Tensor] = {}  # the last update's gradient, then Δ built in it
+        self._fresh = False  # whether _grads holds a gradient not yet used
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        """AMP's checks; N is 1 (or 0: that group unperturbed) — there is no inner loop to repeat."""
+        super().validate_group(group)
+        if group["inner_iter"] not in (0, 1):
+            raise ValueError(f"inner_iter must be 0 or 1 for one-pass AMP, got {group['inner_iter']!r}")
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """θ ← θ + Π_ε(ζ·g_prev), Δ built in the kept gradient's storage."""
+        if not self._fresh:
+            return
+        self._fresh = False
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p in self._grads] if group["inner_iter"] else []
+            if params:
+                self.save_theta(params)
+                K.amp_ascent(params, [self._grads[p] for p in params], self.thetas_of(params), None,
+                             step_size=group["inner_lr"], epsilon=group["epsilon"], ball=group["ball"],
+                             first=True, foreach=self.foreach)
+
+    def ascent_passes(self) -> int:
+        """No ascent pass: the direction is the previous step's gradient."""
+        return 0
+
+    def base_step(self, losses: list[Tensor | float]) -> None:
+        """The base update (if the losses are finite), then keep its gradient."""
+        super().base_step(losses)
+        self._keep_gradient()
+
+    def restore_and_step(self, step: Any = None) -> None:
+        """θ back, the base update, then keep its gradient."""
+        super().restore_and_step(step)
+        self._keep_gradient()
+
+    @torch.no_grad()
+    def _keep_gradient(self) -> None:
+        """Copy this update's gradient into buffers kept across steps."""
+        for group in self.param_groups:
+            params, grads = self.params_with_grad(group) if group["inner_iter"] else ([], [])
+            bufs = []
+            for p in params:
+                if p not in self._grads or self._grads[p].shape != p.shape:
+                    self._grads[p] = torch.empty_like(p)
+                bufs.append(self._grads[p])
+            finite_copy_(bufs, grads)
+        self._fresh = True
+
+    def held_buffers(self) -> list[Tensor]:
+        """θ copies plus the kept gradient."""
+        return super().held_buffers() + list(self._grads.values())
+
+    def extra_state(self) -> dict[str, Any]:
+        """The kept gradient (only while it is unused: afterwards it holds Δ)."""
+        return {"fresh": self._fresh, "grad": _by_index(self, self._grads) if self._fresh else {}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Perturb the next step with the saved gradient."""
+        self._grads = _from_index(self, state.get("grad", {}))
+        self._fresh = bool(state.get("fresh", False)) and bool(self._grads)
+
+
+VARIANTS: dict[str, type[AMP]] = {
+    "exact": AMP, "reuse": ReuseAMP, "subbatch": SubBatchAMP, "onepass": OnePassAMP,
+}
+
+
+def build_amp(params: Iterable, variant: str = "exact", *, reuse_every: int | None = None,
+              ascent_fraction: float | None = None, **amp_kwargs: Any) -> AMP:
+    """AMP or an efficient variant by name, so a config or the CLI picks one with plain values.
+
+    ``reuse_every`` belongs to "reuse", ``ascent_fraction`` to "subbatch" and "reuse"; None or
+    the neutral values (1, 1.0) are accepted with every variant, anything else is a ValueError.
+    ``amp_kwargs`` are `AMP`'s (epsilon, inner_lr, inner_iter, base_optimizer, ball, lr, ...).
+    """
+    if variant not in VARIANTS:
+        raise UnknownNameError("AMP variant", variant, list(VARIANTS))
+    if reuse_every is not None:
+        check_reuse_every(reuse_every)
+        if reuse_every != 1 and variant != "reuse":
+            raise ValueError(f"reuse_every={reuse_every!r} applies only to variant='reuse', not {variant!r}")
+        if variant == "reuse":
+            amp_kwargs["reuse_every"] = reuse_every
+    if ascent_fraction is not None:
+        check_fraction(ascent_fraction)
+        if ascent_fraction != 1 and variant not in ("subbatch", "reuse"):
+            raise ValueError(f"ascent_fraction={ascent_fraction!r} applies only to variants "
+                             f"'subbatch' and 'reuse', not {variant!r}")
+        if variant in ("subbatch", "reuse"):
+            amp_kwargs["ascent_fraction"] = ascent_fraction
+    return VARIANTS[variant](params, **amp_kwargs)
