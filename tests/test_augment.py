@@ -355,6 +355,9 @@ def test_auto_augment_is_seeded_and_keeps_dtype() -> None:
     assert a.dtype == torch.uint8 and a.shape == x.shape
     assert torch.equal(a, aa.auto_augment(x, "cifar10", gen(1)))
     assert not torch.equal(a, aa.auto_augment(x, "cifar10", gen(2)))
+    xf = x.float()
+    assert torch.equal(aa.auto_augment(xf, "cifar10", gen(1)), a.float())  # float in, float out
+    assert torch.equal(xf, x.float())  # the input is never written to
     with pytest.raises(UnknownNameError, match="cifar10, svhn"):
         aa.auto_augment(x, "imagenet", gen())
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flatmin.data.autoaugment import FILL, auto_augment
+from flatmin.data.autoaugment import FILL, auto_augment, params_device
 from flatmin.errors import UnknownNameError
 
 __all__ = [
@@ -44,14 +44,9 @@ _CUTOUT_SIZE = {"cifar10": 16, "cifar100": 8, "svhn": 20, "gtsrb": 8}
 _POLICY = {"cifar10": "cifar10", "cifar100": "cifar10", "svhn": "svhn", "gtsrb": "cifar10"}
 
 
-def _params_device(generator: torch.Generator | None) -> torch.device:
-    """Where random parameters are drawn: the generator's device, CPU for the default one."""
-    return generator.device if generator is not None else torch.device("cpu")
-
-
 def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """``n`` integers in [0, high) drawn from ``generator``, delivered on ``device``."""
-    draw = torch.randint(high, (n,), generator=generator, device=_params_device(generator))
+    draw = torch.randint(high, (n,), generator=generator, device=params_device(generator))
     return draw.to(device)
 
 

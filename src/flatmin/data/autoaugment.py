@@ -280,6 +280,11 @@ def _magnitudes(name: str, level: Tensor, sign: Tensor, height: int, width: int)
     return mag.float()
 
 
+def params_device(generator: torch.Generator | None) -> torch.device:
+    """Where random parameters are drawn: the generator's device, CPU for the default one."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def _policy_tables(policy: tuple[SubPolicy, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """Op ids, probabilities and magnitude bins as (P, 2) tensors for vectorised look-up."""
     ops = torch.tensor([[OP_NAMES.index(op[0]) for op in sub] for sub in policy])
@@ -298,11 +303,11 @@ def auto_augment(x: Tensor, policy: str, generator: torch.Generator | None = Non
         raise UnknownNameError("AutoAugment policy", policy, list(POLICIES))
     n, _, h, w = x.shape
     ops, probs, levels = _policy_tables(POLICIES[policy])
-    gdev = generator.device if generator is not None else torch.device("cpu")
+    gdev = params_device(generator)
     sub = torch.randint(len(ops), (n,), generator=generator, device=gdev).cpu()
     coin = torch.rand(n, 2, generator=generator, device=gdev).cpu()
     sign = torch.randint(0, 2, (n, 2), generator=generator, device=gdev).cpu() * 2.0 - 1.0
-    out = x.float()
+    out = x.to(torch.float32, copy=True)  # ops write into it by index; never into the caller's
     for k in range(2):  # the two ops of each sub-policy, in order
         op, level = ops[sub, k], levels[sub, k]
         applied = coin[:, k] < probs[sub, k]
@@ -313,4 +318,4 @@ def auto_augment(x: Tensor, policy: str, generator: torch.Generator | None = Non
             mag = _magnitudes(name, level[idx], sign[idx, k], h, w)
             idx_dev = idx.to(x.device)
             out[idx_dev] = OPS[name](out[idx_dev], mag.to(x.device))
-    return out.to(x.dtype) if x.dtype == torch.uint8 else out
+    return out.to(x.dtype)
