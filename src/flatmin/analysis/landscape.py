@@ -1,0 +1,171 @@
+"""Loss landscapes along random directions (Li et al. 2018), the AMP paper's Fig. 2.
+
+A direction δ has one tensor per parameter. With filter normalisation each filter (each output
+row of a weight: a conv kernel, a row of a linear layer) is rescaled to the norm of the same
+filter of θ, so that plots of different networks — and of scale-invariant ones — compare.
+Biases and BatchNorm parameters (every parameter with ≤ 1 dimension) get a zero direction, as
+in Li et al.'s ``ignore='biasbn'``; with ``ignore_bn=False`` they move along θ itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flatmin.analysis._common import add_run_arguments, load_runs, preserved, set_offset, split_loss
+from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
+from flatmin.errors import FlatminError
+
+LossAccFn = Callable[[nn.Module], "tuple[float, float] | float | Tensor"]
+
+
+class Landscape(NamedTuple):
+    """Loss and accuracy over the grid of displacements (NaN accuracy if the fn gives none)."""
+
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+
+def random_direction(model: nn.Module, generator: torch.Generator, *, filter_normalize: bool = True,
+                     ignore_bn: bool = True) -> list[Tensor]:
+    """Gaussian δ, one tensor per `model.parameters()`, drawn on the CPU so a seed means one δ."""
+    out = []
+    for p in model.parameters():
+        w = p.detach()
+        d = torch.randn(w.shape, generator=generator, dtype=torch.float64).to(w)
+        if w.dim() <= 1:
+            d = torch.zeros_like(w) if ignore_bn else w.clone()
+        elif filter_normalize:
+            dims = tuple(range(1, w.dim()))
+            norm = torch.linalg.vector_norm
+            d.mul_(norm(w, dim=dims, keepdim=True) / (norm(d, dim=dims, keepdim=True) + 1e-10))
+        out.append(d)
+    return out
+
+
+def _evaluate(fn: LossAccFn, model: nn.Module) -> tuple[float, float]:
+    """(loss, accuracy) from a fn that returns both, or a loss alone."""
+    result = fn(model)
+    if isinstance(result, tuple):
+        return float(result[0]), float(result[1])
+    return float(result), float("nan")
+
+
+@torch.no_grad()
+def loss_surface_2d(model: nn.Module, fn: LossAccFn, d1: Sequence[Tensor], d2: Sequence[Tensor],
+                    alphas: Sequence[float], betas: Sequence[float]) -> Landscape:
+    """f(θ + α·δ₁ + β·δ₂) on the grid alphas × betas; θ put back bit for bit."""
+    loss = np.full((len(alphas), len(betas)), np.nan)
+    acc = np.full_like(loss, np.nan)
+    with preserved(model) as theta:
+        for i, a in enumerate(alphas):
+            for j, b in enumerate(betas):
+                set_offset(model, theta, (a, b), (d1, d2))
+                loss[i, j], acc[i, j] = _evaluate(fn, model)
+    return Landscape(loss, acc)
+
+
+def loss_curve_1d(model: nn.Module, fn: LossAccFn, direction: Sequence[Tensor],
+                  alphas: Sequence[float]) -> Landscape:
+    """f(θ + α·δ) for each α; θ put back bit for bit."""
+    zero = [torch.zeros_like(d) for d in direction]
+    surface = loss_surface_2d(model, fn, direction, zero, alphas, [0.0])
+    return Landscape(surface.loss[:, 0], surface.accuracy[:, 0])
+
+
+# --- the CLI: `flatmin landscape CKPT [CKPT ...] --out DIR` --------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `flatmin landscape`."""
+    add_run_arguments(parser)
+    parser.add_argument("--dim", type=int, choices=(1, 2), default=1, help="1-D curves or 2-D surfaces")
+    parser.add_argument("--span", type=float, default=1.0, help="α (and β) run over [-span, span]")
+    parser.add_argument("--points", type=int, default=41, help="grid points per axis")
+    parser.add_argument("--splits", default="train,test", help="comma-separated: train, test")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the directions (same for every run)")
+    parser.add_argument("--out", required=True, help="folder for the PNGs, CSV and JSON")
+
+
+def _curves(runs: list, splits: list[str], alphas: np.ndarray, args) -> list[dict]:
+    """One row per (run, split, α) — or (α, β) — with loss and accuracy."""
+    rows = []
+    for run in runs:
+        gen = torch.Generator().manual_seed(args.seed)
+        d1 = random_direction(run.model, gen)
+        d2 = random_direction(run.model, gen) if args.dim == 2 else None
+        for split in splits:
+            fn = split_loss(run, split, args.max_examples, args.batch_size).loss_and_accuracy
+            if d2 is None:
+                land = loss_curve_1d(run.model, fn, d1, alphas)
+                rows += [dict(name=run.name, split=split, alpha=float(a), loss=float(lo), accuracy=float(ac))
+                         for a, lo, ac in zip(alphas, land.loss, land.accuracy)]
+            else:
+                land = loss_surface_2d(run.model, fn, d1, d2, alphas, alphas)
+                rows += [dict(name=run.name, split=split, alpha=float(a), beta=float(b),
+                              loss=float(land.loss[i, j]), accuracy=float(land.accuracy[i, j]))
+                         for i, a in enumerate(alphas) for j, b in enumerate(alphas)]
+    return rows
+
+
+def plot_1d(rows: list[dict], path: Path) -> Path:
+    """Fig. 2 style: every run on one plot, train solid and test dashed; loss and accuracy panels."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    for k, name in enumerate(names):
+        for split in dict.fromkeys(r["split"] for r in rows):
+            sel = [r for r in rows if r["name"] == name and r["split"] == split]
+            style = dict(color=f"C{k}", ls="-" if split == "train" else "--", label=f"{name}, {split}")
+            for ax, key in zip(axes, ("loss", "accuracy")):
+                ax.plot([r["alpha"] for r in sel], [r[key] for r in sel], **style)
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.set(xlabel="α (θ + α·δ, δ filter-normalised)", ylabel=key)
+    axes[0].legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_2d(rows: list[dict], name: str, path: Path) -> Path:
+    """Contours of the loss over (α, β), one panel per split, for one run."""
+    plt = pyplot()
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4.5), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        sel = [r for r in rows if r["name"] == name and r["split"] == split]
+        a, b = sorted({r["alpha"] for r in sel}), sorted({r["beta"] for r in sel})
+        z = np.array([r["loss"] for r in sel]).reshape(len(a), len(b)).T  # rows follow β
+        cs = ax.contour(a, b, z, levels=20, cmap="viridis")
+        ax.clabel(cs, fontsize=6)
+        ax.set(title=f"{name}: {split} loss", xlabel="α", ylabel="β", aspect="equal")
+    return save_figure(fig, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Landscapes of each checkpoint along the same seeded directions; figures + numbers."""
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if args.span <= 0 or args.points < 2 or not splits:
+        raise FlatminError("--span must be > 0, --points >= 2 and --splits non-empty")
+    out = out_dir(args.out)
+    runs = load_runs(args.checkpoints, args.device)
+    rows = _curves(runs, splits, np.linspace(-args.span, args.span, args.points), args)
+    stem = f"landscape_{args.dim}d"
+    files = [write_csv(out / f"{stem}.csv", rows), write_json(out / f"{stem}.json", rows)]
+    if args.dim == 1:
+        files.append(plot_1d(rows, out / f"{stem}.png"))
+    else:
+        for i, r in enumerate(runs):
+            files.append(plot_2d(rows, r.name, out / f"{stem}_{i}_{_slug(r.name)}.png"))
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def _slug(name: str) -> str:
+    """A file-name-safe version of a run label."""
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
