@@ -106,6 +106,17 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, samples: int = 100,
     return Estimate(float(values.mean()), stderr)
 
 
+def _loss_and_grad(model: nn.Module, loss_fn: LossFn, params: list[Tensor]
+                   ) -> tuple[float, list[Tensor]]:
+    """L(θ) and ∇L(θ), one batch's graph at a time."""
+    loss, grads = 0.0, [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for term in loss_terms(loss_fn, model):
+            torch._foreach_add_(grads, torch.autograd.grad(term, params))
+            loss += float(term.detach())
+    return loss, grads
+
+
 def epsilon_sharpness(model: nn.Module, loss_fn: LossFn, epsilon: float, steps: int = 20,
                       step_size: float | None = None, *, relative: bool = False,
                       generator: torch.Generator | None = None) -> float:
@@ -129,11 +140,9 @@ def epsilon_sharpness(model: nn.Module, loss_fn: LossFn, epsilon: float, steps: 
             delta = [d * scale for d in delta]
             for p, t, d in zip(params, theta, delta):
                 p.copy_(t + d)
-            with torch.enable_grad():
-                loss = sum(loss_terms(loss_fn, model))
-                grads = torch.autograd.grad(loss, params) if step < steps else None
-            best = max(best, float(loss))
-            if grads is not None:
+            loss, grads = _loss_and_grad(model, loss_fn, params)
+            best = max(best, loss)
+            if step < steps:
                 gnorm = math.sqrt(_dot(grads, grads)) + 1e-12
                 delta = [d + (step_size / gnorm) * g for d, g in zip(delta, grads)]
     sharp = best - base
