@@ -15,6 +15,9 @@ perturbation of up to ε·√T.
 Memory. θ is kept in one parameter-sized buffer (reused across steps) so that restoring it is a
 copy, bit for bit. With N = 1 that is the only extra buffer: Δ is built in place in the
 gradients (which the next backward pass overwrites anyway). N > 1 adds one buffer for Δ.
+
+Cheaper approximations (perturbation reuse, sub-batch ascent, one pass) live in
+`flatmin.optim.efficient`, built by name with `flatmin.optim.build_amp`.
 """
 
 from __future__ import annotations
