@@ -1,0 +1,207 @@
+"""The trainer: every method learns, runs are deterministic, resume after kill -9 is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from flatmin.errors import FlatminError, NonFiniteLossError, UnknownNameError
+from flatmin.optim import AMP
+from flatmin.train import METHODS, TrainConfig, load_run, train
+from flatmin.train.loop import StepContext, train_step
+from flatmin.train.methods import Batch, get_method
+
+SPIRAL = dict(dataset="spiral", epochs=4, batch_size=20, lr=0.1,
+              dataset_options={"n_samples": 200})
+FLATMIN = [sys.executable, "-m", "flatmin"]
+
+
+@pytest.fixture(scope="module")
+def initial_nll():
+    """The untrained model's train NLL: the same seed with lr = 0."""
+    return train(TrainConfig(method="erm", **{**SPIRAL, "lr": 0.0, "epochs": 1}), progress=False)["train"]["nll"]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_lowers_the_loss(method, initial_nll):
+    result = train(TrainConfig(method=method, **SPIRAL), progress=False)
+    assert result["train"]["nll"] < initial_nll - 0.03, (result["train"], initial_nll)
+    assert set(result["test"]) >= {"error", "nll", "ece"}
+    assert result["config"]["method"] == method and result["epochs_completed"] == 4
+
+
+def test_mnist1d_default_model_trains_a_little():
+    cfg = TrainConfig(dataset="mnist1d", method="erm", epochs=5, batch_size=100, lr=0.1, milestones=())
+    result = train(cfg, progress=False)
+    assert result["config"]["model"] == "cnn1d"
+    assert result["test"]["error"] < 80.0  # 10 classes: chance is 90%
+
+
+def test_same_seed_same_numbers_and_other_seed_differs():
+    a = train(TrainConfig(method="amp", seed=3, **SPIRAL), progress=False)
+    b = train(TrainConfig(method="amp", seed=3, **SPIRAL), progress=False)
+    c = train(TrainConfig(method="amp", seed=4, **SPIRAL), progress=False)
+    for split in ("train", "val", "test"):
+        assert a[split] == b[split]
+    assert a["test"]["nll"] != c["test"]["nll"]
+
+
+def test_outputs_and_provenance(tmp_path):
+    result = train(TrainConfig(method="sam", **SPIRAL), tmp_path, progress=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test"] == result["test"]
+    for key in ("config", "versions", "git_commit", "time_s", "device", "val", "train"):
+        assert key in saved
+    assert saved["versions"]["torch"] == torch.__version__
+    assert saved["best_val_epoch"]["chosen_on"] == "val"
+    assert len(saved["reliability"]["test"]["count"]) == 15
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+    run = load_run(tmp_path)
+    assert run.config.method == "sam" and run.epoch == 4 and not run.model.training
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    train(TrainConfig(method="erm", **SPIRAL), tmp_path, progress=False)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(FlatminError, match="--resume"):
+        train(TrainConfig(method="erm", **SPIRAL), tmp_path, progress=False)
+    with pytest.raises(FlatminError, match="configuration differs"):
+        train(TrainConfig(method="amp", **SPIRAL), tmp_path, resume=True, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    method = get_method("erm")
+    calls = {"n": 0}
+    original = type(method).loss
+
+    def poisoned(self, logits, batch, cfg):
+        calls["n"] += 1
+        loss = original(self, logits, batch, cfg)
+        return loss * float("nan") if calls["n"] > 12 else loss  # 9 steps/epoch: dies in epoch 2
+
+    monkeypatch.setattr(type(method), "loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="epoch 2"):
+        train(TrainConfig(method="erm", **SPIRAL), tmp_path, progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def _cli(*args, check=True, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*FLATMIN, *args], capture_output=True, text=True, env=env, check=check, **kw)
+
+
+def test_resume_after_kill_9_is_exact(tmp_path):
+    args = ["train", "--dataset", "spiral", "--method", "amp", "--epochs", "25", "--batch-size", "10",
+            "--quiet"]
+    _cli(*args, "--out", str(tmp_path / "whole"))
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*FLATMIN, *args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "log.jsonl").exists():
+        time.sleep(0.05)
+    while time.time() < deadline and len((out / "log.jsonl").read_text().splitlines()) < 2:
+        time.sleep(0.02)
+    time.sleep(0.1)  # somewhere inside a later epoch (or a checkpoint write)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    _cli(*args, "--out", str(out), "--resume")
+    resumed = json.loads((out / "metrics.json").read_text())
+    for split in ("train", "val", "test"):
+        assert resumed[split] == whole[split]
+    logged = [json.loads(x)["epoch"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 26))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--method", "nope"], "unknown method 'nope'; valid methods: adv_training, amp"),
+     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+     (["--model", "resnet1000"], "unknown model 'resnet1000'"),
+     (["--lr", "-1"], "lr must be"),
+     (["--precision", "fp8"], "precision must be one of")],
+)
+def test_cli_bad_input_is_one_clear_message(args, message):
+    proc = _cli("train", "--dataset", "spiral", "--epochs", "1", "--quiet", *args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(UnknownNameError) as err:
+        get_method("adam")
+    assert "amp" in str(err.value) and "sam" in str(err.value)
+
+
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+@pytest.mark.parametrize("method", ["amp", "sam"])
+def test_batchnorm_stats_move_only_in_the_unperturbed_pass(method):
+    torch.manual_seed(0)
+    model, twin = _BNNet(), _BNNet()
+    twin.load_state_dict(model.state_dict())
+    cfg = TrainConfig(method=method, lr=0.0, epsilon=1.0, inner_lr=10.0, rho=1.0, ball="global",
+                      epochs=1, batch_size=16, weight_decay=0.0)
+    opt = get_method(method).build_optimizer(model.parameters(), cfg)
+    ctx = StepContext(cfg, get_method(method), torch.amp.GradScaler("cpu", enabled=False),
+                      torch.device("cpu"), 1.0, _single())
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    model.train(), twin.train()
+    train_step(model, model, opt, Batch(x, y), ctx)
+    twin(x)  # exactly one batch-statistics update at θ
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model.bn, name), getattr(twin.bn, name)), name
+
+
+def _single():
+    from flatmin.train.distributed import SingleProcess
+
+    return SingleProcess()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(precision):
+    result = train(TrainConfig(method="amp", precision=precision, **SPIRAL), progress=False)
+    assert math.isfinite(result["test"]["nll"]) and result["train"]["nll"] < math.log(2)
+
+
+def test_fp16_overflowing_step_is_skipped_with_theta_intact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    cfg = TrainConfig(method="amp", lr=0.1, epsilon=0.5, inner_lr=1.0, ball="global", epochs=1,
+                      batch_size=8, weight_decay=0.0, precision="fp16")
+    opt = get_method("amp").build_optimizer(model.parameters(), cfg)
+    assert isinstance(opt, AMP)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled loss overflows
+    ctx = StepContext(cfg, get_method("amp"), scaler, torch.device("cpu"), 1.0, _single())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, model, opt, Batch(torch.randn(8, 3), torch.randint(0, 2, (8,))), ctx)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert scaler.get_scale() < 2.0**127  # the scaler saw the overflow and backed off
+    assert not opt.perturbed
