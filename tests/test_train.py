@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +28,8 @@ FLATMIN = [sys.executable, "-m", "flatmin"]
 @pytest.fixture(scope="module")
 def initial_nll():
     """The untrained model's train NLL: the same seed with lr = 0."""
-    return train(TrainConfig(method="erm", **{**SPIRAL, "lr": 0.0, "epochs": 1}), progress=False)["train"]["nll"]
+    untrained = TrainConfig(method="erm", **{**SPIRAL, "lr": 0.0, "epochs": 1})
+    return train(untrained, progress=False)["train"]["nll"]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
