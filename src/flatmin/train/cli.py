@@ -75,12 +75,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (small models run fastest on 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, print the final metrics as JSON, exit 0; bad input exits 2 with one message."""
     from flatmin.train.loop import train
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise FlatminError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     overrides = config_overrides(args)
     if args.resume:
         if args.out is None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from flatmin.data import Dataset, Split, load_dataset
-from flatmin.errors import FlatminError, NonFiniteLossError
+from flatmin.errors import ConfigError, FlatminError, NonFiniteLossError
 from flatmin.metrics import MetricAccumulator
 from flatmin.models import create_model
 from flatmin.optim import PerturbedOptimizer, frozen_running_stats
@@ -241,7 +241,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     model = create_model(cfg.model, num_classes=ds.num_classes, in_channels=ds.input_shape[0],
                          input_shape=ds.input_shape, dropout=cfg.dropout if method.dropout else 0.0)
     model.to(device)
-    opt = method.build_optimizer(model.parameters(), cfg)
+    try:
+        opt = method.build_optimizer(model.parameters(), cfg)
+    except ValueError as err:  # an optimizer argument out of range: the user's input
+        raise ConfigError(str(err)) from None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     for split in (ds.train, ds.val, ds.test):
         if split is not None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flatmin.errors import UnknownNameError
-from flatmin.optim import AMP, RMP, SAM, frozen_running_stats
+from flatmin.optim import RMP, SAM, build_amp, frozen_running_stats
 from flatmin.train.config import TrainConfig
 
 
@@ -142,13 +142,10 @@ class AdversarialModelPerturbation(Method):
 
     def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
         """`flatmin.AMP` around the protocol's SGD."""
-        extra = {}
-        if cfg.amp_variant != "exact":
-            extra = dict(variant=cfg.amp_variant, reuse_every=cfg.reuse_every,
-                         ascent_fraction=cfg.ascent_fraction)
-        return AMP(params, epsilon=cfg.epsilon, inner_lr=cfg.inner_lr, inner_iter=cfg.inner_iter,
-                   base_optimizer=torch.optim.SGD, ball=cfg.ball, check_finite=False, **extra,
-                   **sgd_kwargs(cfg))
+        return build_amp(params, cfg.amp_variant, reuse_every=cfg.reuse_every,
+                         ascent_fraction=cfg.ascent_fraction, epsilon=cfg.epsilon, inner_lr=cfg.inner_lr,
+                         inner_iter=cfg.inner_iter, base_optimizer=torch.optim.SGD, ball=cfg.ball,
+                         **sgd_kwargs(cfg))
 
 
 class SharpnessAware(Method):
@@ -158,8 +155,7 @@ class SharpnessAware(Method):
 
     def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
         """`flatmin.SAM` around the protocol's SGD."""
-        return SAM(params, torch.optim.SGD, rho=cfg.rho, adaptive=self.adaptive, check_finite=False,
-                   **sgd_kwargs(cfg))
+        return SAM(params, torch.optim.SGD, rho=cfg.rho, adaptive=self.adaptive, **sgd_kwargs(cfg))
 
 
 class AdaptiveSharpnessAware(SharpnessAware):
