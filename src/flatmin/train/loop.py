@@ -9,7 +9,6 @@ epoch), so a run resumed from any checkpoint retraces the uninterrupted run exac
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -98,7 +97,7 @@ def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, bat
     reported, n_passes = None, 0
     if perturbed:
         opt.begin_step()
-        n_asc = max(1, math.ceil(opt.ascent_fraction * len(batch.x)))
+        n_asc = opt.ascent_size(len(batch.x))
         n_passes = opt.ascent_passes()
         for i in range(n_passes):
             sub = batch if n_asc >= len(batch.x) else batch.head(n_asc)
@@ -214,8 +213,11 @@ def _config_mismatch(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
-          progress: bool | None = None) -> dict[str, Any]:
-    """Train one model with one method; returns what metrics.json holds (written when ``out``)."""
+          progress: bool | None = None) -> dict[str, Any] | None:
+    """Train one model with one method; returns what metrics.json holds (written when ``out``).
+
+    Under torchrun only rank 0 evaluates, writes and returns the result; the other ranks return None.
+    """
     t0 = time.perf_counter()
     device = torch.device(cfg.device)
     dist = current(device)
@@ -225,6 +227,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     cfg = resolve(cfg, ds.defaults, ds.default_model)
     out = Path(out) if out is not None else None
     saved = _check_resumable(out, resume) if out is not None else None
+    dist.barrier()  # every rank has read the checkpoint before rank 0 writes a new one
     if out is not None and dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if saved is not None:
@@ -233,7 +236,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
         if (out / "metrics.json").exists() and saved["epoch"] >= cfg.epochs:
             import json
 
-            return json.loads((out / "metrics.json").read_text())
+            return json.loads((out / "metrics.json").read_text()) if dist.is_main else None
     if progress is None:
         progress = sys.stderr.isatty() and dist.is_main
 
@@ -272,7 +275,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
         record.update(run_epoch(net, model, opt, ds, epoch, ctx, progress))
         record["epoch_time_s"] = time.perf_counter() - te
         for name, split in (("val", ds.val), ("test", ds.test)):
-            if split is not None:
+            if split is not None and dist.is_main:  # θ is the same on every rank
                 m = evaluate(model, split, ds, ctx)
                 record.update({f"{name}_{k}": m[k] for k in ("error", "nll", "ece")})
         history.append(record)
@@ -286,7 +289,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
                 "input_shape": list(ds.input_shape)})
         if progress:
             print(_summary(record), file=sys.stderr)
-    return _finish(model, ds, ctx, history, out, elapsed + time.perf_counter() - t0)
+    time_s = elapsed + time.perf_counter() - t0
+    result = _finish(model, ds, ctx, history, out, time_s) if dist.is_main else None
+    dist.barrier()  # no rank returns before metrics.json is written
+    return result
 
 
 def _finish(model: nn.Module, ds: Dataset, ctx: StepContext, history: list[dict[str, Any]],
