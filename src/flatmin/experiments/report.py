@@ -1,0 +1,88 @@
+"""`flatmin report DB`: Table 1 (methods × datasets) and Table 2 (augmentation × model, ERM vs AMP)
+in Markdown, what tuning chose and on which split, and the figures, from a results database."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flatmin.errors import FlatminError
+from flatmin.experiments.store import Store
+from flatmin.experiments.tables import erm_amp_pairs, group_runs, mean_std, table1, table2, tuning_table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("db", type=Path, help="results database written by flatmin grid or compare")
+    parser.add_argument("--out", type=Path, default=None, help="write report.md and PNGs here")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+
+
+def render(store: Store, figures_dir: Path | None = None) -> str:
+    """The report as Markdown (and, given a folder, the per-dataset figures written there)."""
+    rows = store.rows()
+    if not rows:
+        return f"{store.path}: no finished runs yet\n"
+    sels = store.selections()
+    groups, candidates = group_runs(rows, sels)
+    parts = [f"# Results from {store.path} ({len(rows)} runs)\n",
+             "Final-epoch test metrics, mean ± std over seeds (n = seeds).\n",
+             "## Table 1: test error (%)\n", table1(groups, "error", 2),
+             "\n## Table 1: test NLL\n", table1(groups, "nll", 3)]
+    if t2 := table2(groups):
+        parts += ["\n## Table 2: ERM vs AMP per augmentation and model\n", t2]
+    if sels:
+        parts += ["\n## Tuning (chosen on the validation split, never on test)\n", tuning_table(sels),
+                  f"\n{len(candidates)} candidate settings not chosen are left out of the tables above.\n"]
+    parts += ["\n## AMP vs ERM\n", verdicts(groups)]
+    commits = sorted({r["git_commit"] or "?" for r in rows})
+    devices = sorted({r["device"] or "?" for r in rows})
+    parts.append(f"\ngit commit(s): {', '.join(commits)}; device(s): {', '.join(devices)}\n")
+    if figures_dir is not None:
+        parts.append(write_figures(groups, figures_dir))
+    return "".join(p if p.endswith("\n") else p + "\n" for p in parts)
+
+
+def verdicts(groups: list) -> str:
+    """Per cell: did AMP beat ERM on mean test error and NLL? Says so when it did not."""
+    lines = []
+    for cell, erm, amp in erm_amp_pairs(groups):
+        d = {m: mean_std(amp.values("test", m))[0] - mean_std(erm.values("test", m))[0]
+             for m in ("error", "nll")}
+        words = {m: "better" if d[m] < 0 else "AMP does NOT beat ERM" for m in d}
+        lines.append(f"- {' / '.join(cell)}, {amp.label} vs {erm.label}: test error {d['error']:+.2f} points "
+                     f"({words['error']}), NLL {d['nll']:+.3f} ({words['nll']})")
+    return "\n".join(lines) + "\n" if lines else "(no cell with both ERM and AMP)\n"
+
+
+def write_figures(groups: list, folder: Path) -> str:
+    """Per dataset/model/augment cell: metric spread and ERM-vs-AMP reliability diagrams."""
+    from flatmin.analysis._plot import out_dir
+    from flatmin.experiments import figures
+
+    folder = out_dir(folder)
+    written = []
+    for cell in sorted({(g.dataset, g.model, g.augment) for g in groups}):
+        here = {g.label: [r["metrics"] for r in g.runs] for g in groups
+                if (g.dataset, g.model, g.augment) == cell}
+        name = "_".join(cell)
+        written.append(figures.metric_spread(here, folder / f"metrics_{name}.png"))
+        pair = {k: v for k, v in here.items() if k.startswith(("ERM", "AMP"))}
+        if len(pair) > 1:
+            written.append(figures.reliability(pair, folder / f"reliability_{name}.png"))
+    return "\nfigures: " + ", ".join(str(p) for p in written) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report; with --out also write report.md and the figures."""
+    if not args.db.is_file():
+        raise FlatminError(f"no results database at {args.db}")
+    store = Store(args.db)
+    try:
+        text = render(store, None if args.no_figures or args.out is None else args.out)
+    finally:
+        store.close()
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.md").write_text(text)
+    return 0

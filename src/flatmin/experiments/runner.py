@@ -1,0 +1,145 @@
+"""Runs as tasks: each keyed by a hash of its resolved config, trained in its own folder with
+``resume=True`` in a pool of single-threaded worker processes, and recorded in the `Store`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flatmin.data.registry import DATASETS
+from flatmin.errors import FlatminError, UnknownNameError
+from flatmin.experiments.store import Store
+from flatmin.train.config import TrainConfig, resolve
+from flatmin.train.methods import get_method
+
+NOT_IN_KEY = ("data_dir", "download")  # where the data lives does not change a result
+
+
+@dataclass
+class Task:
+    """One run to do: its resolved config, its key, a label for tables, and its folder."""
+
+    key: str
+    label: str
+    config: TrainConfig
+    run_dir: Path
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """The config with every preset filled in, without reading the dataset."""
+    if cfg.dataset not in DATASETS:
+        raise UnknownNameError("dataset", cfg.dataset, list(DATASETS))
+    get_method(cfg.method)
+    loader = DATASETS[cfg.dataset]
+    return resolve(cfg, loader.defaults, loader.default_model)
+
+
+def config_key(cfg: TrainConfig) -> str:
+    """A stable hash of the resolved config: the same run always has the same key and folder."""
+    d = {k: v for k, v in resolved(cfg).to_dict().items() if k not in NOT_IN_KEY}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_task(cfg: TrainConfig, label: str, root: str | Path) -> Task:
+    """A task for ``cfg`` whose folder is ``root/runs/<method>_<dataset>_s<seed>_<key>``."""
+    c, key = resolved(cfg), config_key(cfg)
+    return Task(key, label, c, Path(root) / "runs" / f"{c.method}_{c.dataset}_s{c.seed}_{key}")
+
+
+def _init_worker() -> None:
+    """One torch thread per process (tiny models on a shared CPU run fastest that way)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _init_pool_worker() -> None:
+    """Also die with the grid process (Linux): a SIGKILLed grid must leave no orphan still training
+    a run whose claim the restarted grid will take over."""
+    _init_worker()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _train(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Worker body: train (or resume, or just read back) one run."""
+    from flatmin.train.loop import train
+
+    return train(TrainConfig.from_dict(config), run_dir, resume=True, progress=False)
+
+
+class _Inline:
+    """An executor that runs each task at submit time: workers=1 needs no extra process."""
+
+    def __init__(self) -> None:
+        _init_worker()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 - reported per run by `execute`
+            fut.set_exception(err)
+        return fut
+
+    def shutdown(self, **_: Any) -> None:
+        pass
+
+
+def execute(tasks: list[Task], store: Store, workers: int = 1,
+            log: Callable[[str], None] = print) -> list[str]:
+    """Train every unfinished, unclaimed task; returns the error messages of runs that failed."""
+    if workers < 1:
+        raise FlatminError(f"--workers must be >= 1, got {workers}")
+    unique = list({t.key: t for t in tasks}.values())
+    done = store.done_keys()
+    queue = [t for t in unique if t.key not in done]
+    if len(queue) < len(unique):
+        log(f"{len(unique) - len(queue)} of {len(unique)} runs already in {store.path}")
+    spawn = multiprocessing.get_context("spawn")
+    pool: Any = _Inline() if workers == 1 or len(queue) <= 1 else ProcessPoolExecutor(
+        min(workers, len(queue)), mp_context=spawn, initializer=_init_pool_worker)
+    in_flight: dict[Future, Task] = {}
+    failed: list[str] = []
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < workers:
+                t = queue.pop(0)
+                if store.claim(t.key):
+                    in_flight[pool.submit(_train, t.config.to_dict(), str(t.run_dir))] = t
+            if not in_flight:
+                break
+            finished, _ = wait(list(in_flight), timeout=store.lease_s / 4, return_when=FIRST_COMPLETED)
+            store.renew([t.key for t in in_flight.values()])
+            for fut in finished:
+                t = in_flight.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as err:  # noqa: BLE001 - one bad run must not sink the grid
+                    store.release(t.key)
+                    failed.append(f"{t.label} seed {t.config.seed}: {type(err).__name__}: {err}")
+                    log(f"FAILED {failed[-1]}")
+                    continue
+                store.insert(t.key, t.label, result, str(t.run_dir))
+                log(f"{t.label:28s} seed {t.config.seed}: test err {result['test']['error']:6.2f}% "
+                    f"nll {result['test']['nll']:.3f} val err {_val(result)} ({result['time_s']:.1f}s)")
+    finally:
+        pool.shutdown(cancel_futures=True)
+    if elsewhere := store.held_elsewhere([t.key for t in unique]):
+        log(f"{len(elsewhere)} runs are being trained by another process; re-run to collect them")
+    return failed
+
+
+def _val(result: dict[str, Any]) -> str:
+    return f"{result['val']['error']:6.2f}%" if result.get("val") else "  n/a"

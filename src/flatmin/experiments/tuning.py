@@ -1,0 +1,185 @@
+"""Hyperparameters as the paper tunes them: every candidate trained on a few seeds, the one with
+the best mean VALIDATION metric (final epoch) kept, and only that one run over the seeds for test.
+
+The test split is never read here; `select` looks at ``metrics["val"]`` only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flatmin.errors import FlatminError
+from flatmin.experiments.runner import Task, execute, make_task
+from flatmin.experiments.store import Store
+from flatmin.train.cli import OPTIONS
+from flatmin.train.config import TrainConfig
+
+# The config fields that only matter to one method (a run's "hyperparameters" in the tables).
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "erm": (), "dropout": ("dropout",), "label_smoothing": ("label_smoothing",),
+    "flooding": ("flood_level",), "mixup": ("mixup_alpha",), "adv_training": ("adv_epsilon",),
+    "rmp": ("rmp_radius", "ball"), "sam": ("rho",), "asam": ("rho",),
+    "amp": ("epsilon", "inner_lr", "inner_iter", "ball", "amp_variant", "reuse_every", "ascent_fraction"),
+}
+ALL_METHOD_FIELDS = {f for fields in METHOD_FIELDS.values() for f in fields}
+ALIASES = {"variant": "amp_variant", "eps": "epsilon", "zeta": "inner_lr", "n": "inner_iter",
+           "flood": "flood_level", "alpha": "mixup_alpha"}
+_TYPES = {field: typ for field, typ, _ in OPTIONS.values()}
+METRICS = ("error", "nll")
+
+
+def shown_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The method's own hyperparameters, without the AMP-variant knobs its variant does not use."""
+    own = {k: config[k] for k in METHOD_FIELDS.get(config["method"], ())}
+    variant = own.get("amp_variant")
+    if variant is not None:
+        for key, used_by in (("amp_variant", "-"), ("reuse_every", "reuse"), ("ascent_fraction", "subbatch")):
+            if variant != used_by and not (key == "amp_variant" and variant != "exact"):
+                own.pop(key)
+    return own
+
+
+def field_name(name: str) -> str:
+    """A config field from a user's key (aliases, dashes); unknown names list the valid ones."""
+    name = ALIASES.get(name.strip().replace("-", "_"), name.strip().replace("-", "_"))
+    if name not in TrainConfig.__dataclass_fields__:
+        raise FlatminError(f"unknown config field {name!r}; aliases: {', '.join(sorted(ALIASES))}")
+    return name
+
+
+def parse_value(field: str, text: str) -> Any:
+    """A command-line string as the field's type."""
+    typ = _TYPES.get(field)
+    try:
+        if typ is not None:
+            return typ(text)
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return {"true": True, "false": False}.get(text.lower(), text)
+    except ValueError:
+        raise FlatminError(f"{field}={text!r}: expected a {typ.__name__}") from None
+
+
+def parse_sweep(specs: list[str]) -> dict[str, list[Any]]:
+    """``["epsilon=0.05,0.1", "inner_lr=0.5,1"]`` -> {"epsilon": [0.05, 0.1], "inner_lr": [0.5, 1.0]}."""
+    sweep: dict[str, list[Any]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise FlatminError(f"--tune {spec!r}: expected FIELD=V1,V2,...")
+        field = field_name(key)
+        sweep[field] = [parse_value(field, v) for v in values.split(",") if v.strip()]
+    return sweep
+
+
+def candidates(method: str, sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the sweep's values for the fields this method uses ([{}] if none)."""
+    fields = [f for f in sweep if f in METHOD_FIELDS.get(method, ())]
+    return [dict(zip(fields, combo)) for combo in itertools.product(*(sweep[f] for f in fields))]
+
+
+def select(scores: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate with the lowest mean validation score (ties: the first listed)."""
+    ok = [s for s in scores if math.isfinite(s["score"])]
+    if not ok:
+        raise FlatminError("every tuning candidate failed; nothing to choose from")
+    return min(ok, key=lambda s: s["score"])
+
+
+def score(results: list[dict[str, Any] | None], metric: str) -> float:
+    """Mean final-epoch validation metric; inf if a run failed or has no validation split."""
+    vals = [r["val"][metric] for r in results if r is not None and r.get("val")]
+    return statistics.fmean(vals) if vals and len(vals) == len(results) else math.inf
+
+
+@dataclass
+class Plan:
+    """Tuning runs per base config: ``tasks[i][c]`` are candidate c's runs (one per seed) for base i."""
+
+    bases: list[TrainConfig]
+    grids: list[list[dict[str, Any]]]
+    tasks: list[list[list[Task]]]
+    seeds: list[int]
+
+    def runs(self) -> list[Task]:
+        """The runs to train (bases with a single candidate need no tuning)."""
+        return [t for per_base in self.tasks if len(per_base) > 1 for ts in per_base for t in ts]
+
+
+def plan(bases: list[TrainConfig], sweeps: list[dict[str, list[Any]]], seeds: list[int],
+         root: str | Path) -> Plan:
+    """Every candidate of every base config's sweep, on the tuning seeds."""
+    grids = [candidates(b.method, sw) for b, sw in zip(bases, sweeps)]
+    tasks = [[[make_task(b.replace(seed=s, **c), b.method, root) for s in seeds] for c in cands]
+             for b, cands in zip(bases, grids)]
+    return Plan(bases, grids, tasks, list(seeds))
+
+
+def choose(p: Plan, store: Store, metric: str = "error",
+           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """For each base config, the swept values with the best mean VALIDATION metric; saved in the store."""
+    if metric not in METRICS:
+        raise FlatminError(f"tuning metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    done = {r["key"]: r["metrics"] for r in store.rows()}
+    chosen = []
+    for b, cands, per_base in zip(p.bases, p.grids, p.tasks):
+        if len(cands) <= 1:
+            chosen.append(cands[0] if cands else {})
+            continue
+        scores = [{"values": c, "score": score([done.get(t.key) for t in ts], metric)}
+                  for c, ts in zip(cands, per_base)]
+        best = select(scores)
+        cell = {"method": b.method, "dataset": b.dataset, "model": per_base[0][0].config.model,
+                "augment": b.augment}
+        store.save_selection(cell, best["values"], metric, scores)
+        log(f"{b.method} on {b.dataset}: chose {_fmt(best['values'])} (mean val {metric} "
+            f"{best['score']:.4g} over seeds {p.seeds})")
+        chosen.append(best["values"])
+    return chosen
+
+
+@dataclass
+class Outcome:
+    """What `tune_and_run` did: the final runs per base, the values chosen, and any failures."""
+
+    tasks: list[list[Task]]
+    chosen: list[dict[str, Any]]
+    plan: Plan
+    failed: list[str]
+
+
+def tune_and_run(bases: list[TrainConfig], labels: list[str], sweeps: list[dict[str, list[Any]]],
+                 seeds: list[int], tune_seeds: list[int], root: str | Path, store: Store, workers: int,
+                 metric: str = "error", log: Callable[[str], None] = print) -> Outcome:
+    """Tune on val where a sweep has more than one candidate, then run every base over ``seeds``.
+
+    Bases with nothing to tune train alongside the tuning runs, so the cores stay busy.
+    """
+    p = plan(bases, sweeps, tune_seeds, root)
+
+    def final(i: int, values: dict[str, Any]) -> list[Task]:
+        return [make_task(bases[i].replace(seed=s, **values), labels[i], root) for s in seeds]
+
+    fixed = {i: (g[0] if g else {}) for i, g in enumerate(p.grids) if len(g) <= 1}
+    tasks = {i: final(i, v) for i, v in fixed.items()}
+    if p.runs():
+        log(f"tuning {', '.join(sorted({k for g in p.grids if len(g) > 1 for k in g[0]}))} on the "
+            f"validation split: {len(p.runs())} runs")
+    failed = execute(p.runs() + [t for ts in tasks.values() for t in ts], store, workers, log)
+    chosen = choose(p, store, metric, log)
+    tasks.update({i: final(i, chosen[i]) for i in range(len(bases)) if i not in fixed})
+    failed += execute([t for i in range(len(bases)) if i not in fixed for t in tasks[i]], store, workers, log)
+    return Outcome([tasks[i] for i in range(len(bases))], chosen, p, failed)
+
+
+def _fmt(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())

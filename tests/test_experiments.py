@@ -1,0 +1,111 @@
+"""flatmin compare / report and tuning: specs, selection on validation only, outputs, tables."""
+
+import csv
+import math
+
+import pytest
+
+from flatmin.cli import main
+from flatmin.errors import FlatminError
+from flatmin.experiments.compare import parse_seeds, parse_specs
+from flatmin.experiments.store import Store
+from flatmin.experiments.tables import group_runs, table1
+from flatmin.experiments.tuning import Plan, candidates, choose, parse_sweep, shown_fields
+from flatmin.train import TrainConfig
+
+FAST = ["--dataset", "spiral", "--epochs", "2", "--workers", "1", "--no-figures"]
+
+
+def test_method_specs_with_fields_and_variants():
+    specs = parse_specs("erm,amp:variant=reuse,reuse_every=5,sam:rho=0.1", "onepass")
+    assert [(s.label, s.method, s.fields) for s in specs] == [
+        ("erm", "erm", {}),
+        ("amp:variant=reuse,reuse_every=5", "amp", {"amp_variant": "reuse", "reuse_every": 5}),
+        ("sam:rho=0.1", "sam", {"rho": 0.1}), ("amp:variant=onepass", "amp", {"amp_variant": "onepass"})]
+    with pytest.raises(FlatminError, match="unknown config field 'bogus'"):
+        parse_specs("amp:bogus=1")
+    with pytest.raises(FlatminError, match="twice"):
+        parse_specs("erm,erm")
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("4,7") == [4, 7]
+    with pytest.raises(FlatminError):
+        parse_seeds("1,1")
+
+
+def test_sweep_candidates_only_for_the_fields_a_method_uses():
+    sweep = parse_sweep(["epsilon=0.1,0.5", "zeta=1", "rho=0.02,0.05"])
+    assert sweep == {"epsilon": [0.1, 0.5], "inner_lr": [1.0], "rho": [0.02, 0.05]}
+    assert candidates("amp", sweep) == [{"epsilon": 0.1, "inner_lr": 1.0}, {"epsilon": 0.5, "inner_lr": 1.0}]
+    assert candidates("erm", sweep) == [{}]
+    assert "reuse_every" not in shown_fields({**TrainConfig(method="amp").to_dict(), "amp_variant": "exact"})
+
+
+def _fake_row(store: Store, key: str, eps: float, val: float, test: float) -> None:
+    cfg = {**TrainConfig(method="amp", dataset="spiral", model="mlp", epsilon=eps).to_dict()}
+    result = {"config": cfg, "val": {"error": val, "nll": val, "ece": 0.0},
+              "test": {"error": test, "nll": test, "ece": 0.0}, "time_s": 1.0}
+    store.insert(key, "amp", result, None)
+
+
+def test_choose_looks_at_validation_never_at_test(tmp_path):
+    store = Store(tmp_path / "r.db")
+    _fake_row(store, "a", 0.1, val=10.0, test=1.0)  # best on test, worse on val
+    _fake_row(store, "b", 0.5, val=5.0, test=9.0)
+    task = lambda key: type("T", (), {"key": key, "config": TrainConfig(model="mlp")})()  # noqa: E731
+    base = TrainConfig(method="amp", dataset="spiral")
+    plan = Plan([base], [[{"epsilon": 0.1}, {"epsilon": 0.5}]], [[[task("a")], [task("b")]]], [0])
+    assert choose(plan, store, "error", log=lambda s: None) == [{"epsilon": 0.5}]
+    (sel,) = store.selections()
+    assert sel["split"] == "val" and sel["chosen"] == {"epsilon": 0.5}
+    assert [s["score"] for s in sel["scores"]] == [10.0, 5.0]
+    groups, dropped = group_runs(store.rows(), store.selections())
+    assert [g.label for g in groups] == ["AMP (tuned on val)"] and len(dropped) == 1
+    assert "9.00 ± 0.00 (n=1)" in table1(groups, "error", 2)
+
+
+def test_failed_candidates_are_never_chosen():
+    from flatmin.experiments.tuning import score, select
+
+    assert math.isinf(score([None, {"val": {"error": 1.0}}], "error"))
+    assert select([{"values": 1, "score": math.inf}, {"values": 2, "score": 3.0}])["values"] == 2
+
+
+def test_compare_end_to_end_with_tuning_then_rerun_trains_nothing(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", *FAST, "--methods", "erm,amp", "--seeds", "2", "--out", str(out),
+            "--tune", "epsilon=0.05,0.5", "--tune-seeds", "1"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "| erm | 2 |" in text and "| amp | 2 |" in text
+    assert "epsilon chosen on the validation split" in text and "amp vs erm:" in text
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["method"], int(r["seed"])) for r in rows] == [("erm", 0), ("erm", 1), ("amp", 0), ("amp", 1)]
+    assert {"test_error", "test_nll", "test_ece", "time_s"} <= set(rows[0])
+    assert (out / "table.md").read_text().startswith("| method |")
+    sel = Store(out / "results.db").selections()
+    assert sel[0]["method"] == "amp" and sel[0]["split"] == "val"
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+    assert main(args) == 0  # same arguments: everything is read back, nothing retrained
+    assert "runs already in" in capsys.readouterr().out
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+
+
+def test_compare_figures_and_report(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp"
+    assert main(["compare", *FAST[:-1], "--methods", "erm,amp", "--variants", "onepass", "--seeds", "2",
+                 "--out", str(out)]) == 0
+    for name in ("metrics.png", "curves.png", "reliability.png"):
+        assert (out / name).stat().st_size > 1000
+    assert "| amp:variant=onepass | 2 |" in capsys.readouterr().out
+    assert main(["report", str(out / "results.db"), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Table 1: test error (%)" in text and "AMP (amp_variant=onepass)" in text
+    assert "## Table 2" in text and "AMP − ERM" not in text and "vs ERM: test error" in text
+    assert (tmp_path / "rep" / "metrics_spiral_mlp_standard.png").exists()
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert main(["compare", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing.db")]) == 2
+    assert main(["grid", str(tmp_path / "missing.toml")]) == 2

@@ -1,0 +1,126 @@
+"""The results store and grid runner: claims, exactly-once under kills and concurrent processes."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flatmin.experiments.grid import expand
+from flatmin.experiments.runner import config_key, execute, make_task
+from flatmin.experiments.store import Store
+from flatmin.train import TrainConfig
+
+FAST = dict(dataset="spiral", epochs=2, dataset_options={"n_samples": 200})
+
+
+def test_claim_blocks_a_live_owner_but_not_an_expired_or_dead_one(tmp_path):
+    a, b = Store(tmp_path / "r.db"), Store(tmp_path / "r.db")
+    b.owner = "otherhost:1"
+    assert a.claim("k1")
+    assert not b.claim("k1")  # held by a live owner
+    a.db.execute("UPDATE claims SET expires=0 WHERE key='k1'")
+    assert b.claim("k1")  # lease ran out
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    b.db.execute("UPDATE claims SET owner=?, expires=1e12 WHERE key='k1'",
+                 (f"{a.owner.rpartition(':')[0]}:{dead.pid}",))
+    assert a.claim("k1")  # owner process on this host is gone
+
+
+def test_a_finished_run_is_stored_once_and_never_claimed_again(tmp_path):
+    store = Store(tmp_path / "r.db")
+    task = make_task(TrainConfig(method="erm", **FAST), "erm", tmp_path)
+    assert execute([task, task], store, workers=1, log=lambda s: None) == []
+    assert [r["key"] for r in store.rows()] == [task.key]
+    assert not store.claim(task.key)
+    row = store.rows()[0]
+    assert row["config"]["epochs"] == 2 and row["metrics"]["test"]["error"] >= 0
+    assert row["versions"]["torch"] and row["device"].startswith("cpu") and row["time_s"] > 0
+    assert execute([task], store, workers=1, log=lambda s: None) == []  # skipped, not retrained
+    assert len((task.run_dir / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_key_is_the_resolved_config():
+    assert config_key(TrainConfig(**FAST)) == config_key(TrainConfig(**FAST, lr=0.1, data_dir="/x"))
+    assert config_key(TrainConfig(**FAST)) != config_key(TrainConfig(**FAST, seed=1))
+
+
+def test_expand_crosses_method_fields_only_for_their_method():
+    runs = expand({"method": ["erm", "amp"], "epsilon": [0.1, 0.5], "rho": [0.05], "epochs": 3})
+    assert sorted((r["method"], r.get("epsilon")) for r in runs) == [("amp", 0.1), ("amp", 0.5),
+                                                                      ("erm", None)]
+
+
+def _grid_file(tmp_path: Path, n_samples: int, epochs: int, seeds: int) -> Path:
+    path = tmp_path / "grid.toml"
+    path.write_text(f"""
+[grid]
+method = ["erm", "amp"]
+dataset = "spiral"
+epochs = {epochs}
+seeds = {seeds}
+dataset_options = {{n_samples = {n_samples}}}
+[run]
+out = "{tmp_path / 'out'}"
+workers = 1
+""")
+    return path
+
+
+def _grid(path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    return subprocess.Popen([sys.executable, "-m", "flatmin", "grid", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _check_exactly_once(tmp_path: Path, runs: int, epochs: int) -> None:
+    db = sqlite3.connect(tmp_path / "out" / "results.db")
+    keys = [k for (k,) in db.execute("SELECT key FROM runs")]
+    assert len(keys) == len(set(keys)) == runs
+    assert db.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
+    for (run_dir, metrics) in db.execute("SELECT run_dir, metrics FROM runs"):
+        log = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in log] == list(range(1, epochs + 1))  # trained once, no repeats
+        assert json.loads(metrics)["epochs_completed"] == epochs
+
+
+def test_grid_killed_halfway_and_restarted_has_every_run_once(tmp_path):
+    path = _grid_file(tmp_path, n_samples=2000, epochs=8, seeds=3)
+    proc = _grid(path)
+    db_path = tmp_path / "out" / "results.db"
+    while proc.poll() is None:  # kill once two of the six runs are in
+        if db_path.exists():
+            try:
+                if sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM runs").fetchone()[0] >= 2:
+                    break
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = _grid(path)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    _check_exactly_once(tmp_path, runs=6, epochs=8)
+
+
+def test_two_grid_processes_on_one_db_train_each_run_once(tmp_path):
+    path = _grid_file(tmp_path, n_samples=400, epochs=4, seeds=3)
+    procs = [_grid(path), _grid(path)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    _check_exactly_once(tmp_path, runs=6, epochs=4)
+
+
+def test_a_database_that_is_not_one_is_a_clear_error(tmp_path):
+    from flatmin.errors import FlatminError
+
+    (tmp_path / "bad.db").write_text("not sqlite " * 100)
+    with pytest.raises(FlatminError, match="not a usable results database"):
+        Store(tmp_path / "bad.db")
