@@ -1,0 +1,155 @@
+"""Lightning integration: AMP/SAM with automatic optimisation at 32-true, bf16-mixed and 16-mixed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+L = pytest.importorskip("lightning", reason="the lightning extra is not installed")
+
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+
+from flatmin.integrations.lightning import PerturbedModule, PerturbedStep  # noqa: E402
+from flatmin.optim import AMP, SAM, frozen_running_stats  # noqa: E402
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+STEPS = 12
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    """A linearly separable-ish two-class problem."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(192, 4, generator=g)
+    return x, (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+
+
+def make_optimizer(method: str, params) -> AMP | SAM:
+    """The optimizers under test, with radii large enough to matter on this toy."""
+    if method == "amp":
+        return AMP(params, lr=0.1, epsilon=0.5, inner_lr=1.0, momentum=0.9)
+    return SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+
+
+class Tiny(PerturbedModule, L.LightningModule):
+    """4-16-2 MLP with BatchNorm; counts the passes of each kind."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.method = method
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+        self.passes: dict[str, int] = {"ascent": 0, "final": 0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.passes[self.perturbation_pass] += 1
+        x, y = batch
+        return F.cross_entropy(self(x).float(), y)
+
+    def configure_optimizers(self):
+        return PerturbedStep(make_optimizer(self.method, self.parameters()))
+
+
+def loader() -> torch.utils.data.DataLoader:
+    x, y = data()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
+
+
+def fit(module: L.LightningModule, precision: str, steps: int = STEPS,
+        scaler: torch.amp.GradScaler | None = None) -> L.Trainer:
+    """A bare CPU trainer: no logger, checkpoints, progress bar or validation.
+
+    Lightning turns ``precision="16-mixed"`` on CPU into bf16-mixed (with a warning); the plugin,
+    given explicitly, runs real float16 autocast with a GradScaler on CPU.
+    """
+    plugins = None
+    if precision == "16-mixed":
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler or torch.amp.GradScaler("cpu"))]
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps,
+                        precision=None if plugins else precision, plugins=plugins, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no workers in the DataLoader" and friends
+        trainer.fit(module, loader())
+    return trainer
+
+
+def full_loss(model: nn.Module) -> float:
+    """Training-set loss of the model in eval mode."""
+    x, y = data()
+    model.eval()
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("method", ["amp", "sam"])
+def test_trains_at_every_precision(method, precision):
+    torch.manual_seed(0)
+    module = Tiny(method)
+    before = full_loss(module)
+    trainer = fit(module, precision)
+    if precision == "16-mixed":  # really float16 with a loss scale, not Lightning's bf16 fallback
+        assert trainer.precision == "16-mixed" and trainer.precision_plugin.scaler is not None
+        assert trainer.precision_plugin.scaler.get_scale() == 2.0**16  # no overflow, no back-off
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, PerturbedStep) and not opt.perturbed.perturbed  # θ is back after every step
+    assert trainer.global_step == STEPS
+    assert module.passes == {"ascent": STEPS, "final": STEPS}  # two gradient passes per step
+    after = full_loss(module)
+    assert after < before - 0.05, (before, after)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("method", ["amp", "sam"])
+def test_32_true_is_the_plain_loop_bit_for_bit(method):
+    torch.manual_seed(0)
+    module = Tiny(method)
+    reference = Tiny(method)
+    reference.load_state_dict(module.state_dict())
+    fit(module, "32-true")
+
+    opt = make_optimizer(method, reference.parameters())
+    reference.train()
+    for step, (x, y) in enumerate(loader()):
+        if step == STEPS:
+            break
+
+        opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        opt.perturb()
+        opt.zero_grad()
+        with frozen_running_stats(reference):  # the trainer's protocol: BN statistics move at θ only
+            F.cross_entropy(reference(x), y).backward()
+        opt.restore_and_step()
+    for (name, a), b in zip(module.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name  # parameters and BatchNorm statistics: no drift
+
+
+def test_16_mixed_overflowing_step_is_skipped_with_theta_intact():
+    torch.manual_seed(0)
+    module = Tiny("amp")
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}  # BN statistics move at θ anyway
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled loss overflows float16 grads
+    trainer = fit(module, "16-mixed", steps=1, scaler=scaler)
+    for k, v in before.items():
+        assert torch.equal(module.state_dict()[k], v), k
+    assert scaler.get_scale() < 2.0**127  # the scaler saw the overflow and backed off
+    assert not trainer.optimizers[0].perturbed.perturbed
+
+
+def test_wrapper_shares_groups_and_state_with_the_base_optimizer():
+    model = nn.Linear(3, 2)
+    opt = PerturbedStep(make_optimizer("sam", model.parameters()))
+    assert opt.param_groups is opt.perturbed.param_groups
+    opt.param_groups[0]["lr"] = 0.01  # what a scheduler does
+    assert opt.perturbed.base_optimizer.param_groups[0]["lr"] == 0.01
+    assert opt.state_dict()["param_groups"][0]["rho"] == 0.1
+    with pytest.raises(ValueError, match="flatmin AMP/SAM/RMP"):
+        PerturbedStep(torch.optim.SGD(model.parameters(), lr=0.1))
