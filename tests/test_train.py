@@ -107,7 +107,7 @@ def _cli(*args, check=True, **kw):
 
 def test_resume_after_kill_9_is_exact(tmp_path):
     args = ["train", "--dataset", "spiral", "--method", "amp", "--epochs", "25", "--batch-size", "10",
-            "--quiet"]
+            "--quiet", "--threads", "1"]
     _cli(*args, "--out", str(tmp_path / "whole"))
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
 
