@@ -113,7 +113,8 @@ def plot_calibration(summary: dict[str, dict[str, Any]], path: Path, title: str 
     plt = pyplot()
     labels = list(summary)
     n = len(labels)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.3 * (n + 1), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, n + 1, figsize=(2.6 * n + 3.6, 3.4), squeeze=False, layout="constrained",
+                             gridspec_kw=dict(width_ratios=[1] * n + [1.4]))
     axes = axes[0]
     for ax, label in zip(axes, labels):
         b = summary[label]["reliability"]
@@ -123,12 +124,12 @@ def plot_calibration(summary: dict[str, dict[str, Any]], path: Path, title: str 
         acc, conf = np.asarray(b["accuracy"]), np.asarray(b["confidence"])
         ax.bar(mid[filled], acc[filled], width=width[filled], color="C0", edgecolor="k", lw=0.5,
                label="accuracy")
-        ax.bar(mid[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled], color="C3",
-               alpha=0.35, edgecolor="C3", hatch="//", lw=0.5, label="gap to confidence")
+        ax.bar(mid[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled], facecolor="none",
+               edgecolor="C3", hatch="///", lw=0.5, label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         s = summary[label]
-        ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", xlabel="confidence",
-               title=f"{label}: ECE {100 * s['ece_mean']:.2f}%")
+        ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", xlabel="confidence")
+        ax.set_title(f"{label}\nECE {100 * s['ece_mean']:.2f}%", fontsize=9)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=7)
     ax = axes[n]
@@ -137,7 +138,8 @@ def plot_calibration(summary: dict[str, dict[str, Any]], path: Path, title: str 
     ax.bar(range(n), means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(n)], edgecolor="k", lw=0.5)
     ax.set_xticks(range(n), labels, rotation=30 if n > 3 else 0, ha="right" if n > 3 else "center")
     runs = ", ".join(str(summary[k]["n"]) for k in labels)
-    ax.set(ylabel="test ECE (%)", title=f"ECE, mean ± std (runs: {runs})")
+    ax.set(ylabel="test ECE (%)")
+    ax.set_title(f"ECE, mean ± std\n(runs: {runs})", fontsize=9)
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
