@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from flatmin.analysis._runs import read_run_dir
 from flatmin.analysis.calibration import pool_bins, pooled_ece
-from flatmin.analysis.gradnorm import omega, read_run_dir
+from flatmin.analysis.gradnorm import omega
 from flatmin.analysis.spiral import decision_grid
 from flatmin.cli import main
 from flatmin.errors import FlatminError

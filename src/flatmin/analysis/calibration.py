@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
-from flatmin.analysis.gradnorm import check_names, read_run_dir
+from flatmin.analysis._runs import check_names, read_run_dir
 from flatmin.errors import FlatminError
 
 

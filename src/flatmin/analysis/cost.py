@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
-from flatmin.analysis.gradnorm import add_threads_argument, print_table, use_threads
+from flatmin.analysis._runs import add_threads_argument, print_table, use_threads
 from flatmin.errors import FlatminError
 
 

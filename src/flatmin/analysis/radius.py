@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
-from flatmin.analysis.gradnorm import add_threads_argument, print_table, train_runs, use_threads
+from flatmin.analysis._runs import add_threads_argument, print_table, train_runs, use_threads
 from flatmin.errors import FlatminError
 
 PAPER_INNER_ITER, PAPER_INNER_LR = 2, 2.0
