@@ -174,6 +174,7 @@ def test_cli_tabulates_the_three_measures(tmp_path, capsys):
     assert "| erm (seed 0) | train | 80 |" in table
     row, = json.loads((tmp_path / "out" / "sharpness.json").read_text())
     assert (tmp_path / "out" / "sharpness.csv").read_text().startswith("name,checkpoint,split,examples")
+    assert (tmp_path / "out" / "sharpness.png").stat().st_size > 1000
     run, = load_runs([ckpt])  # the same seed gives the same first random vector: the same λ_max
     lam = hessian_top_eigenvalue(run.model, split_loss(run, "train", 80), iters=15,
                                  generator=torch.Generator().manual_seed(0))

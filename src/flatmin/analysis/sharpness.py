@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -24,7 +25,7 @@ from flatmin.analysis._common import (
     split_loss,
     trainable,
 )
-from flatmin.analysis._plot import out_dir, write_csv, write_json
+from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
 from flatmin.errors import FlatminError
 
 
@@ -189,14 +190,31 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_sharpness(rows: list[dict], path: Path) -> Path:
+    """Three bar panels (λ_max, tr(H) ± s.e., ε-sharpness), one bar per checkpoint."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
+    names = [r["name"] for r in rows]
+    for ax, key, label in zip(axes, ("lambda_max", "trace", "eps_sharpness"),
+                              ("Hessian λ_max", "Hessian trace (Hutchinson)",
+                               f"ε-sharpness (ε = {rows[0]['epsilon']:g})")):
+        err = [r["trace_stderr"] for r in rows] if key == "trace" else None
+        colors = [f"C{i % 10}" for i in range(len(rows))]
+        ax.bar(range(len(rows)), [r[key] for r in rows], yerr=err, color=colors)
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label)
+    return save_figure(fig, path)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Tabulate λ_max, tr(H) and ε-sharpness per checkpoint."""
+    """Tabulate λ_max, tr(H) and ε-sharpness per checkpoint; plot them with --out."""
     if args.epsilon <= 0 or min(args.iters, args.samples, args.steps) < 1:
         raise FlatminError("--epsilon must be > 0 and --iters/--samples/--steps >= 1")
     out = out_dir(args.out) if args.out else None
     rows = [measure(r, args) for r in load_runs(args.checkpoints, args.device)]
     print(markdown(rows))
     if out is not None:
-        for f in (write_csv(out / "sharpness.csv", rows), write_json(out / "sharpness.json", rows)):
+        for f in (write_csv(out / "sharpness.csv", rows), write_json(out / "sharpness.json", rows),
+                  plot_sharpness(rows, out / "sharpness.png")):
             print(f"wrote {f}")
     return 0

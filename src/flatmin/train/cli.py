@@ -55,13 +55,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     parser.add_argument("--download", action="store_true", default=None,
                         help="download missing dataset files (needs a network)")
+    parser.add_argument("--ddp-local-ascent", action="store_true", default=None,
+                        help="under torchrun: per-rank ascent gradient (no all-reduce; SAM's m-sharpness)")
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the user actually gave on the command line."""
     out = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in OPTIONS.items()
            if getattr(args, flag[2:].replace("-", "_"), None) is not None}
-    for flag in ("compile", "download"):
+    for flag in ("compile", "download", "ddp_local_ascent"):
         if getattr(args, flag, None):
             out[flag] = True
     return out
