@@ -153,7 +153,7 @@ DATASETS: dict[str, Loader] = {
                     PAPER, _CHECK),
     # CPU-sized defaults: a default run is short but meaningful (to be tuned with the trainer).
     "mnist1d": Loader("mnist1d", lambda **_: synthetic.mnist1d(), 10, (1, 40), "cnn1d",
-                      {"epochs": 40, "lr": 0.05, "batch_size": 100, "weight_decay": 5e-4}),
+                      {"epochs": 60, "lr": 0.1, "batch_size": 100, "weight_decay": 5e-4}),
     "spiral": Loader("spiral", _spiral, 2, (2,), "mlp",
                      {"epochs": 200, "lr": 0.1, "batch_size": 50, "weight_decay": 0.0},
                      ("n_samples", "noise", "turns")),

@@ -97,7 +97,7 @@ PAPER_AMP = {
 PAPER_DATASETS = ("cifar10", "cifar100", "svhn", "gtsrb")
 # CPU datasets: ε, ζ, ball, ρ chosen on the validation split (see docs/tuning.md).
 CPU_PRESETS = {
-    "mnist1d": dict(epsilon=0.5, inner_lr=1.0, ball="global", rho=0.05),
+    "mnist1d": dict(epsilon=0.1, inner_lr=0.1, ball="global", rho=0.1),
     "spiral": dict(epsilon=0.05, inner_lr=1.0, ball="global", rho=0.05),
     "digits": dict(epsilon=0.5, inner_lr=1.0, ball="global", rho=0.05),
 }
