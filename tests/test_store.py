@@ -46,9 +46,18 @@ def test_a_finished_run_is_stored_once_and_never_claimed_again(tmp_path):
     assert len((task.run_dir / "log.jsonl").read_text().splitlines()) == 2
 
 
-def test_key_is_the_resolved_config():
+def test_key_is_the_resolved_config_without_fields_the_method_ignores():
+    from flatmin.errors import FlatminError
+
     assert config_key(TrainConfig(**FAST)) == config_key(TrainConfig(**FAST, lr=0.1, data_dir="/x"))
     assert config_key(TrainConfig(**FAST)) != config_key(TrainConfig(**FAST, seed=1))
+    assert config_key(TrainConfig(**FAST)) == config_key(TrainConfig(**FAST, epsilon=0.3, rho=1.0))
+    amp = dict(FAST, method="amp")
+    assert config_key(TrainConfig(**amp)) == config_key(TrainConfig(**amp, reuse_every=5))
+    assert config_key(TrainConfig(**amp, amp_variant="reuse")) != config_key(
+        TrainConfig(**amp, amp_variant="reuse", reuse_every=5))
+    with pytest.raises(FlatminError, match="valid AMP variants"):  # before anything trains
+        make_task(TrainConfig(**amp, amp_variant="bogus"), "amp", "/nonexistent")
 
 
 def test_expand_crosses_method_fields_only_for_their_method():

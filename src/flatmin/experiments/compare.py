@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if missing := [t for ts in res.tasks for t in ts if t.key not in done]:
-        why = "; ".join(res.failed) or "held by another process"
+        why = "; ".join(res.failed[:3]) + (" ..." if len(res.failed) > 3 else "") or "held by another process"
         raise FlatminError(f"{len(missing)} runs did not finish ({why})")
     tasks = dict(enumerate(res.tasks))
     groups = {specs[i].label: [_result(done[t.key]) for t in tasks[i]] for i in range(len(specs))}

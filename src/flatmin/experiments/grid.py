@@ -20,6 +20,7 @@ from typing import Any
 from flatmin.errors import FlatminError
 from flatmin.experiments import tuning
 from flatmin.experiments.compare import default_workers, parse_seeds
+from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS
 from flatmin.experiments.store import Store
 from flatmin.train.cli import add_config_arguments, config_overrides
 from flatmin.train.config import TrainConfig
@@ -54,11 +55,11 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
     """Every combination of the listed values (seed excluded); method fields cross only their method."""
     lists = {k: v for k, v in grid.items() if isinstance(v, list) and k != "milestones"}
     scalars = {k: v for k, v in grid.items() if k not in lists}
-    common = [k for k in lists if k not in tuning.ALL_METHOD_FIELDS]
+    common = [k for k in lists if k not in ALL_METHOD_FIELDS]
     out = []
     for combo in itertools.product(*(lists[k] for k in common)):
         d = {**scalars, **dict(zip(common, combo))}
-        own = [k for k in lists if k in tuning.METHOD_FIELDS.get(d.get("method", "erm"), ())]
+        own = [k for k in lists if k in METHOD_FIELDS.get(d.get("method", "erm"), ())]
         out += [{**d, **dict(zip(own, c))} for c in itertools.product(*(lists[k] for k in own))]
     return out
 

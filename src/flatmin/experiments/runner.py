@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flatmin.data.registry import DATASETS
 from flatmin.errors import FlatminError, UnknownNameError
 from flatmin.experiments.store import Store
@@ -19,6 +21,15 @@ from flatmin.train.config import TrainConfig, resolve
 from flatmin.train.methods import get_method
 
 NOT_IN_KEY = ("data_dir", "download")  # where the data lives does not change a result
+# The config fields that only matter to one method (a run's "hyperparameters" in the tables).
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "erm": (), "dropout": ("dropout",), "label_smoothing": ("label_smoothing",),
+    "flooding": ("flood_level",), "mixup": ("mixup_alpha",), "adv_training": ("adv_epsilon",),
+    "rmp": ("rmp_radius", "ball"), "sam": ("rho",), "asam": ("rho",),
+    "amp": ("epsilon", "inner_lr", "inner_iter", "ball", "amp_variant", "reuse_every", "ascent_fraction"),
+}
+ALL_METHOD_FIELDS = {f for fields in METHOD_FIELDS.values() for f in fields}
+VARIANT_FIELDS = {"reuse_every": "reuse", "ascent_fraction": "subbatch"}  # AMP field -> its variant
 
 
 @dataclass
@@ -32,12 +43,18 @@ class Task:
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """The config with every preset filled in, without reading the dataset."""
+    """The config with presets filled in and fields the method does not use at their defaults,
+    so ERM is one run whatever ε says; checked by building its optimizer, before any training."""
     if cfg.dataset not in DATASETS:
         raise UnknownNameError("dataset", cfg.dataset, list(DATASETS))
-    get_method(cfg.method)
+    method, default = get_method(cfg.method), TrainConfig()
+    unused = [f for f in ALL_METHOD_FIELDS if f not in METHOD_FIELDS.get(cfg.method, ALL_METHOD_FIELDS)]
+    unused += [f for f, variant in VARIANT_FIELDS.items() if cfg.amp_variant != variant]
+    cfg = cfg.replace(**{f: getattr(default, f) for f in unused})
     loader = DATASETS[cfg.dataset]
-    return resolve(cfg, loader.defaults, loader.default_model)
+    cfg = resolve(cfg, loader.defaults, loader.default_model)
+    method.build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)  # raises on a bad combination
+    return cfg
 
 
 def config_key(cfg: TrainConfig) -> str:
@@ -54,8 +71,6 @@ def make_task(cfg: TrainConfig, label: str, root: str | Path) -> Task:
 
 def _init_worker() -> None:
     """One torch thread per process (tiny models on a shared CPU run fastest that way)."""
-    import torch
-
     torch.set_num_threads(1)
 
 

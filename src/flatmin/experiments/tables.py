@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from flatmin.experiments.tuning import ALL_METHOD_FIELDS, METHOD_FIELDS
+from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS
 
 # Fields that name a table cell, not a setting (seeds are averaged over).
 IDENTITY = ("seed", "dataset", "model", "augment", "method", "device", "data_dir", "download",

@@ -15,19 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from flatmin.errors import FlatminError
-from flatmin.experiments.runner import Task, execute, make_task
+from flatmin.experiments.runner import METHOD_FIELDS, Task, execute, make_task
 from flatmin.experiments.store import Store
 from flatmin.train.cli import OPTIONS
 from flatmin.train.config import TrainConfig
 
-# The config fields that only matter to one method (a run's "hyperparameters" in the tables).
-METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "erm": (), "dropout": ("dropout",), "label_smoothing": ("label_smoothing",),
-    "flooding": ("flood_level",), "mixup": ("mixup_alpha",), "adv_training": ("adv_epsilon",),
-    "rmp": ("rmp_radius", "ball"), "sam": ("rho",), "asam": ("rho",),
-    "amp": ("epsilon", "inner_lr", "inner_iter", "ball", "amp_variant", "reuse_every", "ascent_fraction"),
-}
-ALL_METHOD_FIELDS = {f for fields in METHOD_FIELDS.values() for f in fields}
 ALIASES = {"variant": "amp_variant", "eps": "epsilon", "zeta": "inner_lr", "n": "inner_iter",
            "flood": "flood_level", "alpha": "mixup_alpha"}
 _TYPES = {field: typ for field, typ, _ in OPTIONS.values()}
