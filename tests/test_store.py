@@ -52,6 +52,17 @@ def test_key_is_the_resolved_config_without_fields_the_method_ignores():
     assert config_key(TrainConfig(**FAST)) == config_key(TrainConfig(**FAST, lr=0.1, data_dir="/x"))
     assert config_key(TrainConfig(**FAST)) != config_key(TrainConfig(**FAST, seed=1))
     assert config_key(TrainConfig(**FAST)) == config_key(TrainConfig(**FAST, epsilon=0.3, rho=1.0))
+    import flatmin.train.config as config
+
+    old = dict(config.CPU_PRESETS["spiral"])
+    try:  # a new ε preset does not orphan finished ERM runs
+        before = config_key(TrainConfig(**FAST))
+        config.CPU_PRESETS["spiral"]["epsilon"] = 0.123
+        assert config_key(TrainConfig(**FAST)) == before
+        assert config_key(TrainConfig(**FAST, method="amp")) != config_key(TrainConfig(**FAST, method="amp",
+                                                                                       epsilon=old["epsilon"]))
+    finally:
+        config.CPU_PRESETS["spiral"].update(old)
     amp = dict(FAST, method="amp")
     assert config_key(TrainConfig(**amp)) == config_key(TrainConfig(**amp, reuse_every=5))
     assert config_key(TrainConfig(**amp, amp_variant="reuse")) != config_key(

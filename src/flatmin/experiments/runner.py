@@ -42,24 +42,32 @@ class Task:
     run_dir: Path
 
 
+def unused_fields(cfg: TrainConfig) -> list[str]:
+    """Method fields this run's method (and AMP variant) never reads."""
+    own = METHOD_FIELDS.get(cfg.method, tuple(ALL_METHOD_FIELDS))
+    return sorted({f for f in ALL_METHOD_FIELDS if f not in own}
+                  | {f for f, variant in VARIANT_FIELDS.items() if cfg.amp_variant != variant})
+
+
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """The config with presets filled in and fields the method does not use at their defaults,
-    so ERM is one run whatever ε says; checked by building its optimizer, before any training."""
+    """The config with presets filled in and fields the method does not use at their defaults;
+    checked by building its optimizer, so a bad combination fails before anything trains."""
     if cfg.dataset not in DATASETS:
         raise UnknownNameError("dataset", cfg.dataset, list(DATASETS))
     method, default = get_method(cfg.method), TrainConfig()
-    unused = [f for f in ALL_METHOD_FIELDS if f not in METHOD_FIELDS.get(cfg.method, ALL_METHOD_FIELDS)]
-    unused += [f for f, variant in VARIANT_FIELDS.items() if cfg.amp_variant != variant]
-    cfg = cfg.replace(**{f: getattr(default, f) for f in unused})
+    cfg = cfg.replace(**{f: getattr(default, f) for f in unused_fields(cfg)})
     loader = DATASETS[cfg.dataset]
     cfg = resolve(cfg, loader.defaults, loader.default_model)
-    method.build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)  # raises on a bad combination
+    method.build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
     return cfg
 
 
 def config_key(cfg: TrainConfig) -> str:
-    """A stable hash of the resolved config: the same run always has the same key and folder."""
-    d = {k: v for k, v in resolved(cfg).to_dict().items() if k not in NOT_IN_KEY}
+    """A stable hash of the resolved config less what the method ignores: ERM is one run whatever
+    ε or the ε preset say, and the same run always has the same key and folder."""
+    c = resolved(cfg)
+    skip = set(NOT_IN_KEY) | set(unused_fields(c))
+    d = {k: v for k, v in c.to_dict().items() if k not in skip}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
