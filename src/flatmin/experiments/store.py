@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sqlite3
 import time
@@ -61,11 +62,25 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA busy_timeout=60000")
-            self.db.executescript(SCHEMA)
+            self._setup()
         except sqlite3.DatabaseError as err:
             raise FlatminError(f"{self.path} is not a usable results database ({err})") from None
+
+    def _setup(self, deadline_s: float = 60.0) -> None:
+        """WAL mode and the schema. Two processes creating one database at once can get an immediate
+        SQLITE_BUSY (lock upgrades that SQLite refuses rather than wait on, so busy_timeout does not
+        help): retry with a short randomised back-off until the deadline."""
+        end = time.monotonic() + deadline_s
+        while True:
+            try:
+                self.db.execute("PRAGMA busy_timeout=60000")
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.executescript(SCHEMA)
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err) or time.monotonic() > end:
+                    raise
+                time.sleep(0.05 + 0.1 * random.random())
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
