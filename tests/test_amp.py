@@ -51,6 +51,15 @@ BASES = {
 }
 
 
+def base_step_at_theta(params, theta, grads, base) -> None:
+    """The base optimizer's update from θ with gradients taken at the perturbed point."""
+    with torch.no_grad():
+        for p, t, g in zip(params, theta, grads):
+            p.copy_(t)
+            p.grad = g
+    base.step()
+
+
 def reference_amp(model, data, *, epsilon, inner_lr, inner_iter, ball, base_cls, base_kw):
     """Algorithm 1, written out: Δ←0; N×(Δ←Δ+ζ∇J(θ+Δ); project); θ←base(θ, ∇J(θ+Δ))."""
     params = list(model.parameters())
@@ -75,12 +84,7 @@ def reference_amp(model, data, *, epsilon, inner_lr, inner_iter, ball, base_cls,
                     delta = [epsilon * d / norm for d in delta]
             else:
                 delta = [epsilon * d / d.norm() if d.norm() > epsilon else d for d in delta]
-        g = grad_at([t + d for t, d in zip(theta, delta)], x, y)
-        with torch.no_grad():
-            for p, t, gi in zip(params, theta, g):
-                p.copy_(t)
-                p.grad = gi
-        base.step()
+        base_step_at_theta(params, theta, grad_at([t + d for t, d in zip(theta, delta)], x, y), base)
     return model
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tests.test_amp import _float64, batches, tiny_model  # noqa: F401
+from tests.test_amp import _float64, base_step_at_theta, batches, tiny_model  # noqa: F401
 from torch.nn import functional as F
 
 from flatmin import AMP
@@ -64,11 +64,7 @@ def reference(model, data, *, ball, k=1, frac=1.0, onepass=False, base_kw=SGD_KW
             m = math.ceil(frac * len(x) - 1e-9)
             delta = project([ZETA * g for g in grad_at(theta, x[:m], y[:m])])
         prev = grad_at([a + d for a, d in zip(theta, delta)], x, y)
-        with torch.no_grad():
-            for p, a, g in zip(params, theta, prev):
-                p.copy_(a)
-                p.grad = g
-        base.step()
+        base_step_at_theta(params, theta, prev, base)
     return model
 
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tests.test_amp import _float64, batches, make_closure, tiny_model  # noqa: F401
+from tests.test_amp import _float64, base_step_at_theta, batches, make_closure, tiny_model  # noqa: F401
 from torch.nn import functional as F
 
 from flatmin import RMP
@@ -45,12 +45,7 @@ def test_matches_plain_loop_with_the_same_random_numbers():
         with torch.no_grad():
             for p, di in zip(params, d):
                 p.add_(0.1 * di / norm)
-        g = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
-        with torch.no_grad():
-            for p, th, gi in zip(params, theta, g):
-                p.copy_(th)
-                p.grad = gi
-        sgd.step()
+        base_step_at_theta(params, theta, torch.autograd.grad(F.cross_entropy(ref(x), y), params), sgd)
     assert len(calls) == len(data)  # one pass per step: ERM's cost
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tests.test_amp import _float64, batches, make_closure, tiny_model  # noqa: F401
+from tests.test_amp import _float64, base_step_at_theta, batches, make_closure, tiny_model  # noqa: F401
 from torch.nn import functional as F
 
 from flatmin import SAM
@@ -26,12 +26,7 @@ def reference_sam(model, data, *, rho, adaptive, base_kw):
         with torch.no_grad():
             for p, ei in zip(params, e):
                 p.add_(ei)
-        g2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        with torch.no_grad():
-            for p, th, gi in zip(params, theta, g2):
-                p.copy_(th)
-                p.grad = gi
-        base.step()
+        base_step_at_theta(params, theta, torch.autograd.grad(F.cross_entropy(model(x), y), params), base)
     return model
 
 
