@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from flatmin import AMP
 from flatmin.errors import NonFiniteLossError, UnknownNameError
 from flatmin.optim import OnePassAMP, ReuseAMP, SubBatchAMP, build_amp
-from flatmin.optim.efficient import add_
+from flatmin.optim._kernels import add_
 
 SGD_KW = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-3)
 EPS, ZETA = 0.05, 0.5  # clipped and unclipped ascents both occur

@@ -205,3 +205,19 @@ def test_fp16_overflowing_step_is_skipped_with_theta_intact():
         assert torch.equal(v, before[k]), k
     assert scaler.get_scale() < 2.0**127  # the scaler saw the overflow and backed off
     assert not opt.perturbed
+
+
+def test_logged_grad_norm_is_taken_at_theta_even_with_subbatch_ascent():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    cfg = TrainConfig(method="amp", lr=0.1, epsilon=0.5, inner_lr=1.0, ball="global", epochs=1,
+                      batch_size=8, weight_decay=0.0, amp_variant="subbatch", ascent_fraction=0.5)
+    opt = get_method("amp").build_optimizer(model.parameters(), cfg)
+    ctx = StepContext(cfg, get_method("amp"), torch.amp.GradScaler("cpu", enabled=False),
+                      torch.device("cpu"), 1.0, _single())
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    loss = nn.functional.cross_entropy(model(x[:4]), y[:4])  # the ascent sub-batch, at θ
+    expected = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in
+                                                   torch.autograd.grad(loss, list(model.parameters()))]))
+    _, _, gnorm = train_step(model, model, opt, Batch(x, y), ctx)
+    torch.testing.assert_close(gnorm, expected)

@@ -185,6 +185,15 @@ def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
             d.copy_(s)
 
 
+def add_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    """dst ← dst + src: puts a kept Δ on θ (the same bits as the ascent's own ``p.add_(d)``)."""
+    if foreach:
+        torch._foreach_add_(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.add_(s)
+
+
 def amp_ascent(*args, foreach: bool, **kwargs) -> None:
     """Dispatch to the foreach or the single-tensor AMP ascent."""
     (_multi_tensor_amp_ascent if foreach else _single_tensor_amp_ascent)(*args, **kwargs)

@@ -129,12 +129,6 @@ class PerturbedOptimizer(Optimizer):
         """Every buffer kept across steps (θ copies here; subclasses add Δ or stored gradients)."""
         return list(self._theta.values())
 
-    def release_buffers(self) -> None:
-        """Free the θ buffers (they are re-created on the next step)."""
-        if self.perturbed:
-            raise RuntimeError("cannot release buffers while perturbed; call restore() first")
-        self._theta.clear()
-
     # -- the update ----------------------------------------------------------------------------
 
     def call_closure(self, closure: Callable[..., Any], ascent: bool = False) -> Any:

@@ -38,15 +38,6 @@ from flatmin.optim.base import PerturbedOptimizer
 # --- kernels and helpers -------------------------------------------------------------------------
 
 
-def add_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
-    """dst ← dst + src: puts a kept Δ on θ (same bits as AMP's own ``p.add_(d)``)."""
-    if foreach:
-        torch._foreach_add_(dst, src)
-    else:
-        for d, s in zip(dst, src):
-            d.add_(s)
-
-
 def finite_copy_(dst: list[Tensor], src: list[Tensor]) -> None:
     """dst ← src with NaN/±inf as 0, so one skipped step cannot poison every later one
     (torch has no foreach nan_to_num: one kernel per tensor, the price of a copy)."""
@@ -123,7 +114,7 @@ class ReuseAMP(SubBatchAMP):
             params = [p for p in group["params"] if p in self._delta]
             if params:
                 self.save_theta(params)
-                add_(params, [self._delta[p] for p in params], self.foreach)
+                K.add_(params, [self._delta[p] for p in params], self.foreach)
 
     def ascent_passes(self) -> int:
         """N passes on a refresh step, none on a reuse step."""

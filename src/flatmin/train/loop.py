@@ -94,7 +94,7 @@ def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, bat
     batch = ctx.method.prepare(model, batch, ctx.cfg, ctx.input_range)
     perturbed = isinstance(opt, PerturbedOptimizer)
     base = opt.base_optimizer if perturbed else opt
-    reported, n_passes = None, 0
+    reported, gnorm, n_passes = None, None, 0
     if perturbed:
         opt.begin_step()
         n_asc = opt.ascent_size(len(batch.x))
@@ -109,8 +109,9 @@ def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, bat
                     reported = out
             opt.perturb(ctx.grad_scale())
     logits, loss = forward_backward(net, model, opt, batch, ctx, update_bn=n_passes == 0)
-    if reported is None:
+    if reported is None:  # no full-batch pass at θ before this one
         reported = (logits, loss)
+    if gnorm is None:  # ‖∇J‖ of the step's first pass (at θ, unless the method perturbs first)
         gnorm = grad_norm(model, ctx.grad_scale())
     if ctx.scaler.is_enabled():
         ctx.scaler.unscale_(base)
