@@ -138,7 +138,7 @@ def test_state_dict_round_trip_continues_identically(variant):
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     run(model, opt, data[5:])
     stored = {"onepass": {"fresh", "grad"}, "reuse3": {"steps", "delta"}, "reuse3_half": {"steps", "delta"}}
-    assert set(saved_opt.get("perturbation", {})) == stored.get(variant, set())
+    assert set(saved_opt["perturbation"]) - {"kind", "guard"} == stored.get(variant, set())
     if variant in stored:  # one buffer per parameter tensor
         assert len(next(v for v in saved_opt["perturbation"].values() if isinstance(v, dict))) == 4
 
@@ -233,8 +233,9 @@ def test_onepass_skipped_step_is_followed_by_an_unperturbed_one():
     data = batches(3)
     run(model, opt, data[:1])
     (x, y) = data[1]
+    opt.step(lambda: F.cross_entropy(model(x), y) * float("nan"))
     with pytest.raises(NonFiniteLossError):
-        opt.step(lambda: F.cross_entropy(model(x), y) * float("nan"))
+        opt.poll()
     with torch.no_grad():
         clean = F.cross_entropy(model(x), y)
     assert torch.equal(opt.step(closure_for(model, opt, x, y)), clean)

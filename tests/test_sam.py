@@ -98,8 +98,9 @@ def test_nonfinite_and_bad_inputs():
         loss.backward()
         return loss
 
+    opt.step(closure)
     with pytest.raises(NonFiniteLossError):
-        opt.step(closure)
+        opt.poll()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="rho"):

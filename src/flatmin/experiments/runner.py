@@ -18,18 +18,12 @@ from flatmin.data.registry import DATASETS
 from flatmin.errors import FlatminError, UnknownNameError
 from flatmin.experiments.store import Store
 from flatmin.train.config import TrainConfig, resolve
-from flatmin.train.methods import get_method
+from flatmin.train.methods import get_method, method_fields
 
 NOT_IN_KEY = ("data_dir", "download")  # where the data lives does not change a result
 # The config fields that only matter to one method (a run's "hyperparameters" in the tables).
-METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "erm": (), "dropout": ("dropout",), "label_smoothing": ("label_smoothing",),
-    "flooding": ("flood_level",), "mixup": ("mixup_alpha",), "adv_training": ("adv_epsilon",),
-    "rmp": ("rmp_radius", "ball"), "sam": ("rho",), "asam": ("rho",),
-    "amp": ("epsilon", "inner_lr", "inner_iter", "ball", "amp_variant", "reuse_every", "ascent_fraction"),
-}
+METHOD_FIELDS: dict[str, tuple[str, ...]] = method_fields()  # each Method owns its fields
 ALL_METHOD_FIELDS = {f for fields in METHOD_FIELDS.values() for f in fields}
-VARIANT_FIELDS = {"reuse_every": "reuse", "ascent_fraction": "subbatch"}  # AMP field -> its variant
 
 
 @dataclass
@@ -44,9 +38,8 @@ class Task:
 
 def unused_fields(cfg: TrainConfig) -> list[str]:
     """Method fields this run's method (and AMP variant) never reads."""
-    own = METHOD_FIELDS.get(cfg.method, tuple(ALL_METHOD_FIELDS))
-    return sorted({f for f in ALL_METHOD_FIELDS if f not in own}
-                  | {f for f, variant in VARIANT_FIELDS.items() if cfg.amp_variant != variant})
+    own = get_method(cfg.method).fields_for(cfg)
+    return sorted(f for f in ALL_METHOD_FIELDS if f not in own)
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
@@ -68,6 +61,8 @@ def config_key(cfg: TrainConfig) -> str:
     c = resolved(cfg)
     skip = set(NOT_IN_KEY) | set(unused_fields(c))
     d = {k: v for k, v in c.to_dict().items() if k not in skip}
+    if d.get("accumulate") == 1:  # fields added later stay out of the key at their default
+        del d["accumulate"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

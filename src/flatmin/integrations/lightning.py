@@ -3,8 +3,9 @@
 Lightning hands the optimizer one closure (training_step, zero_grad, backward) per batch, and
 with ``precision="16-mixed"`` it runs that closure itself, then calls
 ``scaler.step(optimizer)`` with no closure — a second pass is then impossible from inside
-``optimizer.step``, which is where SAM integrations usually break. Here the extra passes
-happen *before* Lightning's step, in `PerturbedModule.optimizer_step`:
+``optimizer.step``, which is where SAM integrations usually break. Here the step is driven by
+`flatmin.optim.driver` like everywhere else, from `PerturbedModule.optimizer_step`; the driver
+hands the final pass to Lightning (its ``finish`` hook):
 
     ascent passes:  closure() at θ (and θ+Δ for N > 1), each followed by ``perturb(loss scale)``
     final pass:     Lightning's own ``optimizer.step(closure)`` at θ+Δ — the precision plugin runs
@@ -26,13 +27,12 @@ Usage::
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from flatmin.optim import PerturbedOptimizer, frozen_running_stats
+from flatmin.optim import Pass, PerturbedOptimizer, drive
 
 
 class PerturbedStep(Optimizer):
@@ -46,7 +46,7 @@ class PerturbedStep(Optimizer):
         if not isinstance(perturbed, PerturbedOptimizer):
             raise ValueError(f"perturbed must be a flatmin AMP/SAM/RMP optimizer, "
                              f"got {type(perturbed).__name__}")
-        if perturbed.ascent_fraction < 1:
+        if perturbed.batch_fraction(True) < 1:
             raise ValueError("sub-batch ascent (ascent_fraction < 1) needs a closure that takes ascent=...; "
                              "Lightning's closure does not")
         self.perturbed = perturbed
@@ -61,7 +61,8 @@ class PerturbedStep(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
-        self.perturbed.restore_and_step()
+        losses = [result] if isinstance(result, torch.Tensor) else []
+        self.perturbed.restore_and_step(losses=losses)
         return result
 
     def state_dict(self) -> dict[str, Any]:
@@ -94,22 +95,15 @@ class PerturbedModule:
                              "(the ascent is per batch)")
         opt = raw.perturbed
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
-        try:
-            opt.begin_step()
-            for i in range(opt.ascent_passes()):
-                self.perturbation_pass = "ascent"
-                if i == 0:
-                    optimizer_closure()  # at θ: BatchNorm statistics move here, once
-                else:
-                    with frozen_running_stats(self):  # type: ignore[arg-type]
-                        optimizer_closure()
-                opt.perturb(scaler._scale if scaler is not None and scaler.is_enabled() else None)
-            self.perturbation_pass = "final"
-            # BatchNorm statistics belong to θ: the final pass leaves them alone unless it is the only one
-            bn = frozen_running_stats(self) if opt.ascent_passes() else nullcontext()  # type: ignore[arg-type]
-            with bn:
-                optimizer.step(closure=optimizer_closure)
-        finally:
-            opt.restore()  # a step skipped by the scaler (inf/NaN) leaves θ+Δ behind: put θ back
-        return None
 
+        def ascent(p: Pass) -> Any:
+            self.perturbation_pass = "ascent"
+            return optimizer_closure()
+
+        def final() -> Any:
+            self.perturbation_pass = "final"
+            return optimizer.step(closure=optimizer_closure)  # Lightning's precision-aware step
+
+        drive(opt, ascent, model=self, scaler=scaler, finish=final)  # type: ignore[arg-type]
+        opt.restore()  # a step skipped by Lightning's scaler (inf/NaN) leaves θ+Δ behind: put θ back
+        return None

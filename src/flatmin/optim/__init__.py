@@ -1,11 +1,14 @@
-"""Perturbation optimizers: AMP (the paper), SAM/ASAM and RMP (its baselines), efficient AMP variants."""
+"""Perturbation rules — AMP (the paper), SAM/ASAM and RMP (its baselines), efficient AMP variants,
+plain ERM — all driven by one step protocol (`flatmin.optim.driver`)."""
 
 from flatmin.optim.amp import AMP
 from flatmin.optim.base import PerturbedOptimizer
 from flatmin.optim.bn import frozen_running_stats
+from flatmin.optim.driver import Pass, accumulate, drive
 from flatmin.optim.efficient import VARIANTS, OnePassAMP, ReuseAMP, SubBatchAMP, build_amp
+from flatmin.optim.erm import ERM
 from flatmin.optim.rmp import RMP
 from flatmin.optim.sam import SAM
 
-__all__ = ["AMP", "SAM", "RMP", "PerturbedOptimizer", "frozen_running_stats",
-           "ReuseAMP", "SubBatchAMP", "OnePassAMP", "VARIANTS", "build_amp"]
+__all__ = ["AMP", "SAM", "RMP", "ERM", "PerturbedOptimizer", "frozen_running_stats",
+           "ReuseAMP", "SubBatchAMP", "OnePassAMP", "VARIANTS", "build_amp", "drive", "accumulate", "Pass"]

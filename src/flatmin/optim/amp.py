@@ -41,16 +41,18 @@ class AMP(PerturbedOptimizer):
 
     ``step(closure)``: the closure zeroes grads, runs forward and backward, and returns the loss
     or ``(outputs, loss)``; it is called N+1 times and ``step`` returns what the first call
-    returned (detached). A non-finite loss restores θ, skips the base step, increments
-    ``skipped_steps`` and raises :class:`flatmin.errors.NonFiniteLossError` (``check_finite=False``
-    removes that check and with it the step's only host-device synchronisation).
+    returned (detached). A non-finite loss or gradient skips the base step on the device (θ and
+    the base optimizer's state untouched, no host sync) and is counted; ``opt.poll()`` then raises
+    :class:`flatmin.errors.NonFiniteLossError` (``nonfinite="skip"`` only counts, ``"off"`` checks
+    nothing).
 
     Two-call form (a gradient scaler, manual optimisation)::
 
         loss(θ).backward();      opt.perturb()            # N times, each after a backward
-        loss(θ+Δ).backward();    opt.restore_and_step()   # or: opt.restore(); scaler.step(opt.base_optimizer)
+        loss(θ+Δ).backward();    opt.restore_and_step()   # or restore_and_step(scaler=scaler)
 
     ``perturb()`` consumes the gradients (they become Δ): zero them before the next backward.
+    Misuse (a perturb() too many, restore_and_step() with no perturb()) raises a RuntimeError.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class AMP(PerturbedOptimizer):
         ball: str = "global",
         foreach: bool | None = None,
         check_finite: bool = True,
+        nonfinite: str | None = None,
         **base_kwargs: Any,
     ) -> None:
         defaults = dict(epsilon=epsilon, inner_lr=inner_lr, inner_iter=inner_iter, ball=ball)
@@ -73,8 +76,7 @@ class AMP(PerturbedOptimizer):
             check_nonnegative("lr", lr)
             base_kwargs["lr"] = lr
         super().__init__(params, defaults, base_optimizer, base_kwargs,
-                         foreach=foreach, check_finite=check_finite)
-        self._iteration = 0  # ascent iterations done in the current step
+                         foreach=foreach, check_finite=check_finite, nonfinite=nonfinite)
         self._delta: dict[Tensor, Tensor] = {}  # Δ buffers, only for groups with N > 1
 
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -95,15 +97,14 @@ class AMP(PerturbedOptimizer):
         """N gradient passes feed the ascent (the closure runs N+1 times)."""
         return self.inner_iter
 
-    @torch.no_grad()
-    def perturb(self, grad_scale: Tensor | float | None = None) -> None:
+    def _ascend(self, grad_scale: Tensor | float | None) -> None:
         """One ascent iteration from the current gradients; params become θ + Δ.
 
         ``grad_scale``: the loss scale of a gradient scaler, divided out of the gradients.
         """
         first = not self.perturbed
         for group in self.param_groups:
-            if self._iteration >= group["inner_iter"]:
+            if self._ascents >= group["inner_iter"]:
                 continue
             params, grads = self.params_with_grad(group)
             if not params:
@@ -115,7 +116,6 @@ class AMP(PerturbedOptimizer):
             K.amp_ascent(params, grads, self.thetas_of(params), deltas, step_size=step_size,
                          epsilon=group["epsilon"], ball=group["ball"], first=first,
                          foreach=self.foreach)
-        self._iteration += 1
 
     def delta_storage(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
         """Where Δ is built: in the gradients when N = 1 (no memory), else in kept buffers."""
@@ -134,9 +134,3 @@ class AMP(PerturbedOptimizer):
                 buf = self._delta[p] = torch.zeros_like(p)
             out.append(buf)
         return out
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """θ back bit for bit; the next perturbation starts from Δ = 0."""
-        super().restore()
-        self._iteration = 0

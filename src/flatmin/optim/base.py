@@ -1,10 +1,17 @@
-"""What AMP, SAM and RMP share: wrap a base optimizer, keep θ, restore it bit for bit, delegate.
+"""What every perturbation method shares: wrap a base optimizer, keep θ, restore it bit for bit.
 
-A perturbation method evaluates the gradient at θ+Δ but updates θ. The wrapper owns the
-parameter groups *jointly* with the base optimizer (the same dicts), so LR schedulers,
-`zero_grad` and per-group hyperparameters act on both, and `state_dict()` is the base
-optimizer's (momentum etc.) plus the perturbation hyperparameters stored in the groups
-(and, under ``"perturbation"``, whatever a method keeps between steps).
+A method is a *perturbation rule*: how many ascent passes a step makes (`ascent_passes`), what
+an ascent pass does with its gradient (`_ascend`), what happens before any gradient (`_begin`:
+RMP's random draw, a reused Δ) and after the update (`_after_step`: a kept gradient). The pass
+order itself lives once, in `flatmin.optim.driver`; this class owns the update from θ and the
+two-call protocol as a small state machine that refuses misuse:
+
+    begin_step()  →  perturb() × ascent_passes()  →  restore_and_step()
+
+(`perturb` begins a step itself when none is under way.) The wrapper owns the parameter groups
+*jointly* with the base optimizer (the same dicts), so LR schedulers, ``zero_grad`` and
+per-group hyperparameters act on both; `state_dict` is the base optimizer's plus, under
+``"perturbation"``, the method's kind and what it keeps between steps.
 """
 
 from __future__ import annotations
@@ -14,11 +21,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatmin.errors import NonFiniteLossError
 from flatmin.optim import _kernels as K
+from flatmin.optim import driver
+from flatmin.optim.nonfinite import StepGuard, check_and_unscale_, check_policy, loss_flag, supports_found_inf
 
 BALLS = ("global", "per_tensor")
 
@@ -37,20 +45,14 @@ def check_ball(ball: Any) -> None:
         raise ValueError(f"ball must be one of {BALLS}, got {ball!r}")
 
 
-def loss_of(result: Any) -> Tensor | float:
-    """The closure returns a loss or (outputs, loss): the loss is the last element."""
-    return result[-1] if isinstance(result, (tuple, list)) else result
-
-
-def detached(result: Any) -> Any:
-    """What `step` returns: the first closure result, cut from the graph."""
-    if isinstance(result, (tuple, list)):
-        return type(result)(x.detach() if isinstance(x, Tensor) else x for x in result)
-    return result.detach() if isinstance(result, Tensor) else result
-
-
 class PerturbedOptimizer(Optimizer):
-    """Base of the perturbation optimizers; subclasses define `perturb` and `step`."""
+    """Base of the perturbation rules; subclasses define `ascent_passes` and `_ascend` (or `_begin`).
+
+    ``nonfinite``: what a step with a NaN/±inf loss or gradient does — it is always skipped on the
+    device (θ and every optimizer state untouched, no host sync) and counted; ``"raise"`` (default)
+    then raises `flatmin.errors.NonFiniteLossError` at the next `poll()`, ``"skip"`` only counts,
+    ``"off"`` checks nothing. ``check_finite=False`` is the older spelling of ``"off"``.
+    """
 
     def __init__(
         self,
@@ -60,7 +62,8 @@ class PerturbedOptimizer(Optimizer):
         base_kwargs: dict[str, Any],
         *,
         foreach: bool | None,
-        check_finite: bool,
+        check_finite: bool = True,
+        nonfinite: str | None = None,
     ) -> None:
         super().__init__(params, defaults)
         if not callable(base_optimizer):
@@ -69,10 +72,11 @@ class PerturbedOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.foreach = True if foreach is None else bool(foreach)
-        self.check_finite = bool(check_finite)
-        self.skipped_steps = 0  # steps whose base update was skipped for a non-finite loss
+        self.guard = StepGuard(check_policy(nonfinite or ("raise" if check_finite else "off")))
         self._theta: dict[Tensor, Tensor] = {}  # θ while perturbed; buffers reused across steps
         self._saved: list[tuple[list[Tensor], list[Tensor]]] = []  # (params, θ copies) per group
+        self._begun = False  # a step is under way (begin_step .. restore_and_step)
+        self._ascents = 0  # ascent passes taken in the current step
 
     # -- parameter groups ----------------------------------------------------------------------
 
@@ -105,14 +109,16 @@ class PerturbedOptimizer(Optimizer):
 
     def save_theta(self, params: list[Tensor]) -> None:
         """Copy θ into buffers kept across steps, so that restore is a copy, not θ+Δ−Δ."""
-        thetas = []
-        for p in params:
-            buf = self._theta.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = self._theta[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            thetas.append(buf)
+        thetas = [self._theta_buffer(p) for p in params]
         K.copy_(thetas, params, self.foreach)
         self._saved.append((params, thetas))
+
+    def _theta_buffer(self, p: Tensor) -> Tensor:
+        """The buffer that holds p's θ (made on first use, kept across steps)."""
+        buf = self._theta.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = self._theta[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return buf
 
     def thetas_of(self, params: list[Tensor]) -> list[Tensor]:
         """The saved θ buffers of already-saved parameters."""
@@ -120,90 +126,170 @@ class PerturbedOptimizer(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put θ back bit for bit; harmless when nothing is perturbed."""
+        """Put θ back bit for bit and end the step; harmless when nothing is under way."""
         for params, thetas in self._saved:
             K.copy_(params, thetas, self.foreach)
         self._saved.clear()
+        self._begun, self._ascents = False, 0
 
     def held_buffers(self) -> list[Tensor]:
-        """Every buffer kept across steps (θ copies here; subclasses add Δ or stored gradients)."""
-        return list(self._theta.values())
+        """Every buffer kept across steps: θ copies, the guard's snapshots; subclasses add Δ."""
+        return list(self._theta.values()) + self.guard.buffers()
 
-    # -- the update ----------------------------------------------------------------------------
-
-    def call_closure(self, closure: Callable[..., Any], ascent: bool = False) -> Any:
-        """Run a closure with autograd on (step runs under no_grad); with a sub-batch ascent
-        (``ascent_fraction < 1``) the closure is told which pass it serves: ``closure(ascent=...)``."""
-        with torch.enable_grad():
-            return closure(ascent=ascent) if self.ascent_fraction < 1 else closure()
-
-    def base_step(self, losses: list[Tensor | float]) -> None:
-        """θ is back; skip the base update if a loss was non-finite, else take it."""
-        if self.check_finite and losses:
-            stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().reshape(())
-                                   .to(self._device()) for v in losses])
-            if not bool(torch.isfinite(stacked).all()):  # the one host sync of a checked step
-                self.skipped_steps += 1
-                raise NonFiniteLossError(
-                    f"non-finite loss in {type(self).__name__}.step "
-                    f"(losses: {[float(v) for v in stacked]}); parameters restored, step skipped"
-                )
-        self.base_optimizer.step()
-
-    def _device(self) -> torch.device:
-        """The device of the first parameter (where loss checks are gathered)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        return torch.device("cpu")
-
-    def restore_and_step(self, step: Callable[[], Any] | None = None) -> None:
-        """Last call of a step: θ back, then the base update (``step``: e.g. a scaler's step)."""
-        self.restore()
-        (step or self.base_optimizer.step)()
-
-    # -- the protocol one training loop drives every method with -----------------------------
-    #   begin_step(); ascent_passes() × (forward/backward on an ascent batch; perturb(scale));
-    #   forward/backward on the batch; restore_and_step(step)
-
-    ascent_fraction: float = 1.0  # share of the batch the ascent passes use (1: all of it)
-
-    def ascent_size(self, batch_size: int) -> int:
-        """⌈ascent_fraction·B⌉ examples, at least one (the slack absorbs 0.3·10 = 3.0000000000000004)."""
-        return min(batch_size, max(1, math.ceil(self.ascent_fraction * batch_size - 1e-9)))
-
-    def begin_step(self) -> None:
-        """Perturb before any gradient is taken (RMP, reuse-style variants); default: nothing."""
+    # -- the rule (what subclasses define) ---------------------------------------------------------
 
     def ascent_passes(self) -> int:
         """How many gradient passes feed `perturb` before the final pass of this step."""
         raise NotImplementedError
 
-    def perturb(self, grad_scale: Tensor | float | None = None) -> None:
-        """One ascent update from the current gradients (``grad_scale``: a loss scale to divide out)."""
+    def _begin(self) -> None:
+        """Perturb before any gradient is taken (RMP, reused Δ); default: nothing."""
+
+    def _ascend(self, grad_scale: Tensor | float | None) -> None:
+        """One ascent update from the current gradients."""
         raise NotImplementedError
 
+    def _after_step(self, found: Tensor | None) -> None:
+        """After the update (``found``: the device flag of a skipped step, None if unchecked)."""
+
+    def batch_fraction(self, ascent: bool) -> float:
+        """The share of the batch a pass uses (sub-batch ascent rules lower it for ascent passes)."""
+        return 1.0
+
+    @property
+    def ascent_fraction(self) -> float:
+        """The share of the batch the ascent passes use (1: all of it; sub-batch rules set it)."""
+        return self.batch_fraction(True)
+
+    def ascent_size(self, batch_size: int) -> int:
+        """How many examples of a batch an ascent pass uses: what ``closure(ascent=True)`` slices."""
+        return driver.head_size(batch_size, self.batch_fraction(True))
+
+    # -- the two-call protocol, as a state machine -----------------------------------------------
+
+    def begin_step(self) -> None:
+        """Start a step: the rule's perturbation before any gradient, if it has one."""
+        if self._begun:
+            raise RuntimeError(f"{type(self).__name__}.begin_step(): a step is already under way; finish it "
+                               "with restore_and_step() (or abandon it with restore())")
+        self._begun, self._ascents = True, 0
+        self._begin()
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def perturb(self, grad_scale: Tensor | float | None = None) -> None:
+        """One ascent update from the current gradients (``grad_scale``: a loss scale to divide out)."""
+        began_here = not self._begun
+        if began_here:
+            self.begin_step()
+        if self._ascents >= self.ascent_passes():
+            if began_here:  # a refused call leaves no step behind
+                self.restore()
+            raise RuntimeError(
+                f"{type(self).__name__}.perturb() called {self._ascents + 1} times in one step, but this "
+                f"step makes {self.ascent_passes()} ascent pass(es); after the final backward call "
+                "restore_and_step() (SAM: second_step())")
+        self._ascend(grad_scale)
+        self._ascents += 1
+
+    @torch.no_grad()
+    def restore_and_step(self, step: Callable[[], Any] | None = None, *, losses: Iterable[Any] = (),
+                         scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None,
+                         reduce_flag: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Last call of a step: θ back, then the base update from the gradient now in ``.grad``.
+
+        ``step``: the caller's own update instead (e.g. ``lambda: scaler.step(opt.base_optimizer)``),
+        taken unguarded. Otherwise the update is guarded on the device (see `nonfinite`), with the
+        ``losses`` of the step's passes checked too, gradients unscaled by ``scaler`` and clipped to
+        ``max_grad_norm``; ``reduce_flag`` makes data-parallel ranks agree on a skip.
+        """
+        if not self._begun:
+            raise RuntimeError(
+                f"{type(self).__name__}.restore_and_step() with no step under way: call perturb() after the "
+                "ascent backward (begin_step() for rules that perturb first), then the final backward")
+        if self._ascents < self.ascent_passes():
+            raise RuntimeError(
+                f"{type(self).__name__}.restore_and_step() after {self._ascents} of {self.ascent_passes()} "
+                "ascent pass(es): call perturb() after each ascent backward first")
+        before = {p: t for params, thetas in self._saved for p, t in zip(params, thetas)}
+        self.restore()
+        if step is not None:
+            step()
+            self._after_step(None)
+            return
+        found = self._check_gradients(list(losses), scaler, max_grad_norm, reduce_flag)
+        if found is None:
+            self.base_optimizer.step()
+        else:
+            unsaved = [p for g in self.param_groups for p in g["params"]
+                       if p.grad is not None and p not in before]
+            if unsaved and not supports_found_inf(self.base_optimizer):  # θ kept where perturbations keep it
+                thetas = [self._theta_buffer(p) for p in unsaved]
+                K.copy_(thetas, unsaved, self.foreach)
+                before.update(zip(unsaved, thetas))
+            self.guard.step(self.base_optimizer, found, before)
+            self.guard.record(found)
+        if scaler is not None and scaler.is_enabled():
+            scaler.update()
+        self._after_step(found)
+
+    def _check_gradients(self, losses: list[Any], scaler: torch.amp.GradScaler | None,
+                         max_grad_norm: float | None,
+                         reduce_flag: Callable[[Tensor], Tensor] | None) -> Tensor | None:
+        """Unscale, flag non-finite losses/gradients on the device, clip; None when nothing is checked."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        scaling = scaler is not None and scaler.is_enabled()
+        found = None
+        if scaling:
+            scaler.unscale_(self.base_optimizer)
+            per_device = scaler._per_optimizer_states[id(self.base_optimizer)]["found_inf_per_device"]
+            found = torch.stack([f.to(self._device()) for f in per_device.values()]).amax() \
+                if per_device else torch.zeros((), device=self._device())
+        if self.guard.policy != "off":
+            flag = loss_flag(losses, self._device())
+            if not scaling:
+                check_and_unscale_(grads, flag)
+            found = flag if found is None else torch.maximum(found, flag)
+        if found is not None and reduce_flag is not None:
+            found = reduce_flag(found)
+        if max_grad_norm:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=self.foreach)
+        return found
+
+    def _device(self) -> torch.device:
+        """The device of the first parameter (where flags and counters live)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[..., Any] | None = None) -> Any:
         """One batch: the closure (zero grads, forward, backward, return the loss or (outputs, loss))
-        runs once per ascent pass and once at the final point; returns the first result, detached."""
+        runs once per pass (`flatmin.optim.driver`); returns the first result, detached."""
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that zeroes grads, runs forward and "
                 "backward and returns the loss; without one, use the two-call form (see the class docs)"
             )
-        results = []
-        try:
-            self.begin_step()
-            for _ in range(self.ascent_passes()):
-                results.append(self.call_closure(closure, ascent=True))
-                self.perturb()
-                self.zero_grad(set_to_none=True)
-            results.append(self.call_closure(closure))
-        finally:
-            self.restore()
-        self.base_step([loss_of(r) for r in results])
-        return detached(results[0])
+        results = driver.drive(self, driver.closure_pass(closure, self))
+        return driver.detached(results[0])
+
+    # -- non-finite steps ------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """Read the skip counter (one host sync, at a logging point); raises under ``"raise"``."""
+        return self.guard.poll(f"{type(self).__name__}.step")
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite loss or gradient (reads the device counter: a host sync)."""
+        return 0 if self.guard.count is None else int(self.guard.count)
+
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite policy ("raise", "skip" or "off")."""
+        return self.guard.policy
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -214,24 +300,47 @@ class PerturbedOptimizer(Optimizer):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Take back what `extra_state` saved (called after the groups are loaded)."""
 
+    def kind(self) -> str:
+        """What a state dict records to refuse loading into another method or base optimizer."""
+        return f"{type(self).__name__}/{type(self.base_optimizer).__name__}"
+
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state (the groups carry the perturbation hyperparameters too),
-        plus ``"perturbation"``: the method's `extra_state`, when it has one."""
-        if self.perturbed:
-            raise RuntimeError("state_dict() while perturbed would save θ+Δ; call restore() first")
-        state, extra = self.base_optimizer.state_dict(), self.extra_state()
-        return {**state, "perturbation": extra} if extra else state
+        """The base optimizer's state (the groups carry the perturbation hyperparameters too), plus
+        ``"perturbation"``: the method's kind, its `extra_state` and the skip counters."""
+        if self._begun or self.perturbed:
+            raise RuntimeError(f"{type(self).__name__}.state_dict() in the middle of a step would save θ+Δ; "
+                               "call it after restore_and_step() (or restore())")
+        extra = {"kind": self.kind(), **self.extra_state()}
+        if guard := self.guard.state():
+            extra["guard"] = guard
+        return {**self.base_optimizer.state_dict(), "perturbation": extra}
+
+    def _check_kind(self, state_dict: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Refuse a state saved by another method or base optimizer (older flatmin states have no kind)."""
+        kind = extra.get("kind")
+        if kind is not None and kind != self.kind():
+            raise ValueError(f"this state_dict was saved by {kind}, not {self.kind()}: refusing to load it")
+        if kind is None:
+            keys = set(self.defaults) - set(self.base_optimizer.defaults)
+            for group in state_dict.get("param_groups", []):
+                if missing := sorted(keys - set(group)):
+                    raise ValueError(f"this state_dict has no {', '.join(missing)}: it was not saved by "
+                                     f"{type(self).__name__}; refusing to load it")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load into the base optimizer and share its (new) group dicts again."""
         state_dict = dict(state_dict)
-        extra = state_dict.pop("perturbation", {})
+        extra = dict(state_dict.pop("perturbation", {}))
+        self._check_kind(state_dict, extra)
+        extra.pop("kind", None)
+        guard = extra.pop("guard", {})
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             self.validate_group(group)
+        self.guard.load(guard, self._device)
         self.load_extra_state(extra)
 
     def __repr__(self) -> str:

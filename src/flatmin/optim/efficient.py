@@ -18,6 +18,8 @@ Exact AMP (N = 1) costs two forward/backward passes per step. Each variant keeps
   g_{t−1} = (θ_{t−1} − θ_t)/η: the ascent climbs back up the last descent step (a "look-back").
   The first step, and the step after a skipped one, are unperturbed. Memory: 2× parameters.
 
+Each is only a perturbation rule: the pass order is `flatmin.optim.driver`'s, as for exact AMP.
+
 `build_amp` picks one by name (the trainer's and CLI's entry point).
 """
 
@@ -72,13 +74,29 @@ def _from_index(opt: PerturbedOptimizer, saved: dict[int, Tensor]) -> dict[Tenso
 # --- the variants --------------------------------------------------------------------------------
 
 
-class SubBatchAMP(AMP):
+def _mask_(tensors: list[Tensor], found: Tensor | None) -> None:
+    """Zero kept buffers after a skipped step (``found`` = 1), without reading the flag on the host."""
+    if found is not None and tensors:
+        torch._foreach_mul_(tensors, 1 - found.to(tensors[0].dtype))
+
+
+class _SubBatch:
+    """The sub-batch ascent rule: ascent passes use the first ⌈f·B⌉ examples of the batch."""
+
+    ascent_fraction: float = 1.0
+
+    def batch_fraction(self, ascent: bool) -> float:
+        """f for the ascent passes, the whole batch for the final one."""
+        return self.ascent_fraction if ascent else 1.0
+
+
+class SubBatchAMP(_SubBatch, AMP):
     """AMP whose ascent gradient comes from the first ⌈f·B⌉ examples of the batch.
 
-    A training loop slices the batch itself (``opt.ascent_size(len(batch))``). ``step(closure)``
-    with f < 1 calls ``closure(ascent=True)`` for each ascent pass and ``closure(ascent=False)``
-    for the final one, so the closure slices: ``x[:opt.ascent_size(len(x))] if ascent else x``;
-    ``step`` returns the first (sub-batch) result.
+    The step driver slices the batch itself. ``step(closure)`` with f < 1 calls
+    ``closure(ascent=True)`` for each ascent pass and ``closure(ascent=False)`` for the final
+    one, so the closure slices: ``x[:opt.ascent_size(len(x))] if ascent else x``; ``step``
+    returns the first (sub-batch) result.
     """
 
     def __init__(self, params: Iterable, *args: Any, ascent_fraction: float = 0.5, **kwargs: Any) -> None:
@@ -87,24 +105,27 @@ class SubBatchAMP(AMP):
         self.ascent_fraction = float(ascent_fraction)
 
 
-class ReuseAMP(SubBatchAMP):
+class ReuseAMP(_SubBatch, AMP):
     """AMP that refreshes Δ every ``reuse_every`` steps and adds the kept Δ to θ in between.
 
-    ``begin_step()`` is part of the protocol here (two-call form included): it decides whether
-    this step refreshes (``ascent_passes()`` = N) or reuses (``ascent_passes()`` = 0, θ+Δ already
-    set). The step counter and Δ go into ``state_dict()["perturbation"]``.
+    ``begin_step()`` decides whether this step refreshes (``ascent_passes()`` = N) or reuses
+    (``ascent_passes()`` = 0, θ+Δ already set); `perturb` begins a step itself in the two-call
+    form. A refresh whose step is skipped (non-finite) keeps Δ = 0 until the next refresh. The
+    step counter and Δ go into ``state_dict()["perturbation"]``. Composes with ``ascent_fraction``.
     """
 
     def __init__(self, params: Iterable, *args: Any, reuse_every: int = 5,
                  ascent_fraction: float = 1.0, **kwargs: Any) -> None:
         check_reuse_every(reuse_every)
-        super().__init__(params, *args, ascent_fraction=ascent_fraction, **kwargs)
-        self.reuse_every = reuse_every
+        check_fraction(ascent_fraction)
+        super().__init__(params, *args, **kwargs)
+        self.reuse_every, self.ascent_fraction = reuse_every, float(ascent_fraction)
         self._steps = 0  # steps begun
         self._refresh = True  # whether the current step recomputes Δ
+        self._new_delta = False  # Δ was recomputed this step (masked if the step is skipped)
 
     @torch.no_grad()
-    def begin_step(self) -> None:
+    def _begin(self) -> None:
         """Refresh every k-th step (or when no Δ is kept); otherwise θ ← θ + kept Δ now."""
         self._refresh = self._steps % self.reuse_every == 0 or not self._delta
         self._steps += 1
@@ -126,11 +147,17 @@ class ReuseAMP(SubBatchAMP):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """θ back; after a refresh the kept Δ is made finite (a non-finite ascent reuses Δ = 0)."""
+        """θ back; after a refresh the kept Δ is made finite (NaN/±inf entries become 0)."""
         super().restore()
         if self._refresh:
             finite_copy_(list(self._delta.values()), list(self._delta.values()))
-            self._refresh = False
+            self._refresh, self._new_delta = False, True
+
+    def _after_step(self, found: Tensor | None) -> None:
+        """A skipped refresh step leaves Δ = 0 for the steps that would reuse it."""
+        if self._new_delta:
+            _mask_(list(self._delta.values()), found)
+        self._new_delta = False
 
     def extra_state(self) -> dict[str, Any]:
         """The step counter (where in the k-cycle we are) and the kept Δ."""
@@ -146,8 +173,8 @@ class OnePassAMP(AMP):
     """AMP with Δ from the gradient of the previous update: one forward/backward per step.
 
     ``begin_step()`` perturbs (from the kept gradient); ``ascent_passes()`` is 0. The gradient is
-    kept after the base update (``restore_and_step``, or ``step(closure)`` once the loss checks
-    pass), when a GradScaler has already unscaled it; non-finite entries are kept as 0.
+    kept after the base update, once unscaled; non-finite entries are kept as 0, and a skipped
+    step keeps none (the next step is unperturbed).
     """
 
     def __init__(self, params: Iterable, *args: Any, **kwargs: Any) -> None:
@@ -162,7 +189,7 @@ class OnePassAMP(AMP):
             raise ValueError(f"inner_iter must be 0 or 1 for one-pass AMP, got {group['inner_iter']!r}")
 
     @torch.no_grad()
-    def begin_step(self) -> None:
+    def _begin(self) -> None:
         """θ ← θ + Π_ε(ζ·g_prev), Δ built in the kept gradient's storage."""
         if not self._fresh:
             return
@@ -179,19 +206,10 @@ class OnePassAMP(AMP):
         """No ascent pass: the direction is the previous step's gradient."""
         return 0
 
-    def base_step(self, losses: list[Tensor | float]) -> None:
-        """The base update (if the losses are finite), then keep its gradient."""
-        super().base_step(losses)
-        self._keep_gradient()
-
-    def restore_and_step(self, step: Any = None) -> None:
-        """θ back, the base update, then keep its gradient."""
-        super().restore_and_step(step)
-        self._keep_gradient()
-
     @torch.no_grad()
-    def _keep_gradient(self) -> None:
-        """Copy this update's gradient into buffers kept across steps."""
+    def _after_step(self, found: Tensor | None) -> None:
+        """Copy this update's gradient into buffers kept across steps (zero if it was skipped)."""
+        kept = []
         for group in self.param_groups:
             params, grads = self.params_with_grad(group) if group["inner_iter"] else ([], [])
             bufs = []
@@ -200,6 +218,8 @@ class OnePassAMP(AMP):
                     self._grads[p] = torch.empty_like(p)
                 bufs.append(self._grads[p])
             finite_copy_(bufs, grads)
+            kept += bufs
+        _mask_(kept, found)
         self._fresh = True
 
     def held_buffers(self) -> list[Tensor]:

@@ -38,12 +38,13 @@ class RMP(PerturbedOptimizer):
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
         check_finite: bool = True,
+        nonfinite: str | None = None,
         **base_kwargs: Any,
     ) -> None:
         defaults = dict(radius=radius, ball=ball)
         self.validate_group(defaults)
         super().__init__(params, defaults, base_optimizer, base_kwargs,
-                         foreach=foreach, check_finite=check_finite)
+                         foreach=foreach, check_finite=check_finite, nonfinite=nonfinite)
         self.generator = generator
 
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -52,7 +53,7 @@ class RMP(PerturbedOptimizer):
         check_ball(group["ball"])
 
     @torch.no_grad()
-    def perturb(self, grad_scale: object = None) -> None:
+    def _begin(self) -> None:
         """params ← θ + Δ with Δ uniform on the sphere of radius r (needs no gradient)."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
@@ -62,9 +63,9 @@ class RMP(PerturbedOptimizer):
             K.random_perturb(params, radius=group["radius"], ball=group["ball"],
                              generator=self.generator, foreach=self.foreach)
 
-    def begin_step(self) -> None:
-        """RMP perturbs before its one and only pass."""
-        self.perturb()
+    def perturb(self, grad_scale: object = None) -> None:
+        """The two-call form's first call: RMP perturbs before its one and only pass."""
+        self.begin_step()
 
     def ascent_passes(self) -> int:
         """No ascent: the direction is random."""

@@ -24,8 +24,8 @@ class SAM(PerturbedOptimizer):
     """SAM/ASAM around any base optimizer; θ is restored bit for bit after the perturbed pass.
 
     ``step(closure)`` calls the closure twice (at w, then at w + e(w)) and returns the first
-    result, detached; a non-finite loss restores w, skips the update and raises
-    :class:`flatmin.errors.NonFiniteLossError`. For loops without a closure::
+    result, detached; a non-finite loss restores w, skips the update on the device and
+    :class:`flatmin.errors.NonFiniteLossError` at the next ``poll()``. For loops without a closure::
 
         loss(w).backward();        opt.first_step(zero_grad=True)
         loss(w + e).backward();    opt.second_step(zero_grad=True)
@@ -40,12 +40,13 @@ class SAM(PerturbedOptimizer):
         *,
         foreach: bool | None = None,
         check_finite: bool = True,
+        nonfinite: str | None = None,
         **base_kwargs: Any,
     ) -> None:
         defaults = dict(rho=rho, adaptive=bool(adaptive))
         self.validate_group(defaults)
         super().__init__(params, defaults, base_optimizer, base_kwargs,
-                         foreach=foreach, check_finite=check_finite)
+                         foreach=foreach, check_finite=check_finite, nonfinite=nonfinite)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """ρ ≥ 0 and finite."""
@@ -54,11 +55,21 @@ class SAM(PerturbedOptimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to w + e(w) using the current gradients (the ascent half)."""
-        self._ascend(consume_grads=zero_grad)
+        self._consume = zero_grad
+        try:
+            self.perturb()
+        finally:
+            self._consume = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def _ascend(self, consume_grads: bool) -> None:
+    _consume = True  # whether e(w) may be built in the gradients' storage
+
+    def _ascend(self, grad_scale: object = None) -> None:
+        """w ← w + e(w); a loss scale cancels in the normalisation."""
+        self._sam_ascent(consume_grads=self._consume)
+
+    def _sam_ascent(self, consume_grads: bool) -> None:
         """w ← w + e(w); with ``consume_grads`` e(w) is built in the gradients' storage."""
         groups = [self.params_with_grad(g) for g in self.param_groups]
         norms = [K.sam_norm(params, grads, group["adaptive"], self.foreach)
@@ -72,11 +83,6 @@ class SAM(PerturbedOptimizer):
             self.save_theta(params)
             K.sam_ascent(params, grads, scale=group["rho"] / (norm + K.TINY),
                          adaptive=group["adaptive"], inplace=consume_grads, foreach=self.foreach)
-
-    @torch.no_grad()
-    def perturb(self, grad_scale: object = None) -> None:
-        """The protocol's ascent update (consumes the grads); a loss scale cancels in the normalisation."""
-        self._ascend(consume_grads=True)
 
     def ascent_passes(self) -> int:
         """One ascent pass (the closure runs twice)."""

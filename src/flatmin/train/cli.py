@@ -24,6 +24,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--momentum": ("momentum", float, "SGD momentum (0.9)"),
     "--weight-decay": ("weight_decay", float, "weight decay"),
     "--grad-clip": ("grad_clip", float, "clip the gradient norm (the authors use 50)"),
+    "--accumulate": ("accumulate", int, "micro-batches per gradient pass (gradient accumulation, 1)"),
     "--augment": ("augment", str, "none, standard, cutout or autoaugment (image datasets)"),
     "--val-fraction": ("val_fraction", float, "share of the training set held out (0.1)"),
     "--data-dir": ("data_dir", str, "where the dataset files are (default: the user cache)"),

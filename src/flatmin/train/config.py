@@ -34,6 +34,7 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs
     lr_gamma: float = 0.1
     grad_clip: float | None = None  # the authors clip the gradient norm at 50
+    accumulate: int = 1  # micro-batches per pass (gradient accumulation; the step is the same)
     # data
     augment: str = "standard"
     val_fraction: float = 0.1
@@ -134,7 +135,7 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
 
 def validate(c: TrainConfig) -> None:
     """Bad values get a ValueError naming the field."""
-    for key in ("epochs", "batch_size", "eval_batch_size"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "accumulate"):
         if not isinstance(getattr(c, key), int) or getattr(c, key) < 1:
             raise ConfigError(f"{key} must be a positive integer, got {getattr(c, key)!r}")
     for key in ("lr", "weight_decay", "momentum", "epsilon", "inner_lr", "rho", "rmp_radius",

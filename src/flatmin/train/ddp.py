@@ -109,6 +109,16 @@ class TorchrunProcess(SingleProcess):
         """Per-rank ascent: the ascent passes skip DDP's gradient all-reduce."""
         return net.no_sync() if self.local_ascent else nullcontext()
 
+    def no_sync(self, net: nn.Module) -> Any:
+        """DDP's no_sync: micro-batches but the last accumulate locally, then one all-reduce."""
+        return net.no_sync if isinstance(net, DistributedDataParallel) else None
+
+    def reduce_flag(self, found: Tensor) -> Tensor:
+        """Every rank skips when any rank saw a non-finite loss (a collective, not a host read)."""
+        out = found.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+
     def barrier(self) -> None:
         """Wait for every rank (e.g. until rank 0 has written a file the others will read)."""
         dist.barrier()

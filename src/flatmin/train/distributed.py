@@ -35,6 +35,12 @@ class SingleProcess:
         """Context for ascent passes (per-rank ascent skips the all-reduce under DDP)."""
         return nullcontext()
 
+    def no_sync(self, net: nn.Module) -> Any:
+        """A factory of contexts that skip the gradient all-reduce (micro-batches but the last)."""
+        return None
+
+    reduce_flag = None  # how ranks agree that a step is skipped (one rank: nothing to agree on)
+
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for)."""
 

@@ -22,7 +22,8 @@ from flatmin.data import Dataset, Split, load_dataset
 from flatmin.errors import ConfigError, FlatminError, NonFiniteLossError
 from flatmin.metrics import MetricAccumulator
 from flatmin.models import create_model
-from flatmin.optim import PerturbedOptimizer, frozen_running_stats
+from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive
+from flatmin.optim.driver import grad_scale, head_size
 from flatmin.provenance import device_name, git_commit, versions
 from flatmin.train import checkpoint as ckpt
 from flatmin.train.config import TrainConfig, resolve
@@ -30,6 +31,7 @@ from flatmin.train.distributed import current
 from flatmin.train.methods import Batch, Method, get_method
 
 AUTOCAST = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+POLL_EVERY = 50  # steps between reads of the non-finite counter (and at the end of each epoch)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -61,21 +63,10 @@ class StepContext:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def grad_scale(self) -> Tensor | None:
-        """The scaler's current loss scale as a tensor (no host sync), or None without fp16."""
-        return self.scaler._scale if self.scaler.is_enabled() else None
 
-
-def forward_backward(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, batch: Batch,
-                     ctx: StepContext, update_bn: bool) -> tuple[Tensor, Tensor]:
-    """One gradient pass; only the step's first pass may move BatchNorm's running statistics."""
-    opt.zero_grad(set_to_none=True)
-    bn = contextlib.nullcontext() if update_bn else frozen_running_stats(model)
-    with bn, ctx.autocast():
-        logits = net(batch.x)
-        loss = ctx.method.loss(logits.float(), batch, ctx.cfg)
-    ctx.scaler.scale(loss).backward()
-    return logits.detach(), loss.detach()
+def _full(logits: Tensor) -> Tensor:
+    """Half-precision logits are lifted to float32 for the loss; float32/64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def grad_norm(model: nn.Module, scale: Tensor | None) -> Tensor:
@@ -85,48 +76,41 @@ def grad_norm(model: nn.Module, scale: Tensor | None) -> Tensor:
     return norm / scale if scale is not None else norm
 
 
-def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, batch: Batch,
+def train_step(net: nn.Module, model: nn.Module, opt: PerturbedOptimizer, batch: Batch,
                ctx: StepContext) -> tuple[Tensor, Tensor, Tensor]:
-    """The step protocol for every method: ascent passes (if any), final pass, update from θ.
+    """One step of any method through the step driver (which owns the pass order).
 
-    Returns the loss and logits of the first full-batch pass (at θ for AMP/SAM) and ‖∇J(θ)‖.
+    A pass accumulates its gradient over ``cfg.accumulate`` micro-batches. Returns the loss and
+    logits of the step's first full-batch pass (at θ for AMP/SAM) and ‖∇J‖ of its first pass.
     """
     batch = ctx.method.prepare(model, batch, ctx.cfg, ctx.input_range)
-    perturbed = isinstance(opt, PerturbedOptimizer)
-    base = opt.base_optimizer if perturbed else opt
-    reported, gnorm, n_passes = None, None, 0
-    if perturbed:
-        opt.begin_step()
-        n_asc = opt.ascent_size(len(batch.x))
-        n_passes = opt.ascent_passes()
-        for i in range(n_passes):
-            sub = batch if n_asc >= len(batch.x) else batch.head(n_asc)
-            with ctx.dist.ascent_context(net):
-                out = forward_backward(net, model, opt, sub, ctx, update_bn=i == 0)
-            if i == 0:
-                gnorm = grad_norm(model, ctx.grad_scale())
-                if sub is batch:
-                    reported = out
-            opt.perturb(ctx.grad_scale())
-    logits, loss = forward_backward(net, model, opt, batch, ctx, update_bn=n_passes == 0)
-    if reported is None:  # no full-batch pass at θ before this one
-        reported = (logits, loss)
-    if gnorm is None:  # ‖∇J‖ of the step's first pass (at θ, unless the method perturbs first)
-        gnorm = grad_norm(model, ctx.grad_scale())
-    if ctx.scaler.is_enabled():
-        ctx.scaler.unscale_(base)
-    if ctx.cfg.grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg.grad_clip, foreach=True)
-    if ctx.scaler.is_enabled():
-        step = lambda: ctx.scaler.step(base)  # noqa: E731 - skipped on inf/nan grads, θ kept
-    else:
-        step = base.step
-    if perturbed:
-        opt.restore_and_step(step)
-    else:
-        step()
-    ctx.scaler.update()
-    return reported[1], reported[0], gnorm
+    seen: dict[str, Any] = {}
+
+    def loss_fn(micro: Batch) -> tuple[Tensor, Tensor]:
+        with ctx.autocast():
+            logits = net(micro.x)
+            loss = ctx.method.loss(_full(logits), micro, ctx.cfg)
+        return logits.detach(), loss
+
+    def grad_pass(p: Pass) -> tuple[Tensor, Tensor]:
+        part = batch if p.fraction >= 1 else batch.head(head_size(len(batch.x), p.fraction))
+        micro = part.split(ctx.cfg.accumulate)
+        weights = [len(m.x) / len(part.x) for m in micro]
+        with ctx.dist.ascent_context(net) if p.ascent else contextlib.nullcontext():
+            loss, logits = accumulate(micro, loss_fn, weights=weights, params_owner=opt, scaler=ctx.scaler,
+                                      no_sync=ctx.dist.no_sync(net))
+        return torch.cat(logits), loss
+
+    def on_pass(p: Pass, result: tuple[Tensor, Tensor]) -> None:
+        if p.index == 0:  # ‖∇J‖ of the step's first pass (at θ, unless the rule perturbs first)
+            seen["gnorm"] = grad_norm(model, grad_scale(ctx.scaler))
+        if p.fraction >= 1 and "reported" not in seen:
+            seen["reported"] = result
+
+    drive(opt, grad_pass, model=model, scaler=ctx.scaler, max_grad_norm=ctx.cfg.grad_clip, on_pass=on_pass,
+          reduce_flag=ctx.dist.reduce_flag)
+    logits, loss = seen["reported"]
+    return loss, logits, seen["gnorm"]
 
 
 @torch.no_grad()
@@ -156,7 +140,8 @@ def run_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, ds: 
     order = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(
         epoch_seed(cfg.seed, epoch, 2))).to(ctx.device)
     aug = torch.Generator(device=ctx.device).manual_seed(epoch_seed(cfg.seed, epoch, 3))
-    sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, correct, count, ‖∇J‖
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss·n, correct, Σ‖∇J‖
+    count = 0
     steps = list(order.split(cfg.batch_size))
     bar = _progress(len(steps), f"epoch {epoch + 1}/{cfg.epochs}", progress)
     for i, idx in enumerate(steps):
@@ -164,21 +149,28 @@ def run_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, ds: 
         batch = Batch(ds.transform(ds.train.x[idx], True, aug), ds.train.y[idx])
         loss, logits, gnorm = train_step(net, model, opt, batch, ctx)
         sums += torch.stack([loss.double() * len(idx), (logits.argmax(1) == batch.y).sum().double(),
-                             torch.tensor(float(len(idx)), dtype=torch.float64, device=ctx.device),
                              gnorm.double()])
-        if ctx.device.type == "cpu" or i % 50 == 0 or i == len(steps) - 1:
-            if not bool(torch.isfinite(loss)):
-                raise NonFiniteLossError(
-                    f"non-finite training loss at epoch {epoch + 1}, step {i + 1} (method {cfg.method}, "
-                    f"lr {lr_at(cfg, epoch):g}); lower the learning rate or ε")
+        count += len(idx)
+        if i % POLL_EVERY == POLL_EVERY - 1 or i == len(steps) - 1:  # the loop's only host reads
+            _poll(opt, cfg, epoch, i)
         if bar is not None and (i % 10 == 0 or i == len(steps) - 1):
             bar.update(i + 1 - bar.n)
-            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(sums[1] / sums[2]) * 100:.1f}%")
+            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(sums[1]) / count * 100:.1f}%")
     if bar is not None:
         bar.close()
-    sums = ctx.dist.all_reduce_sum(sums)
-    return {"train_loss": float(sums[0] / sums[2]), "train_error": 100.0 * float(1 - sums[1] / sums[2]),
-            "grad_norm": float(sums[3]) / len(steps) / ctx.dist.world_size}
+    sums = ctx.dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([count])]))
+    return {"train_loss": float(sums[0] / sums[3]), "train_error": 100.0 * float(1 - sums[1] / sums[3]),
+            "grad_norm": float(sums[2]) / len(steps) / ctx.dist.world_size}
+
+
+def _poll(opt: PerturbedOptimizer, cfg: TrainConfig, epoch: int, i: int) -> None:
+    """Read the optimizer's device-side skip counter; a skipped (non-finite) step stops the run."""
+    try:
+        opt.poll()
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(
+            f"non-finite training loss at epoch {epoch + 1}, by step {i + 1} (method {cfg.method}, "
+            f"lr {lr_at(cfg, epoch):g}): {err}; lower the learning rate or ε") from None
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

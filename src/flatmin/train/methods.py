@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flatmin.errors import UnknownNameError
-from flatmin.optim import RMP, SAM, build_amp, frozen_running_stats
+from flatmin.optim import ERM, RMP, SAM, PerturbedOptimizer, build_amp, frozen_running_stats
+from flatmin.optim.driver import split_sizes
 from flatmin.train.config import TrainConfig
 
 
@@ -31,8 +32,21 @@ class Batch:
 
     def head(self, n: int) -> Batch:
         """The first n examples (sub-batch ascent)."""
-        cut = lambda t: t if t is None or t.dim() == 0 else t[:n]  # noqa: E731
-        return Batch(self.x[:n], self.y[:n], cut(self.y2), self.lam)
+        return self.slice(0, n)
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Examples start..stop (λ is one per batch and is kept)."""
+        cut = lambda t: t if t is None or t.dim() == 0 else t[start:stop]  # noqa: E731
+        return Batch(self.x[start:stop], self.y[start:stop], cut(self.y2), self.lam)
+
+    def split(self, k: int) -> list[Batch]:
+        """K contiguous micro-batches (gradient accumulation), sizes differing by at most one."""
+        if k == 1:
+            return [self]
+        bounds = [0]
+        for size in split_sizes(len(self.x), k):
+            bounds.append(bounds[-1] + size)
+        return [self.slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 class Method:
@@ -40,10 +54,15 @@ class Method:
 
     name = "erm"
     dropout = False  # build the model with the paper's Dropout baseline
+    fields: tuple[str, ...] = ()  # the config fields this method reads (its hyperparameters)
 
-    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
-        """SGD with the protocol's momentum, Nesterov and weight decay."""
-        return torch.optim.SGD(params, **sgd_kwargs(cfg))
+    def fields_for(self, cfg: TrainConfig) -> tuple[str, ...]:
+        """The fields a run of this config reads (a variant may read fewer than the method)."""
+        return self.fields
+
+    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
+        """SGD with the protocol's momentum, Nesterov and weight decay, under the step protocol."""
+        return ERM(params, torch.optim.SGD, **sgd_kwargs(cfg))
 
     def prepare(self, model: nn.Module, batch: Batch, cfg: TrainConfig, input_range: float) -> Batch:
         """Turn the augmented batch into what is trained on."""
@@ -63,13 +82,13 @@ def sgd_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 class Dropout(Method):
     """§5.1: 10% of the units after each ReLU dropped (the model is built with it)."""
 
-    name, dropout = "dropout", True
+    name, dropout, fields = "dropout", True, ("dropout",)
 
 
 class LabelSmoothing(Method):
     """Targets mixed with the uniform distribution (coefficient 0.2)."""
 
-    name = "label_smoothing"
+    name, fields = "label_smoothing", ("label_smoothing",)
 
     def loss(self, logits: Tensor, batch: Batch, cfg: TrainConfig) -> Tensor:
         """Cross-entropy against smoothed targets."""
@@ -79,7 +98,7 @@ class LabelSmoothing(Method):
 class Flooding(Method):
     """Ishida et al. 2020: |L − b| + b keeps the training loss from going below b (0.02)."""
 
-    name = "flooding"
+    name, fields = "flooding", ("flood_level",)
 
     def loss(self, logits: Tensor, batch: Batch, cfg: TrainConfig) -> Tensor:
         """Gradient ascent once the batch loss falls below the flood level."""
@@ -90,12 +109,14 @@ class Flooding(Method):
 class MixUp(Method):
     """Zhang et al. 2018: train on λx + (1−λ)x′ with λ ~ Beta(α, α), α = 1, one λ per batch."""
 
-    name = "mixup"
+    name, fields = "mixup", ("mixup_alpha",)
 
     def prepare(self, model: nn.Module, batch: Batch, cfg: TrainConfig, input_range: float) -> Batch:
         """Mix the batch with a random permutation of itself."""
         x = batch.x
-        lam = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample().to(x.device)
+        alpha = cfg.mixup_alpha
+        beta = torch.distributions.Beta(alpha, alpha, validate_args=False)  # no host-side checks
+        lam = beta.sample().to(x.device)
         perm = torch.randperm(len(x), device=x.device)
         return Batch(lam * x + (1 - lam) * x[perm], batch.y, batch.y[perm], lam)
 
@@ -113,7 +134,7 @@ class AdversarialTraining(Method):
     images that is 1/255/std per channel — here approximated with the normalised range).
     """
 
-    name = "adv_training"
+    name, fields = "adv_training", ("adv_epsilon",)
 
     def prepare(self, model: nn.Module, batch: Batch, cfg: TrainConfig, input_range: float) -> Batch:
         """x ← x + ε·sign(∇ₓL); the attack's forward pass leaves BatchNorm statistics alone."""
@@ -128,9 +149,9 @@ class AdversarialTraining(Method):
 class RandomPerturbation(Method):
     """RMP (§5.1): a random model perturbation of radius r = 0.1 before each gradient."""
 
-    name = "rmp"
+    name, fields = "rmp", ("rmp_radius", "ball")
 
-    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
         """`flatmin.RMP` around the protocol's SGD."""
         return RMP(params, torch.optim.SGD, radius=cfg.rmp_radius, ball=cfg.ball, **sgd_kwargs(cfg))
 
@@ -139,8 +160,15 @@ class AdversarialModelPerturbation(Method):
     """AMP (Algorithm 1) with ε, ζ, N, the ball and the efficient variant from the config."""
 
     name = "amp"
+    fields = ("epsilon", "inner_lr", "inner_iter", "ball", "amp_variant", "reuse_every", "ascent_fraction")
+    variant_fields = {"reuse_every": ("reuse",), "ascent_fraction": ("subbatch", "reuse")}
 
-    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    def fields_for(self, cfg: TrainConfig) -> tuple[str, ...]:
+        """AMP's fields, less the efficient-variant knobs this run's variant does not read."""
+        return tuple(f for f in self.fields
+                     if f not in self.variant_fields or cfg.amp_variant in self.variant_fields[f])
+
+    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
         """`flatmin.AMP` around the protocol's SGD."""
         return build_amp(params, cfg.amp_variant, reuse_every=cfg.reuse_every,
                          ascent_fraction=cfg.ascent_fraction, epsilon=cfg.epsilon, inner_lr=cfg.inner_lr,
@@ -151,9 +179,9 @@ class AdversarialModelPerturbation(Method):
 class SharpnessAware(Method):
     """SAM (Foret et al. 2021) with radius ρ."""
 
-    name, adaptive = "sam", False
+    name, adaptive, fields = "sam", False, ("rho",)
 
-    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
         """`flatmin.SAM` around the protocol's SGD."""
         return SAM(params, torch.optim.SGD, rho=cfg.rho, adaptive=self.adaptive, **sgd_kwargs(cfg))
 
@@ -168,6 +196,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(), Dropout(), LabelSmoothing(), Flooding(), MixUp(), AdversarialTraining(),
     RandomPerturbation(), AdversarialModelPerturbation(), SharpnessAware(), AdaptiveSharpnessAware(),
 )}
+
+
+def method_fields() -> dict[str, tuple[str, ...]]:
+    """Every method's own config fields, by name (what tables, tuning and run keys read)."""
+    return {name: m.fields for name, m in METHODS.items()}
 
 
 def get_method(name: str) -> Method:

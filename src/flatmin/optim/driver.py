@@ -1,0 +1,168 @@
+"""THE step protocol, written once: ascent passes, the final pass, the update from θ.
+
+    begin_step()                      the rule may perturb first (RMP, reused Δ, one-pass AMP)
+    N × [gradient pass; perturb()]    ascent passes (N = opt.ascent_passes())
+    gradient pass                     the final pass, at θ+Δ
+    restore_and_step()                θ back bit for bit; unscale, non-finite flag, clip, guarded update
+
+Everything that trains with a perturbation rule drives it through `drive`: the optimizers'
+``step(closure)``, the trainer, the Lightning and Hugging Face integrations, ``flatmin cost`` and
+the benchmarks. What differs between callers is only *how a gradient pass is computed* — a
+closure (`closure_pass`) or a loss function over micro-batches (`accumulate`) — and a few hooks:
+
+- ``model``: only the step's first pass may move BatchNorm running statistics (they belong to θ);
+- ``scaler``: a GradScaler's loss scale is divided out of the ascent and the update;
+- micro-batches: `accumulate` sums a pass's gradient over K micro-batches, weighted by size, so a
+  step on K micro-batches is the step on the whole batch;
+- ``max_grad_norm``: clipping just before the base update, on the final gradient;
+- ``on_pass``: called after each pass's gradient is complete (logging ‖∇J(θ)‖, say);
+- ``finish``: a caller whose framework must run the final pass and update itself (Lightning's
+  precision plugin) takes over from there.
+
+Nothing here reads a tensor on the host: a step driven here makes no host–device sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flatmin.optim.bn import frozen_running_stats
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Which pass of a step is being computed."""
+
+    kind: str  # "ascent" or "final"
+    index: int  # 0-based position in the step
+    fraction: float = 1.0  # share of the batch it uses (sub-batch ascent)
+
+    @property
+    def ascent(self) -> bool:
+        """True for the passes whose gradient feeds the perturbation."""
+        return self.kind == "ascent"
+
+
+GradPass = Callable[[Pass], Any]
+
+
+def loss_of(result: Any) -> Tensor | float:
+    """A pass returns a loss or (outputs, loss): the loss is the last element."""
+    return result[-1] if isinstance(result, (tuple, list)) else result
+
+
+def detached(result: Any) -> Any:
+    """What `step` returns: the first pass's result, cut from the graph."""
+    if isinstance(result, (tuple, list)):
+        return type(result)(x.detach() if isinstance(x, Tensor) else x for x in result)
+    return result.detach() if isinstance(result, Tensor) else result
+
+
+def head_size(batch_size: int, fraction: float) -> int:
+    """⌈fraction·B⌉ examples, at least one (the slack absorbs 0.3·10 = 3.0000000000000004)."""
+    return min(batch_size, max(1, math.ceil(fraction * batch_size - 1e-9)))
+
+
+def grad_scale(scaler: torch.amp.GradScaler | None) -> Tensor | None:
+    """The scaler's current loss scale as a tensor (no host sync), or None without one."""
+    return scaler._scale if scaler is not None and scaler.is_enabled() else None
+
+
+def _bn_guard(model: nn.Module | None, freeze: bool) -> Any:
+    """Freeze BatchNorm running statistics for every pass but the step's first."""
+    return frozen_running_stats(model) if freeze and model is not None else contextlib.nullcontext()
+
+
+def drive(opt: Any, grad_pass: GradPass, *, model: nn.Module | None = None,
+          scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None,
+          on_pass: Callable[[Pass, Any], None] | None = None,
+          reduce_flag: Callable[[Tensor], Tensor] | None = None,
+          finish: Callable[[], Any] | None = None) -> list[Any]:
+    """One step of a perturbation rule ``opt``; returns every pass's result, in order."""
+    results: list[Any] = []
+    try:
+        opt.begin_step()
+        n = opt.ascent_passes()
+        for i in range(n):
+            p = Pass("ascent", i, opt.batch_fraction(True))
+            with _bn_guard(model, freeze=i > 0):
+                results.append(grad_pass(p))
+            if on_pass is not None:
+                on_pass(p, results[-1])
+            opt.perturb(grad_scale(scaler))
+            opt.zero_grad(set_to_none=True)
+        if finish is not None:
+            with _bn_guard(model, freeze=n > 0):
+                results.append(finish())
+            return results
+        p = Pass("final", n, opt.batch_fraction(False))
+        with _bn_guard(model, freeze=n > 0):
+            results.append(grad_pass(p))
+        if on_pass is not None:
+            on_pass(p, results[-1])
+    except BaseException:
+        opt.restore()  # θ back whatever happened; the step is abandoned
+        raise
+    opt.restore_and_step(losses=[loss_of(r) for r in results], scaler=scaler, max_grad_norm=max_grad_norm,
+                         reduce_flag=reduce_flag)
+    return results
+
+
+def closure_pass(closure: Callable[..., Any], opt: Any) -> GradPass:
+    """A pass from a ``step(closure)`` closure (it zeroes, runs forward and backward itself).
+
+    A rule that uses part of the batch for its ascent calls ``closure(ascent=True/False)``.
+    """
+    sliced = opt.batch_fraction(True) < 1 or opt.batch_fraction(False) < 1
+
+    def run(p: Pass) -> Any:
+        with torch.enable_grad():
+            result = closure(ascent=p.ascent) if sliced else closure()
+        if result is None:
+            name = getattr(closure, "__qualname__", repr(closure))
+            raise TypeError(f"the closure {name} returned None; it must return the loss (or (outputs, loss)) "
+                            "after calling loss.backward()")
+        return result
+    return run
+
+
+def accumulate(micro_batches: Sequence[Any], loss_fn: Callable[[Any], Any], *,
+               weights: Sequence[float] | None = None, params_owner: Any = None,
+               scaler: torch.amp.GradScaler | None = None,
+               no_sync: Callable[[], Any] | None = None) -> tuple[Tensor, list[Any]]:
+    """One pass's gradient summed over micro-batches: Σ_k w_k ∇loss_k (w_k = n_k / n by default).
+
+    ``loss_fn(micro)`` runs the forward pass and returns the mean loss or (outputs, loss);
+    ``no_sync`` (DDP) wraps every backward but the last, so gradients are all-reduced once.
+    Returns the weighted loss (detached) and each micro-batch's outputs.
+    """
+    if params_owner is not None:
+        params_owner.zero_grad(set_to_none=True)
+    k = len(micro_batches)
+    if weights is None:
+        weights = [1.0 / k] * k
+    total, outputs = None, []
+    for i, (micro, w) in enumerate(zip(micro_batches, weights)):
+        ctx = no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext()
+        with ctx, torch.enable_grad():
+            result = loss_fn(micro)
+            loss = loss_of(result)
+            scaled = loss * w if k > 1 else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        part = loss.detach() * w if k > 1 else loss.detach()
+        total = part if total is None else total + part
+        outputs.append(result[0] if isinstance(result, (tuple, list)) else None)
+    return total, outputs
+
+
+def split_sizes(n: int, k: int) -> list[int]:
+    """K contiguous micro-batch sizes of a batch of n, differing by at most one (empty ones dropped)."""
+    k = max(1, min(k, n))
+    return [len(c) for c in torch.arange(n).tensor_split(k)]

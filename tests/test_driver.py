@@ -1,0 +1,164 @@
+"""The step driver: the trainer's update is the optimizer's own step and the papers' plain loops;
+K micro-batches per pass give the one-batch step; misuse of the two-call protocol is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from flatmin import AMP, RMP, SAM
+from flatmin.optim import ERM, build_amp
+from flatmin.train import TrainConfig, train
+from flatmin.train.distributed import SingleProcess
+from flatmin.train.loop import StepContext, train_step
+from flatmin.train.methods import Batch, get_method
+from test_amp import _float64, reference_amp, tiny_model  # noqa: F401 (the fixture runs here too)
+from test_efficient import EPS, SGD_KW, ZETA, reference
+from test_sam import reference_sam
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    return tiny_model(seed)
+
+
+def data(n_steps: int = 8, batch: int = 12, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 5, generator=g), torch.randint(0, 3, (batch,), generator=g))
+            for _ in range(n_steps)]
+
+
+def rules() -> dict:
+    """Every rule the trainer can build, on any parameters (RMP with a seeded generator)."""
+    amp = dict(epsilon=EPS, inner_lr=ZETA, **SGD_KW)
+    return {
+        "erm": lambda p: ERM(p, torch.optim.SGD, **SGD_KW),
+        "amp_global_n1": lambda p: AMP(p, ball="global", **amp),
+        "amp_per_tensor_n1": lambda p: AMP(p, ball="per_tensor", **amp),
+        "amp_global_n2": lambda p: AMP(p, ball="global", inner_iter=2, **amp),
+        "amp_per_tensor_n2": lambda p: AMP(p, ball="per_tensor", inner_iter=2, **amp),
+        "sam": lambda p: SAM(p, rho=0.05, **SGD_KW),
+        "asam": lambda p: SAM(p, rho=0.5, adaptive=True, **SGD_KW),
+        "rmp": lambda p: RMP(p, radius=0.1, generator=torch.Generator().manual_seed(7), **SGD_KW),
+        "amp_reuse": lambda p: build_amp(p, "reuse", reuse_every=3, **amp),
+        "amp_subbatch": lambda p: build_amp(p, "subbatch", ascent_fraction=0.5, **amp),
+        "amp_onepass": lambda p: build_amp(p, "onepass", **amp),
+    }
+
+
+def ctx_for(accumulate: int = 1) -> StepContext:
+    cfg = TrainConfig(accumulate=accumulate)
+    return StepContext(cfg, get_method("erm"), torch.amp.GradScaler("cpu", enabled=False),
+                       torch.device("cpu"), 1.0, SingleProcess())
+
+
+def by_trainer(rule: str, accumulate: int = 1, steps=None) -> nn.Module:
+    model = tiny()
+    opt = rules()[rule](model.parameters())
+    ctx = ctx_for(accumulate)
+    for x, y in steps or data():
+        train_step(model, model, opt, Batch(x, y), ctx)
+    return model
+
+
+def by_closure(rule: str) -> nn.Module:
+    model = tiny()
+    opt = rules()[rule](model.parameters())
+    for x, y in data():
+        def closure(ascent=False, x=x, y=y):
+            opt.zero_grad()
+            n = opt.ascent_size(len(x)) if ascent else len(x)
+            loss = F.cross_entropy(model(x[:n]), y[:n])
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return model
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("rule", list(rules()))
+def test_trainer_update_is_the_optimizers_own_step(rule):
+    """Bit for bit: the trainer and step(closure) run the same driver."""
+    for a, b in zip(params(by_trainer(rule)), params(by_closure(rule))):
+        assert torch.equal(a, b)
+
+
+REFERENCES = {
+    "erm": lambda m: _sgd_reference(m),
+    "amp_global_n1": lambda m: reference_amp(m, data(), epsilon=EPS, inner_lr=ZETA, inner_iter=1,
+                                             ball="global", base_cls=torch.optim.SGD, base_kw=SGD_KW),
+    "amp_per_tensor_n2": lambda m: reference_amp(m, data(), epsilon=EPS, inner_lr=ZETA, inner_iter=2,
+                                                 ball="per_tensor", base_cls=torch.optim.SGD, base_kw=SGD_KW),
+    "sam": lambda m: reference_sam(m, data(), rho=0.05, adaptive=False, base_kw=SGD_KW),
+    "asam": lambda m: reference_sam(m, data(), rho=0.5, adaptive=True, base_kw=SGD_KW),
+    "amp_reuse": lambda m: reference(m, data(), ball="global", k=3),
+    "amp_subbatch": lambda m: reference(m, data(), ball="global", frac=0.5),
+    "amp_onepass": lambda m: reference(m, data(), ball="global", onepass=True),
+}
+
+
+def _sgd_reference(model: nn.Module) -> nn.Module:
+    opt = torch.optim.SGD(model.parameters(), **SGD_KW)
+    for x, y in data():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("rule", list(REFERENCES))
+def test_trainer_update_is_the_papers_loop(rule):
+    """The trainer against Algorithm 1 / SAM / the variants written out plainly (float64)."""
+    for a, b in zip(params(by_trainer(rule)), params(REFERENCES[rule](tiny()))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", list(rules()))
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_micro_batches_give_the_whole_batch_step(rule, k):
+    """K micro-batches per pass (uneven for k = 5: 12 = 3+3+2+2+2) equal one pass on the batch."""
+    for a, b in zip(params(by_trainer(rule, accumulate=k)), params(by_trainer(rule))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+SPIRAL = dict(dataset="spiral", epochs=3, batch_size=20, lr=0.1, dataset_options={"n_samples": 200})
+ACCUMULATE = {
+    "erm": {}, "amp_global_n1": dict(method="amp", ball="global"),
+    "amp_per_tensor_n2": dict(method="amp", ball="per_tensor", inner_iter=2),
+    "sam": dict(method="sam"), "amp_reuse": dict(method="amp", amp_variant="reuse", reuse_every=3),
+    "amp_subbatch": dict(method="amp", amp_variant="subbatch", ascent_fraction=0.5),
+    "amp_onepass": dict(method="amp", amp_variant="onepass"),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCUMULATE))
+def test_trainer_accumulate_4_reproduces_accumulate_1(name):
+    torch.set_default_dtype(torch.float32)  # the trainer's own precision
+    try:
+        cfg = TrainConfig(**{**SPIRAL, **ACCUMULATE[name]})
+        one = train(cfg, progress=False)
+        four = train(cfg.replace(accumulate=4), progress=False)
+    finally:
+        torch.set_default_dtype(torch.float64)
+    for split in ("train", "val", "test"):
+        assert one[split]["error"] == four[split]["error"]
+        assert abs(one[split]["nll"] - four[split]["nll"]) < 1e-4
+        assert abs(one[split]["ece"] - four[split]["ece"]) < 1e-4
+
+
+def test_only_the_first_pass_moves_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    ref = copy.deepcopy(model)
+    opt = AMP(model.parameters(), lr=0.0, epsilon=0.5, inner_iter=3)
+    (x, y), = data(1)
+    train_step(model, model, opt, Batch(x, y), ctx_for())
+    ref(x)  # one forward in train mode: what the first pass alone does to the statistics
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
+    assert int(model[1].num_batches_tracked) == 1

@@ -1,0 +1,143 @@
+"""Zero host–device syncs in every step of every rule, on every path (counted on CPU by dispatch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from flatmin import AMP, RMP, SAM
+from flatmin.optim import ERM, build_amp
+from flatmin.optim.syncs import count_syncs
+from flatmin.train import TrainConfig
+from flatmin.train.distributed import SingleProcess
+from flatmin.train.loop import StepContext, train_step
+from flatmin.train.methods import Batch, get_method
+
+K = 3  # consecutive steps counted (after one warm-up step that creates the state)
+X, Y = torch.randn(12, 4, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 3
+BASES = {"sgd": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+         "sgd_fused": dict(lr=0.1, momentum=0.9, fused=True),
+         # torch's unfused Adam reads its step counter with .item(): a CPU-resident scalar even when
+         # training on a GPU (no device sync there), but indistinguishable from one on CPU — so fused
+         "adam_fused": dict(base_optimizer=torch.optim.Adam, lr=0.01, fused=True)}
+RULES = {
+    "erm": lambda p, kw: ERM(p, **kw),
+    "amp": lambda p, kw: AMP(p, epsilon=0.1, **kw),
+    "amp_n2_per_tensor": lambda p, kw: AMP(p, epsilon=0.1, inner_iter=2, ball="per_tensor", **kw),
+    "sam": lambda p, kw: SAM(p, rho=0.05, **kw),
+    "asam": lambda p, kw: SAM(p, rho=0.5, adaptive=True, **kw),
+    "rmp": lambda p, kw: RMP(p, radius=0.1, **kw),
+    "amp_reuse": lambda p, kw: build_amp(p, "reuse", reuse_every=2, epsilon=0.1, **kw),
+    "amp_subbatch": lambda p, kw: build_amp(p, "subbatch", ascent_fraction=0.5, epsilon=0.1, **kw),
+    "amp_onepass": lambda p, kw: build_amp(p, "onepass", epsilon=0.1, **kw),
+}
+
+
+def tiny(bn: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(6) if bn else nn.Identity()
+    return nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 3))
+
+
+def assert_no_sync(step, k: int = K) -> None:
+    step()  # warm-up: state is created
+    with count_syncs() as log:
+        for _ in range(k):
+            step()
+    assert len(log) == 0, f"{len(log)} host sync(s) in {k} steps:\n{log.describe()}"
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("rule", list(RULES))
+def test_step_closure(rule, base):
+    model = tiny()
+    opt = RULES[rule](model.parameters(), dict(BASES[base]))
+
+    def closure(ascent=False):
+        opt.zero_grad()
+        n = opt.ascent_size(len(X)) if ascent else len(X)
+        loss = F.cross_entropy(model(X[:n]), Y[:n])
+        loss.backward()
+        return loss
+
+    assert_no_sync(lambda: opt.step(closure))
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_two_call_form(rule):
+    model = tiny()
+    opt = RULES[rule](model.parameters(), dict(BASES["sgd"]))
+
+    def step():
+        opt.begin_step()
+        for _ in range(opt.ascent_passes()):
+            opt.zero_grad()
+            F.cross_entropy(model(X), Y).backward()
+            opt.perturb()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), Y)
+        loss.backward()
+        opt.restore_and_step(losses=[loss])
+
+    assert_no_sync(step)
+
+
+def test_sam_first_second_step():
+    model = tiny()
+    opt = SAM(model.parameters(), rho=0.05, lr=0.1)
+
+    def step():
+        F.cross_entropy(model(X), Y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(X), Y).backward()
+        opt.second_step(zero_grad=True)
+
+    assert_no_sync(step)
+
+
+TRAINER = {  # name: (rule, TrainConfig changes)
+    "fp32": ("amp", {}), "accumulate": ("amp", dict(accumulate=3)), "bf16": ("sam", dict(precision="bf16")),
+    "fp16_scaler": ("amp", dict(precision="fp16")), "clip": ("amp_n2_per_tensor", dict(grad_clip=1.0)),
+    "subbatch_accumulate": ("amp_subbatch", dict(accumulate=2)), "erm_fp16": ("erm", dict(precision="fp16")),
+    "rmp": ("rmp", {}), "onepass": ("amp_onepass", {}), "reuse": ("amp_reuse", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINER))
+def test_trainer_step(case):
+    rule, changes = TRAINER[case]
+    model = tiny(bn=True)
+    opt = RULES[rule](model.parameters(), dict(BASES["sgd"]))
+    cfg = TrainConfig(**changes)
+    scaler = torch.amp.GradScaler("cpu", enabled=cfg.precision == "fp16")
+    ctx = StepContext(cfg, get_method("erm"), scaler, torch.device("cpu"), 1.0, SingleProcess())
+    assert_no_sync(lambda: train_step(model, model, opt, Batch(X, Y), ctx))
+
+
+@pytest.mark.parametrize("method", ["mixup", "label_smoothing", "flooding", "adv_training"])
+def test_trainer_methods(method):
+    model = tiny()
+    opt = RULES["amp"](model.parameters(), dict(BASES["sgd"]))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ctx = StepContext(TrainConfig(method=method), get_method(method), scaler, torch.device("cpu"), 1.0,
+                      SingleProcess())
+    assert_no_sync(lambda: train_step(model, model, opt, Batch(X, Y), ctx))
+
+
+def test_the_counter_sees_a_sync_and_names_the_line():
+    model = tiny()
+    opt = AMP(model.parameters(), lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), Y)
+        loss.backward()
+        if loss > 100:  # a host read: exactly what must not hide in a step
+            pass
+        return loss
+
+    with count_syncs() as log:
+        opt.step(closure)
+    assert len(log) == 2 and "_local_scalar_dense" in log.describe() and "if loss > 100" in log.describe()
