@@ -141,7 +141,8 @@ class Contender:
         return statistics.median(steps), share
 
 
-def batch(args: argparse.Namespace, model_name: str, device: torch.device) -> tuple[nn.Module, Tensor, Tensor]:
+def batch(args: argparse.Namespace, model_name: str,
+          device: torch.device) -> tuple[nn.Module, Tensor, Tensor]:
     """A model from the registry and one random batch of its input shape."""
     shape = (1, 40) if model_name in ("cnn1d", "mlp") else (3, 32, 32)
     torch.manual_seed(0)
@@ -181,7 +182,8 @@ def step_costs(args: argparse.Namespace, model_name: str, precision: str, method
     """Round-robin timing of the methods at one precision; ratios to the plain SGD loop."""
     model, x, y = batch(args, model_name, device)
     if precision == "channels_last":
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        cl = torch.channels_last
+        model, x = model.to(memory_format=cl), x.contiguous(memory_format=cl)
     timer, table = Timer(device), rules(fused)
     runs = []
     for name in ["erm_plain", *methods]:
@@ -234,9 +236,8 @@ def memory(args: argparse.Namespace, model_name: str, device: torch.device, fuse
 
 def fp16_overflow(model_name: str, device: torch.device, fused: bool) -> dict[str, Any]:
     """A step whose scaled gradients overflow: skipped on the device, θ exact, scale backed off."""
-    model = create_model(model_name, 10, input_shape=(1, 40) if model_name in ("cnn1d", "mlp") else (3, 32, 32))
-    model.to(device).train()
     shape = (1, 40) if model_name in ("cnn1d", "mlp") else (3, 32, 32)
+    model = create_model(model_name, 10, input_shape=shape).to(device).train()
     x, y = torch.randn(8, *shape, device=device), torch.randint(0, 10, (8,), device=device)
     opt = rules(fused)["amp"](model.parameters())
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)

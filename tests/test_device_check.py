@@ -19,7 +19,8 @@ def test_reduced_device_check_runs_and_meets_the_non_timing_goals(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["syncs"].values()) == {"pass"}, result["syncs"]
     assert result["goals"]["zero_syncs"] and result["goals"]["amp_sam_extra_memory<=1x_params"]
-    assert result["fp16_overflow"] == {**result["fp16_overflow"], "theta_bit_identical": True, "backed_off": True}
+    overflow = result["fp16_overflow"]
+    assert overflow["theta_bit_identical"] is True and overflow["backed_off"] is True
     cells = result["step_cost"]
     assert {"cnn1d/fp32", "cnn1d/bf16"} <= set(cells)
     assert all(v["s_per_step"] > 0 for cell in cells.values() for v in cell.values())
