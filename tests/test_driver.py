@@ -7,6 +7,9 @@ import copy
 
 import pytest
 import torch
+from tests.test_amp import _float64, reference_amp, tiny_model  # noqa: F401 (the fixture runs here too)
+from tests.test_efficient import EPS, SGD_KW, ZETA, reference
+from tests.test_sam import reference_sam
 from torch import nn
 from torch.nn import functional as F
 
@@ -16,9 +19,6 @@ from flatmin.train import TrainConfig, train
 from flatmin.train.distributed import SingleProcess
 from flatmin.train.loop import StepContext, train_step
 from flatmin.train.methods import Batch, get_method
-from test_amp import _float64, reference_amp, tiny_model  # noqa: F401 (the fixture runs here too)
-from test_efficient import EPS, SGD_KW, ZETA, reference
-from test_sam import reference_sam
 
 
 def tiny(seed: int = 0) -> nn.Module:
