@@ -141,3 +141,41 @@ def test_the_counter_sees_a_sync_and_names_the_line():
     with count_syncs() as log:
         opt.step(closure)
     assert len(log) == 2 and "_local_scalar_dense" in log.describe() and "if loss > 100" in log.describe()
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_step(precision):
+    """Inside PerturbedModule.optimizer_step (Lightning's closure included), after the first step."""
+    L = pytest.importorskip("lightning", reason="the lightning extra is not installed")
+    import warnings
+
+    from flatmin.integrations.lightning import PerturbedModule, PerturbedStep
+
+    seen: list[str] = []
+
+    class Net(PerturbedModule, L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = tiny(bn=True)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x).float(), y)
+
+        def configure_optimizers(self):
+            return PerturbedStep(AMP(self.parameters(), lr=0.1, epsilon=0.1, momentum=0.9))
+
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            if batch_idx == 0:
+                return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            with count_syncs() as log:
+                super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            seen.extend(f"{op} at {where}" for op, where in log.events)
+
+    data = torch.utils.data.TensorDataset(X.repeat(4, 1), Y.repeat(4))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=12))
+    assert seen == [], seen[:5]
