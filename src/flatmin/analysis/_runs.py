@@ -44,9 +44,10 @@ def _read_json(path: Path) -> Any:
 def check_names(cfg: Any, path: Path | str) -> None:
     """A run whose model or method this flatmin does not know cannot be analysed."""
     from flatmin.models import MODELS
+    from flatmin.models.user import is_factory_spec
     from flatmin.train import METHODS
 
-    if cfg.model is not None and cfg.model not in MODELS:
+    if cfg.model is not None and cfg.model not in MODELS and not is_factory_spec(cfg.model):
         raise FlatminError(f"{path}: unknown model {cfg.model!r}; valid models: {', '.join(sorted(MODELS))}")
     if cfg.method not in METHODS:
         raise FlatminError(f"{path}: unknown method {cfg.method!r}; "
