@@ -58,10 +58,10 @@ def class_ids(name: str, y: np.ndarray) -> Tensor:
     if y.ndim != 1:
         raise FlatminError(f"{name} must be a vector of class ids, got shape {tuple(y.shape)}")
     if y.dtype.kind not in "iubf":
-        raise FlatminError(f"{name} holds non-numeric labels (dtype {y.dtype}, e.g. {y.flat[0]!r}); "
+        raise FlatminError(f"{name} holds non-numeric labels (dtype {y.dtype}, e.g. {y.flat[0].item()!r}); "
                            "labels must be integer class ids 0..K-1")
     if y.dtype.kind == "f" and (bad := ~np.isfinite(y) | (y != np.round(y))).any():
-        raise FlatminError(f"{name} holds a label that is not a class id ({y[np.argmax(bad)]!r}); "
+        raise FlatminError(f"{name} holds a label that is not a class id ({y[np.argmax(bad)].item()!r}); "
                            "labels must be integer class ids 0..K-1")
     if len(y) and y.min() < 0:
         raise FlatminError(f"{name} holds a negative label ({y.min()}); labels must be class ids 0..K-1")
@@ -74,7 +74,7 @@ def features(name: str, x: np.ndarray) -> Tensor:
         raise FlatminError(f"{name} has dtype {x.dtype}; inputs must be numeric arrays")
     if x.dtype == np.uint8 and x.ndim == 4:
         return torch.from_numpy(np.ascontiguousarray(x))
-    x = x.astype(np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)  # a transposed (NHWC) array: one memory order
     return torch.from_numpy(x.reshape(len(x), 1) if x.ndim == 1 else x)
 
 
