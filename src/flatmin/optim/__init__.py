@@ -4,8 +4,10 @@ from flatmin.optim.amp import AMP
 from flatmin.optim.base import PerturbedOptimizer
 from flatmin.optim.bn import frozen_running_stats
 from flatmin.optim.efficient import VARIANTS, OnePassAMP, ReuseAMP, SubBatchAMP, build_amp
+from flatmin.optim.factory import create_optimizer
 from flatmin.optim.rmp import RMP
 from flatmin.optim.sam import SAM
 
 __all__ = ["AMP", "SAM", "RMP", "PerturbedOptimizer", "frozen_running_stats",
-           "ReuseAMP", "SubBatchAMP", "OnePassAMP", "VARIANTS", "build_amp"]
+           "ReuseAMP", "SubBatchAMP", "OnePassAMP", "VARIANTS", "build_amp",
+           "create_optimizer"]
