@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.test_amp import make_closure
 from torch import nn
-from torch.nn import functional as F
 
 import flatmin
 from flatmin.errors import UnknownNameError
@@ -104,12 +104,7 @@ def test_amp_from_the_factory_equals_amp_built_by_hand():
     for step in range(3):
         x, y = batch(step)
         for net, opt in zip(nets, (a, b)):
-            def closure(net=net, opt=opt, x=x, y=y):
-                opt.zero_grad()
-                loss = F.cross_entropy(net(x), y)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(make_closure(net, opt, x, y))
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(p, q)
     assert not torch.equal(nets[0].fc.weight, Net().fc.weight)  # it did train
