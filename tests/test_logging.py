@@ -84,7 +84,7 @@ def test_resume_keeps_the_finished_epochs_only(tmp_path):
         run_epochs(log, range(1, 3), offset=100.0)
     steps, epochs = read_log(tmp_path)
     assert [s["step"] for s in steps] == list(range(12))
-    assert steps[3]["loss"] == 0.25 and steps[4]["loss"] == pytest.approx(100.2)  # epoch 2 re-run after resume
+    assert steps[3]["loss"] == 0.25 and steps[4]["loss"] == pytest.approx(100.2)  # epoch 2 re-run
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     loss = events(tmp_path / "tensorboard").Scalars("step/loss")
     assert [e.step for e in loss] == list(range(12))  # the purged steps are not shown twice

@@ -335,3 +335,16 @@ def test_run_key_follows_the_files_and_folder_names_are_safe(tmp_path):
     save_npz(tmp_path / "d.npz", n=61)
     assert config_key(cfg) != key  # changed data: a new run, not the stale result
     assert config_key(cfg.replace(tensorboard=True)) == config_key(cfg)
+
+
+def test_cli_stores_user_data_with_an_absolute_path(tmp_path, monkeypatch):
+    import argparse
+
+    from flatmin.train.cli import add_config_arguments, config_overrides
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    monkeypatch.chdir(tmp_path)
+    given = config_overrides(parser.parse_args(["--dataset", "npz:sub/d.npz", "--layout", "nhwc"]))
+    assert given == {"dataset": f"npz:{tmp_path / 'sub' / 'd.npz'}", "dataset_options": {"layout": "nhwc"}}
+    assert config_overrides(parser.parse_args(["--dataset", "digits"]))["dataset"] == "digits"

@@ -185,6 +185,13 @@ def get_loader(name: str) -> Loader | Any:
     return DATASETS[name]
 
 
+def canonical_name(name: str) -> str:
+    """User data with its absolute path (``npz:data.npz`` -> ``npz:/home/me/data.npz``), so a saved
+    config still finds the files from another working directory; other names unchanged."""
+    loader = get_loader(name)
+    return f"{loader.kind}:{loader.path}" if hasattr(loader, "kind") else name
+
+
 def load_dataset(name: str, *, data_dir: str | Path | None = None, val_fraction: float = 0.1,
                  seed: int = 0, augment: str = "standard", download: bool = False,
                  **kwargs) -> Dataset:

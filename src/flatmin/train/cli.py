@@ -73,6 +73,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the user actually gave on the command line."""
     out = _given(args, OPTIONS)
+    if "dataset" in out:
+        from flatmin.data.registry import canonical_name
+
+        out["dataset"] = canonical_name(out["dataset"])
     for flag in ("compile", "download", "ddp_local_ascent", "tensorboard"):
         if getattr(args, flag, None):
             out[flag] = True
