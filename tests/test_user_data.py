@@ -222,19 +222,37 @@ ABL = ("a", "b", "label")
 
 
 @pytest.mark.parametrize("train_rows, header, message", [
-    ([(1, "red", 0), (2, "blue", 1)], ABL, "column 'b' is not numeric.*line 2: 'red'.*one-hot"),
+    ([(1, "red", 0), (2, "blue", 1)], ABL, "column 'b' is not numeric.*line 2: 'red'.*--categorical onehot"),
     ([(1, 2, "cat"), (2, 3, "dog")], ABL, "line 2: label 'cat' in column 'label' is not a class"),
     ([(1, 2, 0.5), (2, 3, 1)], ABL, "label '0.5'"),
     ([(1, 2, 0), (2, 3, 1)], ("a", "b", "y"),
      r"no label column 'label' \(columns: a, b, y\).*--label-column"),
     ([(1, 2, 0), (2, 3)], ABL, "line 3: 2 fields, the header has 3"),
-    ([(1, "", 0), (2, 3, 1)], ABL, "column 'b' is not numeric.*line 2: ''"),
+    ([(1, "", 0), (2, 3, 1)], ABL, "line 2: column 'b' has a missing value"),
+    ([(1, 2, 0), (2, "nan", 1)], ABL, "line 3: column 'b' has a missing value"),
+    ([], ABL, r"has no rows \(only a header\)"),
 ])
 def test_csv_bad_input_is_one_clear_message(tmp_path, train_rows, header, message):
     write_csv(tmp_path / "train.csv", train_rows, header)
     write_csv(tmp_path / "test.csv", [(1, 2, 0)], header)
     with pytest.raises(FlatminError, match=message):
         load_dataset(f"csv:{tmp_path}")
+
+
+def test_csv_categorical_columns_one_hot_when_asked(tmp_path):
+    header = ("size", "colour", "label")
+    colours = ("red", "blue", "green")
+    write_csv(tmp_path / "train.csv", [(i, colours[i % 3], i % 2) for i in range(12)], header)
+    write_csv(tmp_path / "test.csv", [(1, "blue", 0), (2, "purple", 1)], header)
+    with pytest.raises(FlatminError, match="column 'colour' is not numeric"):
+        load_dataset(f"csv:{tmp_path}")
+    ds = load_dataset(f"csv:{tmp_path}", categorical="onehot", val_fraction=0.0)
+    assert ds.input_shape == (4,)  # size + colour=blue, colour=green, colour=red
+    onehot_train = (ds.train.x[:, 1:] > 0).int()  # standardised, but 1s stay above the mean
+    assert onehot_train[:3].tolist() == [[0, 0, 1], [1, 0, 0], [0, 1, 0]]  # red, blue, green
+    assert (ds.test.x[1, 1:] < 0).all()  # an unseen colour: all zeros, below every column mean
+    with pytest.raises(FlatminError, match="categorical must be one of error, onehot"):
+        load_dataset(f"csv:{tmp_path}", categorical="ordinal")
 
 
 def test_csv_missing_split_and_mismatched_header(tmp_path):
@@ -244,7 +262,7 @@ def test_csv_missing_split_and_mismatched_header(tmp_path):
     write_csv(tmp_path / "test.csv", [(1, 2, 0)], header=("a", "c", "label"))
     with pytest.raises(FlatminError, match="test.csv has columns"):
         load_dataset(f"csv:{tmp_path}")
-    with pytest.raises(FlatminError, match="take no option.*image_size; their options: label_column"):
+    with pytest.raises(FlatminError, match="no option.*image_size; their options: label_column, categorical"):
         load_dataset(f"csv:{tmp_path}", image_size=3)
 
 

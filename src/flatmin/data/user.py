@@ -13,7 +13,6 @@ changes size or mtime; reading every image to hash it would cost what the cache 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from flatmin.data.registry import Dataset, Split, holdout, with_transform
 from flatmin.errors import FlatminError
 
 KINDS = ("npz", "folder", "csv")
-OPTIONS = {"npz": ("layout",), "folder": ("image_size",), "csv": ("label_column",)}
+OPTIONS = {"npz": ("layout",), "folder": ("image_size",), "csv": ("label_column", "categorical")}
 # CPU-sized like `digits`; every one overridable on the command line.
 DEFAULTS = {"epochs": 30, "lr": 0.05, "batch_size": 50, "weight_decay": 1e-4}
 DEFAULT_MODEL = "mlp"  # works on any input shape; images usually want --model preactresnet18 or yours
@@ -112,63 +111,6 @@ def read_npz(path: Path, layout: str | None = None) -> Arrays:
     return Arrays(splits)
 
 
-def read_csv(root: Path, label_column: str | None = None) -> Arrays:
-    """train.csv, test.csv (+ val.csv) in ``root``, a header row, numeric feature columns."""
-    label_column = label_column or "label"
-    header, splits = None, {}
-    for s in SPLITS:
-        path = root / f"{s}.csv"
-        if not path.is_file():
-            if s == "val":
-                continue
-            raise FlatminError(f"{root} has no {s}.csv (csv: datasets need train.csv and test.csv, "
-                               "val.csv optional)")
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows:
-            raise FlatminError(f"{path} is empty")
-        names = [n.strip() for n in rows[0]]
-        if header is None:
-            header = names
-            if label_column not in header:
-                raise FlatminError(f"{path} has no label column {label_column!r} (columns: "
-                                   f"{', '.join(header)}); choose one with --label-column")
-        elif names != header:
-            raise FlatminError(f"{path} has columns {names}, train.csv has {header}")
-        splits[s] = _parse_rows(path, header, rows[1:], label_column)
-    return Arrays(splits)
-
-
-def _parse_rows(path: Path, header: list[str], rows: list[list[str]], label: str) -> tuple[Tensor, Tensor]:
-    """Numeric features and integer labels; the first bad cell is named with its line and column."""
-    if not rows:
-        raise FlatminError(f"{path} has a header but no rows")
-    cols = [i for i, n in enumerate(header) if n != label]
-    li = header.index(label)
-    x = np.empty((len(rows), len(cols)), dtype=np.float32)
-    y = np.empty(len(rows), dtype=np.int64)
-    for r, row in enumerate(rows):
-        line = r + 2
-        if len(row) != len(header):
-            raise FlatminError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
-        for j, i in enumerate(cols):
-            try:
-                x[r, j] = float(row[i])
-            except ValueError:
-                raise FlatminError(
-                    f"{path}: column {header[i]!r} is not numeric (line {line}: {row[i]!r}); flatmin "
-                    "reads numeric columns only: one-hot encode it or drop it") from None
-        try:
-            v = float(row[li])
-        except ValueError:
-            v = float("nan")
-        if not v.is_integer() or v < 0:
-            raise FlatminError(f"{path} line {line}: label {row[li]!r} in column {label!r} is not a "
-                               "class id (labels must be integers 0..K-1)")
-        y[r] = int(v)
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
 class UserLoader:
     """`Loader`'s interface for files the user names; classes and shape come from the files."""
 
@@ -216,7 +158,9 @@ class UserLoader:
         if self.kind == "npz":
             arrays = read_npz(self.path, options.get("layout"))
         elif self.kind == "csv":
-            arrays = read_csv(self.path, options.get("label_column"))
+            from flatmin.data.tabular import read_csv
+
+            arrays = read_csv(self.path, options.get("label_column"), options.get("categorical", "error"))
         else:
             from flatmin.data.images import read_folder
 

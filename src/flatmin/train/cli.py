@@ -53,6 +53,7 @@ DATASET_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--image-size": ("image_size", int, "folder: data: resize every image to N x N"),
     "--label-column": ("label_column", str, "csv: data: the label column (default: label)"),
     "--layout": ("layout", str, "npz: data: nchw or nhwc for 4-D x (default: inferred)"),
+    "--categorical": ("categorical", str, "csv: data: non-numeric columns are an error or onehot"),
 }
 
 
