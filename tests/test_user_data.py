@@ -341,6 +341,22 @@ def test_train_cli_on_user_npz_and_user_model(tmp_path, user_module, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+def test_compare_on_an_image_folder_and_analysis_reload(tmp_path, user_module, capsys):
+    """`flatmin compare` with the user's folder and factory; the run reloads for the analyses."""
+    from flatmin.train.checkpoint import load_run
+
+    make_folder(tmp_path / "img", per_class=6)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--dataset", f"folder:{tmp_path / 'img'}", "--model", f"{user_module}:factory",
+                 "--methods", "erm,amp", "--seeds", "1", "--epochs", "1", "--workers", "1",
+                 "--out", str(out), "--no-figures"]) == 0
+    assert "| amp | 1 |" in capsys.readouterr().out
+    (ckpt,) = sorted(out.glob("runs/amp_folder-*/checkpoint.pt"))
+    run = load_run(ckpt)
+    assert run.dataset.input_shape == (3, 5, 6) and run.dataset.num_classes == 2
+    assert run.model(run.dataset.transform(run.dataset.test.x, False)).shape == (12, 2)
+
+
 def test_run_key_follows_the_files_and_folder_names_are_safe(tmp_path):
     from flatmin.experiments.runner import config_key, make_task
     from flatmin.train.config import TrainConfig
@@ -349,7 +365,8 @@ def test_run_key_follows_the_files_and_folder_names_are_safe(tmp_path):
     cfg = TrainConfig(dataset=f"npz:{tmp_path / 'd.npz'}", epochs=1)
     key = config_key(cfg)
     task = make_task(cfg, "erm", tmp_path / "out")
-    assert task.run_dir.parent == tmp_path / "out" / "runs" and ":" not in task.run_dir.name
+    assert task.run_dir.parent == tmp_path / "out" / "runs"
+    assert task.run_dir.name.startswith("erm_npz-d.npz_s0_")
     save_npz(tmp_path / "d.npz", n=61)
     assert config_key(cfg) != key  # changed data: a new run, not the stale result
     assert config_key(cfg.replace(tensorboard=True)) == config_key(cfg)

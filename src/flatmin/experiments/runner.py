@@ -75,7 +75,8 @@ def config_key(cfg: TrainConfig) -> str:
 def make_task(cfg: TrainConfig, label: str, root: str | Path) -> Task:
     """A task for ``cfg`` whose folder is ``root/runs/<method>_<dataset>_s<seed>_<key>``."""
     c, key = resolved(cfg), config_key(cfg)
-    dataset = re.sub(r"[^\w.-]+", "-", c.dataset).strip("-")[-40:]  # npz:/a/b.npz -> npz-a-b.npz
+    kind, _, path = c.dataset.partition(":")  # the user's files: npz:/a/b.npz -> npz-b.npz
+    dataset = re.sub(r"[^\w.-]+", "-", f"{kind}-{Path(path).name}" if path else kind)
     return Task(key, label, c, Path(root) / "runs" / f"{c.method}_{dataset}_s{c.seed}_{key}")
 
 
