@@ -148,6 +148,10 @@ def test_folder_of_pngs_and_a_jpeg_decodes_exactly(tmp_path):
     jpeg = ds.train.x[-1].float()  # lossy, but close to the flat 200 it was
     assert (jpeg - 200).abs().max() <= 3
     assert ds.mean is not None and len(ds.mean) == 3  # images normalised per channel from train
+    (tmp_path / "img/train/ant/._0.png").write_bytes(b"macOS resource fork")  # hidden: skipped
+    assert len(load_dataset(f"folder:{tmp_path / 'img'}").train) == 7
+    with pytest.raises(FlatminError, match="augment='cutout' is defined for the paper datasets"):
+        load_dataset(f"folder:{tmp_path / 'img'}", augment="cutout")
 
 
 def test_folder_greyscale_is_one_channel_and_image_size_resizes(tmp_path):

@@ -50,8 +50,8 @@ def list_images(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]
                                f"(train classes: {', '.join(classes)})")
         items = []
         for name in names:
-            files = sorted(p for p in (d / name).iterdir()
-                           if p.is_file() and p.suffix.lower() in EXTENSIONS)
+            files = sorted(p for p in (d / name).iterdir()  # hidden: macOS ._x.png forks, not images
+                           if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
             if not files:
                 raise FlatminError(f"class folder {d / name} holds no images ({', '.join(EXTENSIONS)})")
             items += [(f, classes.index(name)) for f in files]

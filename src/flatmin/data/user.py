@@ -177,6 +177,9 @@ class UserLoader:
         if unknown := sorted(set(options) - set(self.options)):
             raise FlatminError(f"{self.kind}: datasets take no option(s) {', '.join(unknown)}; "
                                f"their options: {', '.join(self.options)}")
+        if augment not in ("none", "standard"):  # the paper's augmentations are per paper dataset
+            raise FlatminError(f"augment={augment!r} is defined for the paper datasets; your data takes "
+                               "'none' or 'standard' (both: no augmentation)")
         options = {k: v for k, v in options.items() if v is not None}
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         arrays = self.read(root / "user-cache", **options)
