@@ -90,7 +90,8 @@ def test_npz_uint8_images_take_the_image_path(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     ({"y_test": None}, "lacks y_test"),
-    ({"y_train": np.arange(59) % 3}, "x_train has 60 examples but y_train has 59"),
+    ({"y_train": np.arange(59) % 3}, "x_train has 60 examples and y_train 59"),
+    ({"x_test": np.zeros((0, 5), np.float32), "y_test": np.zeros(0, int)}, "x_test has 0 examples"),
     ({"y_train": np.full(60, 1.5)}, r"not a class id \(1.5\)"),
     ({"y_train": np.array(["cat", "dog"] * 30)}, "non-numeric labels.*'cat'"),
     ({"y_train": np.full(60, -1)}, "negative label"),

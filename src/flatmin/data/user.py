@@ -102,8 +102,9 @@ def read_npz(path: Path, layout: str | None = None) -> Arrays:
         raw = {s: (x.transpose(0, 3, 1, 2), y) for s, (x, y) in raw.items()}
     splits = {}
     for s, (x, y) in raw.items():
-        if len(x) != len(y):
-            raise FlatminError(f"{path}: x_{s} has {len(x)} examples but y_{s} has {len(y)}")
+        if len(x) != len(y) or not len(x):
+            raise FlatminError(f"{path}: x_{s} has {len(x)} examples and y_{s} {len(y)}; need the same "
+                               "number, at least one")
         if x.shape[1:] != raw["train"][0].shape[1:]:
             raise FlatminError(f"{path}: x_{s} examples have shape {x.shape[1:]}, x_train's "
                                f"{raw['train'][0].shape[1:]}")
@@ -190,7 +191,7 @@ class UserLoader:
             train, val = holdout(Split(x, y), val_fraction, seed)
         test = Split(*arrays.splits["test"])
         ys = [s.y for s in (train, val, test) if s is not None and len(s)]
-        num_classes = int(max(int(t.max()) for t in ys)) + 1
+        num_classes = max(int(t.max()) for t in ys) + 1
         if len(torch.unique(train.y)) < 2:
             raise FlatminError(f"{self.name}: the training split has a single class; need at least two")
         if x.dtype != torch.uint8:
