@@ -323,6 +323,16 @@ def test_model_factory_errors_are_named(user_module, spec, message):
         create_model(spec.format(m=user_module), num_classes=3, input_shape=(5,))
 
 
+def test_a_module_that_fails_to_import_is_told_apart_from_a_missing_one(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "needs_dep_xyz.py").write_text("import not_installed_dep_xyz\n")
+    (tmp_path / "broken_xyz.py").write_text("def f(:\n")
+    with pytest.raises(FlatminError, match="importing needs_dep_xyz failed: .*not_installed_dep_xyz"):
+        create_model("needs_dep_xyz:f", num_classes=2, input_shape=(3,))
+    with pytest.raises(FlatminError, match="importing broken_xyz failed: SyntaxError"):
+        create_model("broken_xyz:f", num_classes=2, input_shape=(3,))
+
+
 def test_dropout_needs_a_factory_that_takes_it(user_module):
     with pytest.raises(FlatminError, match="dropout method needs a factory that takes dropout="):
         create_model(f"{user_module}:factory", num_classes=3, input_shape=(5,), dropout=0.1)
