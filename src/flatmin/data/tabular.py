@@ -31,6 +31,7 @@ def _number(value: str) -> float | None:
 
 
 def _missing(path: Path, column: str, line: int) -> FlatminError:
+    """A gap in a numeric column: never silently 0."""
     return FlatminError(f"{path} line {line}: column {column!r} has a missing value (empty, nan or inf); "
                         "fill or drop it first")
 

@@ -34,6 +34,7 @@ Builder = Callable[..., Optimizer]  # (params, base class, **base kwargs and met
 
 
 def _amp(variant: str) -> Builder:
+    """AMP or one of its efficient variants, by `build_amp`'s name."""
     return lambda params, base, **kw: build_amp(params, variant, base_optimizer=base, **kw)
 
 
