@@ -119,7 +119,7 @@ class RunLogger:
                         self._writer.add_scalar(f"step/{key}", value, rec["step"])
 
     def _write(self, records: list[dict[str, Any]]) -> None:
-        """Append the records in one write (a reader never waits on a half-built batch)."""
+        """Append the records to log.jsonl in one write call."""
         if self.out is not None:
             with open(self.out / LOG, "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in records))
