@@ -372,7 +372,7 @@ def test_compare_on_an_image_folder_and_analysis_reload(tmp_path, user_module, c
     assert run.model(run.dataset.transform(run.dataset.test.x, False)).shape == (12, 2)
 
 
-def test_run_key_follows_the_files_and_folder_names_are_safe(tmp_path):
+def test_run_key_follows_the_files_and_folder_names_are_safe(tmp_path, monkeypatch):
     from flatmin.experiments.runner import config_key, make_task
     from flatmin.train.config import TrainConfig
 
@@ -385,6 +385,8 @@ def test_run_key_follows_the_files_and_folder_names_are_safe(tmp_path):
     save_npz(tmp_path / "d.npz", n=61)
     assert config_key(cfg) != key  # changed data: a new run, not the stale result
     assert config_key(cfg.replace(tensorboard=True)) == config_key(cfg)
+    monkeypatch.chdir(tmp_path)
+    assert config_key(cfg.replace(dataset="npz:d.npz")) == config_key(cfg)  # a relative path: same run
 
 
 def test_cli_stores_user_data_with_an_absolute_path(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from flatmin.data.registry import get_loader
+from flatmin.data.registry import canonical_name, get_loader
 from flatmin.errors import FlatminError
 from flatmin.experiments.store import Store
 from flatmin.train.config import TrainConfig, resolve
@@ -55,7 +55,8 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
     checked by building its optimizer, so a bad combination fails before anything trains."""
     loader = get_loader(cfg.dataset)
     method, default = get_method(cfg.method), TrainConfig()
-    cfg = cfg.replace(**{f: getattr(default, f) for f in unused_fields(cfg)})
+    cfg = cfg.replace(dataset=canonical_name(cfg.dataset),  # a grid file's relative data path
+                      **{f: getattr(default, f) for f in unused_fields(cfg)})
     cfg = resolve(cfg, loader.defaults, loader.default_model)
     method.build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
     return cfg
