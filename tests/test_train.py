@@ -221,3 +221,22 @@ def test_logged_grad_norm_is_taken_at_theta_even_with_subbatch_ascent():
                                                    torch.autograd.grad(loss, list(model.parameters()))]))
     _, _, gnorm = train_step(model, model, opt, Batch(x, y), ctx)
     torch.testing.assert_close(gnorm, expected)
+
+
+def test_step_logs_show_theorem_2s_quantities(tmp_path):
+    """--tensorboard: every step's loss, ‖∇J‖, lr, ‖Δ‖ (≤ ε) and J(θ+Δ) − J(θ) in log.jsonl and TensorBoard."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flatmin.logging import read_log
+
+    cfg = TrainConfig(method="amp", tensorboard=True, epsilon=0.05, ball="global", **{**SPIRAL, "epochs": 2})
+    train(cfg, tmp_path, progress=False)
+    steps, epochs = read_log(tmp_path)
+    assert [e["epoch"] for e in epochs] == [1, 2] and len(steps) == 2 * 9  # 180 training examples / 20
+    assert [s["step"] for s in steps] == list(range(18))
+    assert all(0 < s["delta_norm"] <= 0.05 + 1e-6 and math.isfinite(s["loss_gap"]) for s in steps)
+    assert sum(s["loss_gap"] > 0 for s in steps) > len(steps) // 2  # the ascent mostly raises the loss
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("step/delta_norm")) == 18 and len(events.Scalars("epoch/test_error")) == 2

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from flatmin.errors import FlatminError
+from flatmin.logging import read_epochs
 
 
 @dataclass
@@ -44,9 +45,10 @@ def _read_json(path: Path) -> Any:
 def check_names(cfg: Any, path: Path | str) -> None:
     """A run whose model or method this flatmin does not know cannot be analysed."""
     from flatmin.models import MODELS
+    from flatmin.models.user import is_factory_spec
     from flatmin.train import METHODS
 
-    if cfg.model is not None and cfg.model not in MODELS:
+    if cfg.model is not None and cfg.model not in MODELS and not is_factory_spec(cfg.model):
         raise FlatminError(f"{path}: unknown model {cfg.model!r}; valid models: {', '.join(sorted(MODELS))}")
     if cfg.method not in METHODS:
         raise FlatminError(f"{path}: unknown method {cfg.method!r}; "
@@ -77,13 +79,7 @@ def read_run_dir(path: str | Path) -> RunDir:
     except (TypeError, ValueError) as err:
         raise FlatminError(f"{path}: not a flatmin run configuration ({err})") from None
     check_names(cfg, path)
-    log = []
-    if (path / "log.jsonl").is_file():
-        try:
-            log = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines() if line.strip()]
-        except ValueError as err:
-            raise FlatminError(f"{path / 'log.jsonl'} is not a flatmin log ({err})") from None
-    return RunDir(path, cfg, metrics, log)
+    return RunDir(path, cfg, metrics, read_epochs(path))
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -174,8 +174,9 @@ def run(args: argparse.Namespace) -> int:
         models = [load_dataset(base.dataset, data_dir=base.data_dir, download=base.download,
                                **base.dataset_options).default_model]
     from flatmin.models import MODELS
+    from flatmin.models.user import is_factory_spec
 
-    if unknown := [m for m in models if m not in MODELS]:
+    if unknown := [m for m in models if m not in MODELS and not is_factory_spec(m)]:
         raise FlatminError(f"unknown model(s) {', '.join(unknown)}; "
                            f"valid models: {', '.join(sorted(MODELS))}")
     out = out_dir(args.out)

@@ -110,17 +110,22 @@ class Loader:
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         x, y, xt, yt = self.read(data_dir=root, seed=seed, download=download, **kwargs)
         train, val = holdout(Split(x, y.long()), val_fraction, seed)
-        ds = Dataset(self.name, train, val, Split(xt, yt.long()), self.num_classes,
-                     self.input_shape, self.default_model, dict(self.defaults), augment=augment)
-        if x.dtype == torch.uint8:
-            from flatmin.data.augment import build_transform
+        return with_transform(Dataset(self.name, train, val, Split(xt, yt.long()), self.num_classes,
+                                      self.input_shape, self.default_model, dict(self.defaults)), augment)
 
-            ds.mean, ds.std = channel_stats(train.x)
-            ds._transform = build_transform(self.name, augment, ds.mean, ds.std)
-        elif augment not in ("none", "standard"):
-            raise FlatminError(f"augment={augment!r} applies to image datasets; {self.name!r} "
-                               "takes 'none' or 'standard' (both mean no augmentation)")
-        return ds
+
+def with_transform(ds: Dataset, augment: str) -> Dataset:
+    """uint8 images get per-channel statistics of the training split and the dataset's augmentation."""
+    ds.augment = augment
+    if ds.train.x.dtype == torch.uint8:
+        from flatmin.data.augment import build_transform
+
+        ds.mean, ds.std = channel_stats(ds.train.x)
+        ds._transform = build_transform(ds.name, augment, ds.mean, ds.std)
+    elif augment not in ("none", "standard"):
+        raise FlatminError(f"augment={augment!r} applies to image datasets; {ds.name!r} "
+                           "takes 'none' or 'standard' (both mean no augmentation)")
+    return ds
 
 
 def _official(name: str, read: Callable[..., Arrays]) -> Callable[..., Arrays]:
@@ -162,11 +167,34 @@ DATASETS: dict[str, Loader] = {
 }
 
 
+USER_FORMS = "npz:PATH, folder:PATH, csv:PATH"
+
+
+def get_loader(name: str) -> Loader | Any:
+    """A registry entry, or a loader for the user's own files (`npz:`, `folder:`, `csv:` + a path)."""
+    kind, sep, path = name.partition(":")
+    if sep and name not in DATASETS:
+        from flatmin.data import user  # imported here: user.py builds on this module
+
+        if kind in user.KINDS:
+            return user.UserLoader(kind, path)
+    if name not in DATASETS:
+        err = UnknownNameError("dataset", name, list(DATASETS))
+        err.args = (f"{err.args[0]}; or your own data: {USER_FORMS}",)
+        raise err
+    return DATASETS[name]
+
+
+def canonical_name(name: str) -> str:
+    """User data with its absolute path (``npz:data.npz`` -> ``npz:/home/me/data.npz``), so a saved
+    config still finds the files from another working directory; other names unchanged."""
+    loader = get_loader(name)
+    return f"{loader.kind}:{loader.path}" if hasattr(loader, "kind") else name
+
+
 def load_dataset(name: str, *, data_dir: str | Path | None = None, val_fraction: float = 0.1,
                  seed: int = 0, augment: str = "standard", download: bool = False,
                  **kwargs) -> Dataset:
     """Every dataset through one call, so the trainer and CLI never special-case a dataset."""
-    if name not in DATASETS:
-        raise UnknownNameError("dataset", name, list(DATASETS))
-    return DATASETS[name](data_dir=data_dir, val_fraction=val_fraction, seed=seed,
-                          augment=augment, download=download, **kwargs)
+    return get_loader(name)(data_dir=data_dir, val_fraction=val_fraction, seed=seed,
+                            augment=augment, download=download, **kwargs)

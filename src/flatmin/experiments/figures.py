@@ -3,12 +3,12 @@ reliability diagrams (Fig. 7); matplotlib is optional and imported only here, la
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from flatmin.analysis._plot import pyplot, save_figure
+from flatmin.logging import read_epochs
 
 Runs = dict[str, list[dict[str, Any]]]  # label -> finished runs' metrics (one per seed)
 
@@ -34,11 +34,8 @@ def metric_spread(groups: Runs, path: Path) -> Path:
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """A run's per-epoch records (log.jsonl)."""
-    path = Path(run_dir) / "log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A run's per-epoch records (log.jsonl; step records left out)."""
+    return read_epochs(Path(run_dir))
 
 
 def training_curves(logs: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import re
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -14,13 +15,13 @@ from typing import Any
 
 import torch
 
-from flatmin.data.registry import DATASETS
-from flatmin.errors import FlatminError, UnknownNameError
+from flatmin.data.registry import canonical_name, get_loader
+from flatmin.errors import FlatminError
 from flatmin.experiments.store import Store
 from flatmin.train.config import TrainConfig, resolve
 from flatmin.train.methods import get_method, method_fields
 
-NOT_IN_KEY = ("data_dir", "download")  # where the data lives does not change a result
+NOT_IN_KEY = ("data_dir", "download", "tensorboard")  # where data lives, what logs: not a result
 # The config fields that only matter to one method (a run's "hyperparameters" in the tables).
 METHOD_FIELDS: dict[str, tuple[str, ...]] = method_fields()  # each Method owns its fields
 ALL_METHOD_FIELDS = {f for fields in METHOD_FIELDS.values() for f in fields}
@@ -45,11 +46,10 @@ def unused_fields(cfg: TrainConfig) -> list[str]:
 def resolved(cfg: TrainConfig) -> TrainConfig:
     """The config with presets filled in and fields the method does not use at their defaults;
     checked by building its optimizer, so a bad combination fails before anything trains."""
-    if cfg.dataset not in DATASETS:
-        raise UnknownNameError("dataset", cfg.dataset, list(DATASETS))
+    loader = get_loader(cfg.dataset)
     method, default = get_method(cfg.method), TrainConfig()
-    cfg = cfg.replace(**{f: getattr(default, f) for f in unused_fields(cfg)})
-    loader = DATASETS[cfg.dataset]
+    cfg = cfg.replace(dataset=canonical_name(cfg.dataset),  # a grid file's relative data path
+                      **{f: getattr(default, f) for f in unused_fields(cfg)})
     cfg = resolve(cfg, loader.defaults, loader.default_model)
     method.build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
     return cfg
@@ -63,13 +63,17 @@ def config_key(cfg: TrainConfig) -> str:
     d = {k: v for k, v in c.to_dict().items() if k not in skip}
     if d.get("accumulate") == 1:  # fields added later stay out of the key at their default
         del d["accumulate"]
+    if fingerprint := getattr(get_loader(c.dataset), "fingerprint", None):  # the user's files
+        d["data_fingerprint"] = fingerprint(**c.dataset_options)  # edited data: new runs, not stale ones
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_task(cfg: TrainConfig, label: str, root: str | Path) -> Task:
     """A task for ``cfg`` whose folder is ``root/runs/<method>_<dataset>_s<seed>_<key>``."""
     c, key = resolved(cfg), config_key(cfg)
-    return Task(key, label, c, Path(root) / "runs" / f"{c.method}_{c.dataset}_s{c.seed}_{key}")
+    kind, _, path = c.dataset.partition(":")  # the user's files: npz:/a/b.npz -> npz-b.npz
+    dataset = re.sub(r"[^\w.-]+", "-", f"{kind}-{Path(path).name}" if path else kind)
+    return Task(key, label, c, Path(root) / "runs" / f"{c.method}_{dataset}_s{c.seed}_{key}")
 
 
 def _init_worker() -> None:

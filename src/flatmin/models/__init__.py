@@ -11,6 +11,7 @@ from flatmin.errors import UnknownNameError
 from flatmin.models.preact_resnet import preactresnet18
 from flatmin.models.pyramidnet import pyramidnet110_48, pyramidnet164_270
 from flatmin.models.small import cnn1d, mlp
+from flatmin.models.user import build_user_model, is_factory_spec
 from flatmin.models.vgg import vgg16
 from flatmin.models.wide_resnet import wrn28_2, wrn28_10
 
@@ -44,7 +45,10 @@ def create_model(
     `in_channels=None` takes the channels from `input_shape` (per-example shape, no batch dim)
     when it has one, else the family's default (3 for the CIFAR models, 1 for cnn1d).
     `dropout` > 0 puts `nn.Dropout(dropout)` after every ReLU (the paper's Dropout baseline).
+    A ``module.path:factory`` name calls the user's factory instead (see `flatmin.models.user`).
     """
+    if is_factory_spec(name):
+        return build_user_model(name, num_classes, input_shape, float(dropout), **kw)
     if name not in MODELS:
         raise UnknownNameError("model", name, list(MODELS))
     builder = MODELS[name]

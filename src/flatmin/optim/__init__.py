@@ -7,8 +7,10 @@ from flatmin.optim.bn import frozen_running_stats
 from flatmin.optim.driver import Pass, accumulate, drive
 from flatmin.optim.efficient import VARIANTS, OnePassAMP, ReuseAMP, SubBatchAMP, build_amp
 from flatmin.optim.erm import ERM
+from flatmin.optim.factory import create_optimizer
 from flatmin.optim.rmp import RMP
 from flatmin.optim.sam import SAM
 
 __all__ = ["AMP", "SAM", "RMP", "ERM", "PerturbedOptimizer", "frozen_running_stats",
-           "ReuseAMP", "SubBatchAMP", "OnePassAMP", "VARIANTS", "build_amp", "drive", "accumulate", "Pass"]
+           "ReuseAMP", "SubBatchAMP", "OnePassAMP", "VARIANTS", "build_amp", "drive", "accumulate", "Pass",
+           "create_optimizer"]

@@ -132,6 +132,14 @@ class PerturbedOptimizer(Optimizer):
         self._saved.clear()
         self._begun, self._ascents = False, 0
 
+    def perturbation_norm(self) -> Tensor:
+        """‖Δ‖ = ‖(θ+Δ) − θ‖ over what is perturbed now (0 when nothing is): Theorem 2's radius."""
+        pairs = [(p, t) for params, thetas in self._saved for p, t in zip(params, thetas)]
+        if not pairs:
+            return torch.zeros((), device=self._device())
+        diffs = torch._foreach_sub([p for p, _ in pairs], [t for _, t in pairs])
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs)).float())
+
     def held_buffers(self) -> list[Tensor]:
         """Every buffer kept across steps: θ copies, the guard's snapshots; subclasses add Δ."""
         return list(self._theta.values()) + self.guard.buffers()

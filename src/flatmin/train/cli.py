@@ -15,8 +15,9 @@ from flatmin.train.methods import METHODS
 
 # CLI flag -> (config field, type, help). Flags left out keep the config's (or the preset's) value.
 OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "--dataset": ("dataset", str, "dataset name (mnist1d, spiral, digits, cifar10, cifar100, svhn, gtsrb)"),
-    "--model": ("model", str, "model name (default: the dataset's)"),
+    "--dataset": ("dataset", str, "dataset name (mnist1d, spiral, digits, cifar10, cifar100, svhn, gtsrb) "
+                  "or your files: npz:PATH, folder:PATH, csv:PATH"),
+    "--model": ("model", str, "model name (default: the dataset's) or your factory module.path:function"),
     "--method": ("method", str, f"one of {', '.join(METHODS)}"),
     "--epochs": ("epochs", int, "training epochs"),
     "--batch-size": ("batch_size", int, "global batch size"),
@@ -48,11 +49,22 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
 }
 
 
+# Options of the user's own data (flatmin.data.user), passed to the reader as dataset_options.
+DATASET_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "--image-size": ("image_size", int, "folder: data: resize every image to N x N"),
+    "--label-column": ("label_column", str, "csv: data: the label column (default: label)"),
+    "--layout": ("layout", str, "npz: data: nchw or nhwc for 4-D x (default: inferred)"),
+    "--categorical": ("categorical", str, "csv: data: non-numeric columns are an error or onehot"),
+}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """The config flags, shared by `train`, `compare` and `grid` (all default to 'not given')."""
-    for flag, (_, typ, help_) in OPTIONS.items():
+    for flag, (_, typ, help_) in {**OPTIONS, **DATASET_OPTIONS}.items():
         if flag not in skip:
             parser.add_argument(flag, type=typ, default=None, help=help_)
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="also write TensorBoard events next to log.jsonl (extra: flatmin[tensorboard])")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     parser.add_argument("--download", action="store_true", default=None,
                         help="download missing dataset files (needs a network)")
@@ -62,12 +74,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the user actually gave on the command line."""
-    out = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in OPTIONS.items()
-           if getattr(args, flag[2:].replace("-", "_"), None) is not None}
-    for flag in ("compile", "download", "ddp_local_ascent"):
+    out = _given(args, OPTIONS)
+    if "dataset" in out:
+        from flatmin.data.registry import canonical_name
+
+        out["dataset"] = canonical_name(out["dataset"])
+    for flag in ("compile", "download", "ddp_local_ascent", "tensorboard"):
         if getattr(args, flag, None):
             out[flag] = True
+    if data := _given(args, DATASET_OPTIONS):
+        out["dataset_options"] = data
     return out
+
+
+def _given(args: argparse.Namespace, table: dict[str, tuple[str, Any, str]]) -> dict[str, Any]:
+    """{key: value} for the flags of ``table`` given on the command line."""
+    values = {key: getattr(args, flag[2:].replace("-", "_"), None) for flag, (key, _, _) in table.items()}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

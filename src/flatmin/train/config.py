@@ -63,6 +63,7 @@ class TrainConfig:
     compile: bool = False
     eval_batch_size: int = 1000
     ddp_local_ascent: bool = False  # under DDP: per-rank ascent gradient (no all-reduce)
+    tensorboard: bool = False  # also write TensorBoard events (flatmin.logging); not part of a result
 
     def to_dict(self) -> dict[str, Any]:
         """JSON- and weights_only-safe plain values."""

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from flatmin.data import Dataset, Split, load_dataset
 from flatmin.errors import ConfigError, FlatminError, NonFiniteLossError
+from flatmin.logging import LOG, RunLogger, read_epochs
 from flatmin.metrics import MetricAccumulator
 from flatmin.models import create_model
 from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive
@@ -77,11 +78,13 @@ def grad_norm(model: nn.Module, scale: Tensor | None) -> Tensor:
 
 
 def train_step(net: nn.Module, model: nn.Module, opt: PerturbedOptimizer, batch: Batch,
-               ctx: StepContext) -> tuple[Tensor, Tensor, Tensor]:
+               ctx: StepContext, stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One step of any method through the step driver (which owns the pass order).
 
     A pass accumulates its gradient over ``cfg.accumulate`` micro-batches. Returns the loss and
     logits of the step's first full-batch pass (at θ for AMP/SAM) and ‖∇J‖ of its first pass.
+    ``stats``, when given, receives Theorem 2's quantities as device tensors: ``delta_norm`` ‖Δ‖
+    and, when the step has a full-batch pass at θ before the final one, ``loss_gap`` J(θ+Δ) − J(θ).
     """
     batch = ctx.method.prepare(model, batch, ctx.cfg, ctx.input_range)
     seen: dict[str, Any] = {}
@@ -106,6 +109,10 @@ def train_step(net: nn.Module, model: nn.Module, opt: PerturbedOptimizer, batch:
             seen["gnorm"] = grad_norm(model, grad_scale(ctx.scaler))
         if p.fraction >= 1 and "reported" not in seen:
             seen["reported"] = result
+        if stats is not None and not p.ascent:  # at θ+Δ, before θ is restored
+            stats["delta_norm"] = opt.perturbation_norm()
+            if seen["reported"] is not result:
+                stats["loss_gap"] = result[1] - seen["reported"][1]
 
     drive(opt, grad_pass, model=model, scaler=ctx.scaler, max_grad_norm=ctx.cfg.grad_clip, on_pass=on_pass,
           reduce_flag=ctx.dist.reduce_flag)
@@ -132,8 +139,12 @@ def evaluate(model: nn.Module, split: Split, ds: Dataset, ctx: StepContext,
 
 
 def run_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, ds: Dataset,
-              epoch: int, ctx: StepContext, progress: bool) -> dict[str, float]:
-    """One pass over the training set in a seeded order; returns mean loss, error and ‖∇J‖."""
+              epoch: int, ctx: StepContext, progress: bool,
+              logger: RunLogger | None = None) -> dict[str, float]:
+    """One pass over the training set in a seeded order; returns mean loss, error and ‖∇J‖.
+
+    With a step ``logger`` every step's loss, ‖∇J‖, lr, ‖Δ‖ and loss gap are logged (as device
+    tensors: the logger copies them to the host at its flush points, not in the step)."""
     cfg = ctx.cfg
     model.train()
     torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))  # dropout masks, MixUp, RMP
@@ -147,7 +158,11 @@ def run_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, ds: 
     for i, idx in enumerate(steps):
         idx = ctx.dist.shard(idx)
         batch = Batch(ds.transform(ds.train.x[idx], True, aug), ds.train.y[idx])
-        loss, logits, gnorm = train_step(net, model, opt, batch, ctx)
+        stats: dict[str, Tensor] | None = {} if logger is not None else None
+        loss, logits, gnorm = train_step(net, model, opt, batch, ctx, stats)
+        if logger is not None:
+            logger.log_step(epoch * len(steps) + i, {"loss": loss, "grad_norm": gnorm,
+                                                     "lr": opt.param_groups[0]["lr"], **stats})
         sums += torch.stack([loss.double() * len(idx), (logits.argmax(1) == batch.y).sum().double(),
                              gnorm.double()])
         count += len(idx)
@@ -202,7 +217,8 @@ def _check_resumable(out: Path, resume: bool) -> dict | None:
 def _config_mismatch(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """Fields in which a resumed run would differ from the saved one."""
     a, b = saved.to_dict(), wanted.to_dict()
-    return [f"{k}: saved {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k] and k != "device"]
+    free = ("device", "tensorboard")  # where it runs and what it logs: not the run itself
+    return [f"{k}: saved {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k] and k not in free]
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
@@ -254,38 +270,57 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
         opt.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         history, start, elapsed = list(saved["history"]), int(saved["epoch"]), float(saved["time_s"])
-        if dist.is_main:
-            ckpt.atomic_write_text(out / "log.jsonl", "".join(_jsonl(h) for h in history))
+    logger = _logger(out, cfg, history, start, resumed=saved is not None) if dist.is_main else None
     net = dist.wrap(model, cfg.ddp_local_ascent)
     if cfg.compile:
         net = torch.compile(net)
 
-    for epoch in range(start, cfg.epochs):
-        te = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        record = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
-        record.update(run_epoch(net, model, opt, ds, epoch, ctx, progress))
-        record["epoch_time_s"] = time.perf_counter() - te
-        for name, split in (("val", ds.val), ("test", ds.test)):
-            if split is not None and dist.is_main:  # θ is the same on every rank
-                m = evaluate(model, split, ds, ctx)
-                record.update({f"{name}_{k}": m[k] for k in ("error", "nll", "ece")})
-        history.append(record)
-        if out is not None and dist.is_main:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(_jsonl(record))
-            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
-                "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                "time_s": elapsed + time.perf_counter() - t0, "num_classes": ds.num_classes,
-                "input_shape": list(ds.input_shape)})
-        if progress:
-            print(_summary(record), file=sys.stderr)
+    step_logger = logger if cfg.tensorboard else None
+    try:
+        for epoch in range(start, cfg.epochs):
+            te = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, epoch)
+            record = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
+            record.update(run_epoch(net, model, opt, ds, epoch, ctx, progress, step_logger))
+            record["epoch_time_s"] = time.perf_counter() - te
+            for name, split in (("val", ds.val), ("test", ds.test)):
+                if split is not None and dist.is_main:  # θ is the same on every rank
+                    m = evaluate(model, split, ds, ctx)
+                    record.update({f"{name}_{k}": m[k] for k in ("error", "nll", "ece")})
+            history.append(record)
+            if out is not None and dist.is_main:
+                logger.log_epoch(epoch + 1, record)
+                ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
+                    "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                    "time_s": elapsed + time.perf_counter() - t0, "num_classes": ds.num_classes,
+                    "input_shape": list(ds.input_shape)})
+            if progress:
+                print(_summary(record), file=sys.stderr)
+    finally:
+        if logger is not None:
+            logger.close()
     time_s = elapsed + time.perf_counter() - t0
     result = _finish(model, ds, ctx, history, out, time_s) if dist.is_main else None
     dist.barrier()  # no rank returns before metrics.json is written
     return result
+
+
+def _logger(out: Path | None, cfg: TrainConfig, history: list[dict[str, Any]], start: int,
+            resumed: bool) -> RunLogger | None:
+    """The run's log: a resumed run keeps log.jsonl up to its checkpoint (rebuilt from the
+    checkpoint's history if the file lost or garbled its epochs) and drops what came after."""
+    if out is None:
+        return None
+    if resumed:
+        try:
+            intact = read_epochs(out)[:start] == history
+        except FlatminError:
+            intact = False
+        if not intact:
+            ckpt.atomic_write_text(out / LOG, "".join(_jsonl(h) for h in history))
+    return RunLogger(out, tensorboard=cfg.tensorboard, resume_epoch=start if resumed else None)
 
 
 def _finish(model: nn.Module, ds: Dataset, ctx: StepContext, history: list[dict[str, Any]],

@@ -1,0 +1,116 @@
+"""A table (`csv:DIR` with train.csv, test.csv, optional val.csv) as float32 features and class ids.
+
+Every column but the label column is a feature. A column is categorical when some value in
+train.csv is not a number: with ``categorical="error"`` (default) that is an error naming it;
+with ``"onehot"`` it becomes one 0/1 feature per value seen in train.csv (a value seen only in
+val/test gets all zeros). Empty cells in numeric columns are errors, never silently 0.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flatmin.data.user import SPLITS, Arrays
+from flatmin.errors import FlatminError
+
+CATEGORICAL = ("error", "onehot")
+
+
+def _number(value: str) -> float | None:
+    """The cell as a number; None for text; empty and NaN/inf cells are missing values (NaN)."""
+    try:
+        v = float(value) if value.strip() else float("nan")
+    except ValueError:
+        return None
+    return v if np.isfinite(v) else float("nan")
+
+
+def _missing(path: Path, column: str, line: int) -> FlatminError:
+    """A gap in a numeric column: never silently 0."""
+    return FlatminError(f"{path} line {line}: column {column!r} has a missing value (empty, nan or inf); "
+                        "fill or drop it first")
+
+
+def read_csv(root: Path, label_column: str | None = None, categorical: str = "error") -> Arrays:
+    """The splits of ``root``; a missing file, column or bad cell is named with file and line."""
+    label = label_column or "label"
+    if categorical not in CATEGORICAL:
+        raise FlatminError(f"categorical must be one of {', '.join(CATEGORICAL)}, got {categorical!r}")
+    header: list[str] | None = None
+    tables: dict[str, tuple[Path, list[list[str]]]] = {}
+    for s in SPLITS:
+        path = root / f"{s}.csv"
+        if not path.is_file():
+            if s == "val":
+                continue
+            raise FlatminError(f"{root} has no {s}.csv (csv: datasets need train.csv and test.csv, "
+                               "val.csv optional)")
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if len(rows) < 2:
+            raise FlatminError(f"{path} has no rows" + (" (only a header)" if rows else ""))
+        names = [n.strip() for n in rows[0]]
+        if header is None:
+            header = names
+            if label not in header:
+                raise FlatminError(f"{path} has no label column {label!r} (columns: "
+                                   f"{', '.join(header)}); choose one with --label-column")
+        elif names != header:
+            raise FlatminError(f"{path} has columns {names}, train.csv has {header}")
+        for line, row in enumerate(rows[1:], 2):
+            if len(row) != len(header):
+                raise FlatminError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
+        tables[s] = (path, rows[1:])
+    li = header.index(label)
+    features = [i for i in range(len(header)) if i != li]
+    path, train_rows = tables["train"]
+    categories: dict[int, list[str]] = {}
+    for i in features:
+        values = [_number(row[i]) for row in train_rows]
+        bad = next((r for r, v in enumerate(values) if v is None), None)
+        if bad is None:
+            if (gap := next((r for r, v in enumerate(values) if np.isnan(v)), None)) is not None:
+                raise _missing(path, header[i], gap + 2)
+            continue
+        if categorical == "error":
+            raise FlatminError(f"{path}: column {header[i]!r} is not numeric (line {bad + 2}: "
+                               f"{train_rows[bad][i]!r}); flatmin reads numeric columns only: drop it, "
+                               "encode it, or pass --categorical onehot")
+        categories[i] = sorted({row[i] for row in train_rows})
+    return Arrays({s: _parse(p, header, rows, li, features, categories) for s, (p, rows) in tables.items()})
+
+
+def _parse(path: Path, header: list[str], rows: list[list[str]], li: int, features: list[int],
+           categories: dict[int, list[str]]) -> tuple[Tensor, Tensor]:
+    """Features (one-hot blocks for categorical columns) and integer labels of one file."""
+    width = sum(len(categories[i]) if i in categories else 1 for i in features)
+    x = np.zeros((len(rows), width), dtype=np.float32)
+    y = np.empty(len(rows), dtype=np.int64)
+    index = {i: {v: k for k, v in enumerate(c)} for i, c in categories.items()}
+    for r, row in enumerate(rows):
+        j = 0
+        for i in features:
+            if i in categories:
+                k = index[i].get(row[i])
+                if k is not None:
+                    x[r, j + k] = 1.0
+                j += len(categories[i])
+                continue
+            if (v := _number(row[i])) is None:
+                raise FlatminError(f"{path}: column {header[i]!r} is not numeric (line {r + 2}: "
+                                   f"{row[i]!r})")
+            if np.isnan(v):
+                raise _missing(path, header[i], r + 2)
+            x[r, j] = v
+            j += 1
+        v = _number(row[li])
+        if v is None or np.isnan(v) or not v.is_integer() or v < 0:
+            raise FlatminError(f"{path} line {r + 2}: label {row[li]!r} in column {header[li]!r} is "
+                               "not a class id (labels must be integers 0..K-1)")
+        y[r] = int(v)
+    return torch.from_numpy(x), torch.from_numpy(y)
