@@ -224,7 +224,7 @@ def test_logged_grad_norm_is_taken_at_theta_even_with_subbatch_ascent():
 
 
 def test_step_logs_show_theorem_2s_quantities(tmp_path):
-    """--tensorboard: every step's loss, ‖∇J‖, lr, ‖Δ‖ (≤ ε) and J(θ+Δ) − J(θ) in log.jsonl and TensorBoard."""
+    """--tensorboard: each step's loss, ‖∇J‖, lr, ‖Δ‖ ≤ ε and J(θ+Δ) − J(θ) in log.jsonl and TensorBoard."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
