@@ -179,3 +179,30 @@ def test_optimizer_from_the_trainers_parameter_groups(tmp_path):
     train(trainer)
     groups = trainer.perturbed_optimizer.param_groups
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0] and all(g["rho"] == 0.05 for g in groups)
+
+
+def scaled_run(tmp_path, scaler: torch.amp.GradScaler | None) -> tuple[torch.nn.Module, AMP, Trainer]:
+    """AMP with a loss scaler put where Accelerate puts fp16's (on CPU Accelerate makes none); the
+    ascent stays inside the ball, so a loss scale left in it would show."""
+    model = tiny_bert()
+    opt = AMP(model.parameters(), lr=0.01, epsilon=1.0, inner_lr=0.1, base_optimizer=torch.optim.AdamW)
+    trainer = PerturbedTrainer(model=model, args=arguments(tmp_path, max_steps=3, lr_scheduler_type="linear"),
+                               train_dataset=Tokens(), optimizers=(opt, None))
+    trainer.accelerator.scaler = scaler
+    return model, opt, train(trainer)
+
+
+def test_loss_scale_is_divided_out(tmp_path):
+    """fp16's path: every pass's loss is scaled, the ascent and the update unscale (2^16 is exact)."""
+    plain, _, _ = scaled_run(tmp_path, None)
+    scaled, opt, trainer = scaled_run(tmp_path, torch.amp.GradScaler("cpu"))
+    assert_close(params(scaled), params(plain), rtol=1e-6, atol=1e-7)
+    assert trainer.accelerator.scaler.get_scale() == 2.0**16 and opt.skipped_steps == 0
+
+
+def test_overflowing_step_is_skipped_and_holds_the_schedule(tmp_path):
+    start = params(tiny_bert())
+    model, opt, trainer = scaled_run(tmp_path, torch.amp.GradScaler("cpu", init_scale=float("inf")))
+    assert_close(params(model), start, rtol=0, atol=0)  # θ untouched, not θ+Δ
+    assert opt.skipped_steps == 3 and not opt.perturbed
+    assert opt.param_groups[0]["lr"] == 0.01  # the linear schedule did not advance over skipped steps
