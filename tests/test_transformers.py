@@ -15,6 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 from flatmin.integrations.transformers import PerturbedTrainer  # noqa: E402
 from flatmin.optim import AMP, RMP, SAM, SubBatchAMP  # noqa: E402
+from flatmin.optim.syncs import count_syncs  # noqa: E402
 
 N, LENGTH, VOCAB = 64, 8, 40
 
@@ -206,3 +207,24 @@ def test_overflowing_step_is_skipped_and_holds_the_schedule(tmp_path):
     assert_close(params(model), start, rtol=0, atol=0)  # θ untouched, not θ+Δ
     assert opt.skipped_steps == 3 and not opt.perturbed
     assert opt.param_groups[0]["lr"] == 0.01  # the linear schedule did not advance over skipped steps
+
+
+def test_the_perturbed_step_makes_no_host_sync(tmp_path, monkeypatch):
+    """Accumulation, a loss scale, clipping and the guarded update: no sync inside the step
+    (the Trainer syncs at its own points). The base is SGD: torch's non-fused Adam reads its step count."""
+    logs = []
+    step = PerturbedTrainer.perturbed_step
+
+    def counted(self):
+        with count_syncs() as log:
+            step(self)
+        logs.append(log)
+
+    monkeypatch.setattr(PerturbedTrainer, "perturbed_step", counted)
+    model = tiny_bert()
+    opt = AMP(model.parameters(), lr=0.05, epsilon=0.1, inner_lr=1.0, inner_iter=2, momentum=0.9)
+    args = arguments(tmp_path, max_steps=2, gradient_accumulation_steps=2)
+    trainer = PerturbedTrainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None))
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    train(trainer)
+    assert len(logs) == 2 and all(len(log) == 0 for log in logs), "\n".join(log.describe() for log in logs)
