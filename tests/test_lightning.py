@@ -193,3 +193,17 @@ def test_accumulation_needs_the_kept_batches():
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="must call super"):
         fit(Forgetful("sam", bn=False), "32-true", steps=1, accumulate=2, batch_size=8)
+
+
+def test_accumulating_under_16_mixed_scales_the_rerun_batches_too():
+    """float16 with a GradScaler: the re-run half is scaled like Lightning's own (a missing or double
+    scale would be off by 2^16); equal to the double batch up to float16 rounding."""
+    torch.manual_seed(0)
+    whole = Tiny("amp", bn=False)
+    halves = Tiny("amp", bn=False)
+    halves.load_state_dict(whole.state_dict())
+    fit(whole, "16-mixed")
+    trainer = fit(halves, "16-mixed", accumulate=2, batch_size=8)
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**16  # no overflow, no back-off
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(halves.state_dict()[k], v, rtol=0, atol=5e-3)

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the transformers extr
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
 
 from flatmin.integrations.transformers import PerturbedTrainer  # noqa: E402
-from flatmin.optim import AMP, RMP, SAM, SubBatchAMP  # noqa: E402
+from flatmin.optim import AMP, RMP, SAM, OnePassAMP, ReuseAMP, SubBatchAMP  # noqa: E402
 from flatmin.optim.syncs import count_syncs  # noqa: E402
 
 N, LENGTH, VOCAB = 64, 8, 40
@@ -124,7 +124,9 @@ def test_amp_trains(tmp_path, precision):
 @pytest.mark.parametrize("make", [
     lambda p: RMP(p, torch.optim.SGD, radius=0.05, lr=0.2),
     lambda p: SubBatchAMP(p, lr=0.2, epsilon=0.5, inner_lr=1.0, ascent_fraction=0.5),
-], ids=["rmp", "subbatch-amp"])
+    lambda p: ReuseAMP(p, lr=0.2, epsilon=0.5, inner_lr=1.0, reuse_every=3),
+    lambda p: OnePassAMP(p, lr=0.2, epsilon=0.5, inner_lr=1.0),
+], ids=["rmp", "subbatch-amp", "reuse-amp", "onepass-amp"])
 def test_other_rules_run(tmp_path, make):
     model = tiny_bert()
     before = full_loss(model)
