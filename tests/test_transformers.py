@@ -87,9 +87,11 @@ def plain_run(args: TrainingArguments) -> tuple[list[torch.Tensor], list[dict]]:
 
 @pytest.mark.parametrize("method", ["amp", "sam"])
 def test_zero_radius_is_the_plain_trainer(tmp_path, method):
-    """ε = 0 (ρ = 0): the perturbed run equals the plain Trainer with the base optimizer — the linear
-    LR schedule, clipping (max_grad_norm on the final gradient) and the logged loss and norm too."""
-    args = arguments(tmp_path, max_steps=5, lr_scheduler_type="linear", max_grad_norm=0.5)
+    """ε = 0 (ρ = 0): the perturbed run equals the plain Trainer with the base optimizer — with
+    gradient accumulation (the Trainer's weighting of micro-batches), the linear LR schedule,
+    clipping (max_grad_norm on the final gradient) and the logged loss and norm too."""
+    args = arguments(tmp_path, max_steps=5, lr_scheduler_type="linear", max_grad_norm=0.5,
+                     per_device_train_batch_size=4, gradient_accumulation_steps=2)
     theirs, their_log = plain_run(args)
     model = tiny_bert()
     if method == "amp":
@@ -137,16 +139,24 @@ def test_other_rules_run(tmp_path, make):
 
 
 def test_accumulation_equals_the_double_batch(tmp_path):
-    """gradient_accumulation_steps=2 with batch 8 is one step on batch 16, every pass of AMP."""
-    runs = []
+    """gradient_accumulation_steps=2 with batch 8 is one step on batch 16, in every pass of AMP (N = 2).
+
+    No clipping, so a wrongly weighted micro-batch shows. BERT's classification loss is a plain mean
+    although its forward accepts ``num_items_in_batch``: the Trainer must be told (its own rule would
+    add the two halves' means, twice the gradient — as the plain Trainer does)."""
+    runs, norms = [], []
     for batch, k in ((16, 1), (8, 2)):
         model = tiny_bert()
         opt = AMP(model.parameters(), lr=0.2, epsilon=0.5, inner_lr=1.0, momentum=0.9, inner_iter=2)
-        train(PerturbedTrainer(model=model, args=arguments(tmp_path, per_device_train_batch_size=batch,
-                                                           gradient_accumulation_steps=k, max_steps=4),
-                               train_dataset=Tokens(), optimizers=(opt, None)))
+        args = arguments(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=k,
+                         max_steps=4, max_grad_norm=0.0)
+        trainer = PerturbedTrainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None))
+        trainer.loss_is_scaled_for_ga = False
+        train(trainer)
         runs.append(params(model))
+        norms.append([h["grad_norm"] for h in trainer.state.log_history if "loss" in h])
     assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(runs[0], params(tiny_bert())))  # it moved
 
 

@@ -13,8 +13,9 @@ the optimizer step:
 - ``optimizer.step()`` reaches the flatmin optimizer through `TrainerStep`, which runs
   `flatmin.optim.driver.drive` over the kept window: each pass sums the window's gradient with
   `flatmin.optim.driver.accumulate` (the loss is the Trainer's own ``compute_loss`` with the same
-  ``num_items_in_batch`` and 1/K weighting as ``training_step``; DDP all-reduces only the last
-  micro-batch's backward); the update from θ clips the *final* gradient to ``max_grad_norm``;
+  ``num_items_in_batch`` and weighting as ``training_step``: 1/K unless the loss is taken to be
+  divided by the window's item count, see `PerturbedTrainer._scaled_for_ga`; DDP all-reduces only
+  the last micro-batch's backward); the update from θ clips the *final* gradient to ``max_grad_norm``;
 - the Trainer's own clip (``_clip_grad_norm``) does not run — at that point no gradient exists yet;
   the ``grad_norm`` it logs is the final pass's gradient norm before clipping, written by the step;
 - the logged training loss is the step's first pass (at θ for AMP/SAM), summed over the window.
@@ -165,12 +166,15 @@ class PerturbedTrainer(Trainer):
 
     # -- the step ----------------------------------------------------------------------------------
 
-    def _scaled_for_ga(self) -> bool:
-        """Whether ``compute_loss`` already divides by the window's item count (the Trainer's rule)."""
+    def _scaled_for_ga(self, window: list[Micro]) -> bool:
+        """Whether ``compute_loss`` already divides by the window's item count: the Trainer's own rule
+        (``training_step``), so that both weigh micro-batches alike. A model whose forward accepts
+        ``**kwargs`` but whose loss is a plain mean (e.g. ``BertForSequenceClassification``) needs
+        ``trainer.loss_is_scaled_for_ga = False``, here as in the plain Trainer."""
         if getattr(self, "loss_is_scaled_for_ga", None) is not None:
-            return self.loss_is_scaled_for_ga
-        return bool(self.model_accepts_loss_kwargs and self._window and self._window[0][1] is not None) \
-            or self.compute_loss_func is not None
+            return bool(self.loss_is_scaled_for_ga)
+        counts = self.model_accepts_loss_kwargs and window[0][1] is not None
+        return bool(counts) or self.compute_loss_func is not None
 
     def perturbed_step(self) -> None:
         """`drive` over the kept micro-batches: ascent passes, final pass, clip, update from θ."""
@@ -182,7 +186,7 @@ class PerturbedTrainer(Trainer):
         model = self.model_wrapped
         scaler = self.accelerator.scaler if self.accelerator.scaler is not None \
             and self.accelerator.scaler.is_enabled() else None
-        weight = 1.0 if self._scaled_for_ga() else 1.0 / len(window)
+        weight = 1.0 if self._scaled_for_ga(window) else 1.0 / len(window)
         logged: dict[str, Tensor] = {}
 
         def loss_fn(micro: Micro) -> Tensor:
