@@ -14,7 +14,7 @@ L = pytest.importorskip("lightning", reason="the lightning extra is not installe
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from flatmin.integrations.lightning import PerturbedModule, PerturbedStep  # noqa: E402
-from flatmin.optim import AMP, SAM, frozen_running_stats  # noqa: E402
+from flatmin.optim import AMP, RMP, SAM, frozen_running_stats  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 STEPS = 12
@@ -27,20 +27,25 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x[:, 0] + 0.5 * x[:, 1] > 0).long()
 
 
-def make_optimizer(method: str, params) -> AMP | SAM:
+def make_optimizer(method: str, params) -> AMP | SAM | RMP:
     """The optimizers under test, with radii large enough to matter on this toy."""
     if method == "amp":
         return AMP(params, lr=0.1, epsilon=0.5, inner_lr=1.0, momentum=0.9)
+    if method == "amp-n2":
+        return AMP(params, lr=0.1, epsilon=0.5, inner_lr=0.5, inner_iter=2, momentum=0.9)
+    if method == "rmp":  # perturbs before any gradient: Lightning's own θ-gradient is not reusable
+        return RMP(params, torch.optim.SGD, radius=0.5, lr=0.1, momentum=0.9)
     return SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
 
 
 class Tiny(PerturbedModule, L.LightningModule):
-    """4-16-2 MLP with BatchNorm; counts the passes of each kind."""
+    """4-16-2 MLP (with BatchNorm unless told); counts the passes of each kind."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, bn: bool = True) -> None:
         super().__init__()
         self.method = method
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+        norm = nn.BatchNorm1d(16) if bn else nn.Identity()
+        self.net = nn.Sequential(nn.Linear(4, 16), norm, nn.ReLU(), nn.Linear(16, 2))
         self.passes: dict[str, int] = {"ascent": 0, "final": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,13 +60,14 @@ class Tiny(PerturbedModule, L.LightningModule):
         return PerturbedStep(make_optimizer(self.method, self.parameters()))
 
 
-def loader() -> torch.utils.data.DataLoader:
+def loader(batch_size: int = 16) -> torch.utils.data.DataLoader:
     x, y = data()
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 def fit(module: L.LightningModule, precision: str, steps: int = STEPS,
-        scaler: torch.amp.GradScaler | None = None) -> L.Trainer:
+        scaler: torch.amp.GradScaler | None = None, accumulate: int = 1, batch_size: int = 16) -> L.Trainer:
     """A bare CPU trainer: no logger, checkpoints, progress bar or validation.
 
     Lightning turns ``precision="16-mixed"`` on CPU into bf16-mixed (with a warning); the plugin,
@@ -73,10 +79,10 @@ def fit(module: L.LightningModule, precision: str, steps: int = STEPS,
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps,
                         precision=None if plugins else precision, plugins=plugins, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
+                        num_sanity_val_steps=0, accumulate_grad_batches=accumulate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no workers in the DataLoader" and friends
-        trainer.fit(module, loader())
+        trainer.fit(module, loader(batch_size))
     return trainer
 
 
@@ -153,3 +159,51 @@ def test_wrapper_shares_groups_and_state_with_the_base_optimizer():
     assert opt.state_dict()["param_groups"][0]["rho"] == 0.1
     with pytest.raises(ValueError, match="flatmin AMP/SAM/RMP"):
         PerturbedStep(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("method", ["amp", "amp-n2", "sam", "rmp"])
+def test_accumulating_two_batches_is_the_double_batch(method):
+    """accumulate_grad_batches=2 with batch 8: every pass (ascent and final) covers both halves."""
+    torch.manual_seed(0)
+    whole = Tiny(method, bn=False)
+    halves = Tiny(method, bn=False)
+    halves.load_state_dict(whole.state_dict())
+    start = {k: v.clone() for k, v in whole.state_dict().items()}
+    torch.manual_seed(1)  # RMP's draws
+    fit(whole, "32-true")
+    torch.manual_seed(1)
+    fit(halves, "32-true", accumulate=2, batch_size=8)
+    # training_step per step: Lightning's own pass over the first half (at θ), then both halves in every
+    # pass that cannot reuse it (the second ascent of N = 2; the final pass; RMP's first pass)
+    ascents = {"amp": 2, "amp-n2": 4, "sam": 2, "rmp": 1}[method]
+    assert halves.passes == {"ascent": STEPS * ascents, "final": STEPS * 2}
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(halves.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(v, start[k]), k  # trained
+
+
+class Forgetful(Tiny):
+    """Overrides on_train_batch_start without calling super()."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return None
+
+
+def test_accumulation_needs_the_kept_batches():
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="must call super"):
+        fit(Forgetful("sam", bn=False), "32-true", steps=1, accumulate=2, batch_size=8)
+
+
+def test_accumulating_under_16_mixed_scales_the_rerun_batches_too():
+    """float16 with a GradScaler: the re-run half is scaled like Lightning's own (a missing or double
+    scale would be off by 2^16); equal to the double batch up to float16 rounding."""
+    torch.manual_seed(0)
+    whole = Tiny("amp", bn=False)
+    halves = Tiny("amp", bn=False)
+    halves.load_state_dict(whole.state_dict())
+    fit(whole, "16-mixed")
+    trainer = fit(halves, "16-mixed", accumulate=2, batch_size=8)
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**16  # no overflow, no back-off
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(halves.state_dict()[k], v, rtol=0, atol=5e-3)

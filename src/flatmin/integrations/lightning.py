@@ -14,28 +14,43 @@ hands the final pass to Lightning (its ``finish`` hook):
 
 θ is restored even when the scaler skips the step (the overflow then leaves θ untouched). The
 final pass leaves BatchNorm running statistics alone (they belong to θ, see `flatmin.optim.bn`).
+
+``accumulate_grad_batches=K``: Lightning runs training_step + backward for the window's first K−1
+batches itself and calls ``optimizer_step`` on the K-th. Every pass of a perturbed step must cover
+all K, so `PerturbedModule` keeps the window's batches (in ``on_train_batch_start``) and, in each
+ascent pass and the final pass, re-runs the K−1 earlier ones through `flatmin.optim.driver.accumulate`
+(Lightning's own training_step call, its 1/K loss normalisation, the loss scale, DDP sync held back)
+before Lightning's closure adds the K-th. The gradient Lightning accumulated for them is reused
+where it is the right one: in the step's first pass when the rule has not perturbed θ before it
+(AMP, SAM); otherwise it is dropped. Re-run batches never move BatchNorm statistics (they moved in
+Lightning's own pass, at θ); ``on_before_backward``/``on_after_backward`` run for Lightning's passes only.
 Usage::
 
     class Net(PerturbedModule, L.LightningModule):
         def configure_optimizers(self):
             return PerturbedStep(flatmin.SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1))
 
-``training_step`` runs once per gradient pass (N+1 times for AMP, twice for SAM);
-``self.perturbation_pass`` says which one ("ascent" or "final") for logging only once.
+``training_step`` runs once per gradient pass and batch (N+1 times for AMP, twice for SAM);
+``self.perturbation_pass`` says which one ("ascent" or "final") for logging only once. A module that
+overrides ``on_train_batch_start`` calls ``super().on_train_batch_start(batch, batch_idx)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
+from lightning.pytorch.loops.optimization.automatic import ClosureResult
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.trainer import call
 
-from flatmin.optim import Pass, PerturbedOptimizer, drive
+from flatmin.integrations._step import OptimizerView
+from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive, frozen_running_stats
 
 
-class PerturbedStep(Optimizer):
+class PerturbedStep(OptimizerView):
     """The last pass of a perturbed step, shaped as the optimizer Lightning's precision plugins call.
 
     Shares parameter groups and state with the wrapped AMP/SAM/RMP (schedulers and checkpoints
@@ -43,16 +58,10 @@ class PerturbedStep(Optimizer):
     """
 
     def __init__(self, perturbed: PerturbedOptimizer) -> None:
-        if not isinstance(perturbed, PerturbedOptimizer):
-            raise ValueError(f"perturbed must be a flatmin AMP/SAM/RMP optimizer, "
-                             f"got {type(perturbed).__name__}")
+        super().__init__(perturbed)
         if perturbed.batch_fraction(True) < 1:
             raise ValueError("sub-batch ascent (ascent_fraction < 1) needs a closure that takes ascent=...; "
                              "Lightning's closure does not")
-        self.perturbed = perturbed
-        super().__init__(perturbed.param_groups, perturbed.defaults)
-        self.param_groups = perturbed.param_groups
-        self.state = perturbed.base_optimizer.state
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -65,18 +74,10 @@ class PerturbedStep(Optimizer):
         self.perturbed.restore_and_step(losses=losses)
         return result
 
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's (base optimizer state plus the perturbation's)."""
-        return self.perturbed.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load into the wrapped optimizer and share its (new) groups again."""
-        self.perturbed.load_state_dict(state_dict)
-        self.param_groups = self.perturbed.param_groups
-        self.state = self.perturbed.base_optimizer.state
-
-    def __repr__(self) -> str:
-        return f"PerturbedStep({self.perturbed!r})"
+def _plus(a: Any, b: Any) -> Any:
+    """The window's loss: the re-run batches' part plus the closure's (either may be missing)."""
+    return b if a is None else a if b is None else a + b
 
 
 class PerturbedModule:
@@ -84,24 +85,71 @@ class PerturbedModule:
 
     perturbation_pass: str = "final"
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        """Keep the batches of the accumulation window: every pass of the step re-runs them."""
+        self.perturbation_pass = "ascent"  # Lightning's own pass over an accumulated batch is at θ
+        window = self.__dict__.setdefault("_perturbed_window", [])
+        window.append((batch, batch_idx))
+        del window[:-self.trainer.accumulate_grad_batches]  # type: ignore[attr-defined]  # bounded
+        return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+
+    def _earlier_batches(self, batch_idx: int) -> list[tuple[Any, int]]:
+        """The window's batches before the one Lightning steps on (none when nothing accumulates)."""
+        window = self.__dict__.get("_perturbed_window", [])
+        self._perturbed_window: list[tuple[Any, int]] = []
+        if self.trainer.accumulate_grad_batches == 1:  # type: ignore[attr-defined]
+            return []
+        if not window or window[-1][1] != batch_idx:
+            raise RuntimeError("PerturbedModule keeps the accumulated batches in on_train_batch_start; a "
+                               "module that overrides it must call "
+                               "super().on_train_batch_start(batch, batch_idx)")
+        return window[:-1]
+
+    def _rerun(self, batches: list[tuple[Any, int]], opt: PerturbedOptimizer, scaler: Any) -> Any:
+        """One pass's gradient over the kept batches, as Lightning computes it (its 1/K normalisation)."""
+        trainer = self.trainer  # type: ignore[attr-defined]
+
+        def loss_fn(item: tuple[Any, int]) -> torch.Tensor:
+            out = call._call_strategy_hook(trainer, "training_step", *item)
+            loss = ClosureResult.from_training_step_output(out, trainer.accumulate_grad_batches).closure_loss
+            if loss is None:
+                raise ValueError("training_step returned None for an accumulated batch: a perturbed step "
+                                 "cannot skip one micro-batch of its window")
+            return loss
+
+        strategy = trainer.strategy
+        held = strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) \
+            else contextlib.nullcontext()  # the K-th batch's backward all-reduces the sum
+        with held, frozen_running_stats(self):  # type: ignore[arg-type]
+            loss, _ = accumulate(batches, loss_fn, weights=[1.0] * len(batches), params_owner=opt,
+                                 scaler=scaler)
+        return loss
+
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
                        optimizer_closure: Callable[[], Any] | None = None) -> None:
-        """Ascent passes through Lightning's closure, then Lightning's (precision-aware) final step."""
+        """Ascent passes through Lightning's closure, then Lightning's (precision-aware) final step;
+        with accumulation every pass first re-runs the window's earlier batches."""
         raw = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> the torch optimizer
         if not isinstance(raw, PerturbedStep) or optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # type: ignore[misc]
-        if self.trainer.accumulate_grad_batches != 1:  # type: ignore[attr-defined]
-            raise ValueError("AMP/SAM under Lightning need accumulate_grad_batches=1 "
-                             "(the ascent is per batch)")
+        earlier = self._earlier_batches(batch_idx)
         opt = raw.perturbed
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
 
+        def window_pass(first: bool) -> Any:
+            # Lightning's own passes left the earlier batches' gradient at θ in .grad: it is this
+            # pass's only in the step's first pass, and only if the rule has not perturbed θ yet
+            if earlier and not (first and not opt.perturbed):
+                return self._rerun(earlier, opt, scaler)
+            return None
+
         def ascent(p: Pass) -> Any:
             self.perturbation_pass = "ascent"
-            return optimizer_closure()
+            return _plus(window_pass(p.index == 0), optimizer_closure())
 
         def final() -> Any:
             self.perturbation_pass = "final"
+            window_pass(opt.ascent_passes() == 0)
             return optimizer.step(closure=optimizer_closure)  # Lightning's precision-aware step
 
         drive(opt, ascent, model=self, scaler=scaler, finish=final)  # type: ignore[arg-type]
