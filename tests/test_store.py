@@ -13,7 +13,7 @@ import pytest
 
 from flatmin.experiments.grid import expand
 from flatmin.experiments.runner import config_key, execute, make_task
-from flatmin.experiments.store import Store
+from flatmin.store import Store
 from flatmin.train import TrainConfig
 
 FAST = dict(dataset="spiral", epochs=2, dataset_options={"n_samples": 200})

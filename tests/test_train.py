@@ -136,7 +136,7 @@ def test_resume_after_kill_9_is_exact(tmp_path):
     [(["--method", "nope"], "unknown method 'nope'; valid methods: adv_training, amp"),
      (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
      (["--model", "resnet1000"], "unknown model 'resnet1000'"),
-     (["--lr", "-1"], "lr must be"),
+     (["--lr", "-1"], "--lr: expected a finite number > 0"),
      (["--precision", "fp8"], "precision must be one of")],
 )
 def test_cli_bad_input_is_one_clear_message(args, message):

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flatmin.errors import FlatminError
+from flatmin.train import load_run
 
 LossFn = Callable[[nn.Module], Tensor]
 
@@ -107,8 +108,6 @@ def limit(x: Tensor, y: Tensor, max_examples: int | None) -> tuple[Tensor, Tenso
 
 def load_runs(paths: Sequence[str], device: str = "cpu") -> list:
     """Checkpoints as `flatmin.train.Run`s, with labels made unique by their folder if need be."""
-    from flatmin.train import load_run
-
     runs = [load_run(p, device=device) for p in paths]
     names = [r.name for r in runs]
     for r in runs:

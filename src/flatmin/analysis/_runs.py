@@ -16,6 +16,9 @@ from typing import Any
 import torch
 
 from flatmin.errors import FlatminError
+from flatmin.models import MODELS
+from flatmin.train import METHODS, TrainConfig, train
+from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
 
 
 @dataclass
@@ -43,9 +46,6 @@ def _read_json(path: Path) -> Any:
 
 def check_names(cfg: Any, path: Path | str) -> None:
     """A run whose model or method this flatmin does not know cannot be analysed."""
-    from flatmin.models import MODELS
-    from flatmin.train import METHODS
-
     if cfg.model is not None and cfg.model not in MODELS:
         raise FlatminError(f"{path}: unknown model {cfg.model!r}; valid models: {', '.join(sorted(MODELS))}")
     if cfg.method not in METHODS:
@@ -55,9 +55,6 @@ def check_names(cfg: Any, path: Path | str) -> None:
 
 def read_run_dir(path: str | Path) -> RunDir:
     """A flatmin run folder (or a file in one); anything else is a clear FlatminError."""
-    from flatmin.train import TrainConfig
-    from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
-
     path = Path(path)
     if path.is_file():
         path = path.parent
@@ -100,8 +97,6 @@ def use_threads(n: int) -> None:
 
 def train_runs(configs: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
     """Train each config into OUT/<name>/, resuming what an interrupted call left."""
-    from flatmin.train import train
-
     results = {}
     for name, cfg in configs.items():
         print(f"training {name}: {cfg.method} on {cfg.dataset} into {out / name}", flush=True)

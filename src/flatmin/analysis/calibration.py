@@ -16,9 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
 from flatmin.analysis._runs import check_names, read_run_dir
 from flatmin.errors import FlatminError
+from flatmin.options import out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.store import Store
+from flatmin.train import TrainConfig
 
 
 def _record(metrics: dict[str, Any], config: Any, where: str) -> dict[str, Any]:
@@ -44,8 +47,6 @@ def run_record(path: str | Path) -> dict[str, Any]:
 
 def db_records(db: str | Path) -> list[dict[str, Any]]:
     """The records of every run in a results database of `flatmin grid` / `flatmin compare`."""
-    from flatmin.experiments.store import Store
-    from flatmin.train import TrainConfig
 
     if not Path(db).is_file():
         raise FlatminError(f"no results database at {db}")

@@ -14,9 +14,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
 from flatmin.analysis._runs import RunDir, add_threads_argument, read_run_dir, train_runs, use_threads
 from flatmin.errors import FlatminError
+from flatmin.options import add_config_arguments, config_overrides, out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.train import TrainConfig
 
 # --- Theorem 2's penalty --------------------------------------------------------------------------
 
@@ -74,8 +76,6 @@ def plot_gradnorm(rows: list[dict[str, Any]], epsilon: float, zeta: float, path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `flatmin gradnorm`."""
-    from flatmin.train.cli import add_config_arguments
-
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="flatmin train --out folders")
     parser.add_argument("--out", required=True, help="folder for gradnorm.png/.csv/.json (and --train runs)")
     parser.add_argument("--train", action="store_true",
@@ -100,8 +100,6 @@ def _omega_params(runs: list[RunDir], args: argparse.Namespace) -> tuple[float, 
 
 def run(args: argparse.Namespace) -> int:
     """Read (or train, then read) the runs, compute Ω per epoch, write figure and numbers."""
-    from flatmin.train import TrainConfig
-    from flatmin.train.cli import config_overrides
 
     use_threads(args.threads)
     out = out_dir(args.out)

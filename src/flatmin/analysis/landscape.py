@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from flatmin.analysis._common import add_run_arguments, load_runs, preserved, set_offset, split_loss
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
 from flatmin.errors import FlatminError
+from flatmin.options import out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
 
 LossAccFn = Callable[[nn.Module], "tuple[float, float] | float | Tensor"]
 

@@ -12,9 +12,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
 from flatmin.analysis._runs import add_threads_argument, print_table, train_runs, use_threads
 from flatmin.errors import FlatminError
+from flatmin.options import add_config_arguments, config_overrides, out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.train import TrainConfig
 
 PAPER_INNER_ITER, PAPER_INNER_LR = 2, 2.0
 
@@ -78,8 +80,6 @@ def plot_radius(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `flatmin radius` (every training flag but method and ε)."""
-    from flatmin.train.cli import add_config_arguments
-
     parser.add_argument("--out", required=True, help="folder for radius.png/.csv/.json and OUT/eps_<ε>/ runs")
     parser.add_argument("--epsilons", default="0,0.02,0.05,0.1,0.2,0.5,1",
                         help="comma-separated radii; 0 is the ERM run")
@@ -89,8 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train the sweep (resumable), then write the figure and the numbers."""
-    from flatmin.train import TrainConfig
-    from flatmin.train.cli import config_overrides
 
     use_threads(args.threads)
     epsilons = parse_epsilons(args.epsilons)

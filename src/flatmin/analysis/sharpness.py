@@ -25,8 +25,9 @@ from flatmin.analysis._common import (
     split_loss,
     trainable,
 )
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
 from flatmin.errors import FlatminError
+from flatmin.options import out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
 
 
 class Estimate(NamedTuple):

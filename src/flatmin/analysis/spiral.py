@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
 from flatmin.analysis._runs import add_threads_argument, train_runs, use_threads
 from flatmin.errors import FlatminError
+from flatmin.options import add_config_arguments, config_overrides, out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.train import TrainConfig, load_run
 
 
 @torch.no_grad()
@@ -58,8 +60,6 @@ def plot_boundaries(panels: list[dict[str, Any]], xs: np.ndarray, ys: np.ndarray
 def spiral_figure(base: Any, out: Path, methods: tuple[str, ...] = ("erm", "amp"), points: int = 121
                   ) -> dict[str, Any]:
     """Train each method on the spiral (resumable) and draw their boundaries side by side."""
-    from flatmin.train import load_run
-
     if base.dataset != "spiral":
         raise FlatminError(f"the spiral figure needs dataset 'spiral', got {base.dataset!r}")
     results = train_runs({m: base.replace(method=m) for m in methods}, out)
@@ -90,8 +90,6 @@ def spiral_figure(base: Any, out: Path, methods: tuple[str, ...] = ("erm", "amp"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `flatmin spiral` (every training flag except dataset and method)."""
-    from flatmin.train.cli import add_config_arguments
-
     parser.add_argument("--out", required=True, help="folder for spiral.png/.json, the grid CSV and the runs")
     parser.add_argument("--methods", default="erm,amp", help="methods side by side (default erm,amp)")
     parser.add_argument("--n-samples", type=int, default=None, help="spiral points per split (default 600)")
@@ -103,8 +101,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train ERM and AMP on the spiral and write the figure and its numbers."""
-    from flatmin.train import TrainConfig
-    from flatmin.train.cli import config_overrides
 
     use_threads(args.threads)
     if args.grid_points < 2:

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_json
 from flatmin.errors import FlatminError
 from flatmin.optim import AMP
+from flatmin.options import out_dir
+from flatmin.plot import pyplot, save_figure, write_json
 
 
 def inverted_gaussian(theta: Tensor, mu: Tensor, kappa: Tensor, A: float, C: float) -> Tensor:

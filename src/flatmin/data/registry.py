@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from flatmin.data import files, synthetic
+from flatmin.data.augment import build_transform
 from flatmin.data.download import default_data_dir, ensure_files
 from flatmin.data.files import Arrays
 from flatmin.errors import FlatminError, UnknownNameError
@@ -113,8 +114,6 @@ class Loader:
         ds = Dataset(self.name, train, val, Split(xt, yt.long()), self.num_classes,
                      self.input_shape, self.default_model, dict(self.defaults), augment=augment)
         if x.dtype == torch.uint8:
-            from flatmin.data.augment import build_transform
-
             ds.mean, ds.std = channel_stats(train.x)
             ds._transform = build_transform(self.name, augment, ds.mean, ds.std)
         elif augment not in ("none", "standard"):

@@ -12,17 +12,18 @@ re-run with the same arguments trains nothing it has already finished.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flatmin.errors import FlatminError
+from flatmin.experiments import figures as fig
 from flatmin.experiments import tuning
-from flatmin.experiments.store import Store
 from flatmin.experiments.tables import compare_table, mean_std
-from flatmin.train.cli import add_config_arguments, config_overrides
+from flatmin.options import add_config_arguments, config_overrides, default_workers, parse_seeds
+from flatmin.plot import write_csv
+from flatmin.store import Store
 from flatmin.train.config import TrainConfig
 
 DEFAULT_METHODS = "erm,amp,sam"
@@ -62,27 +63,11 @@ def parse_specs(text: str, variants: str | None = None) -> list[Spec]:
             field = tuning.field_name(key)
             fields[field] = tuning.parse_value(field, value.strip())
         specs.append(Spec(",".join(g), method.strip(), fields))
+    if not specs:
+        raise FlatminError(f"--methods {text!r}: name at least one method, e.g. erm,amp,sam")
     if len({s.label for s in specs}) < len(specs):
         raise FlatminError(f"--methods lists a spec twice: {', '.join(s.label for s in specs)}")
     return specs
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``5`` -> seeds 0..4; ``0,3,7`` -> those seeds."""
-    try:
-        seeds = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise FlatminError(f"--seeds {text!r}: expected a count (5) or a list (0,3,7)") from None
-    if len(seeds) == 1 and "," not in text:
-        seeds = list(range(seeds[0]))
-    if not seeds or len(set(seeds)) < len(seeds) or min(seeds) < 0:
-        raise FlatminError(f"--seeds {text!r}: need at least one seed, none repeated or negative")
-    return seeds
-
-
-def default_workers() -> int:
-    """The cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,8 +152,6 @@ def verdict(groups: dict[str, list[dict]]) -> str:
 def write_outputs(out: Path, groups: dict[str, list[dict]], tasks: dict[int, list], specs: list[Spec],
                   done: dict[str, dict], figures: bool) -> None:
     """results.csv (one row per run), table.md, and the PNG figures."""
-    from flatmin.analysis._plot import write_csv
-
     rows = []
     for i, s in enumerate(specs):
         for t in tasks[i]:
@@ -181,8 +164,6 @@ def write_outputs(out: Path, groups: dict[str, list[dict]], tasks: dict[int, lis
     write_csv(out / "results.csv", rows)
     (out / "table.md").write_text(compare_table(groups))
     if figures:
-        from flatmin.experiments import figures as fig
-
         fig.metric_spread(groups, out / "metrics.png")
         fig.training_curves({s.label: [fig.read_log(t.run_dir) for t in tasks[i]]
                              for i, s in enumerate(specs)}, out / "curves.png")

@@ -19,10 +19,10 @@ from typing import Any
 
 from flatmin.errors import FlatminError
 from flatmin.experiments import tuning
-from flatmin.experiments.compare import default_workers, parse_seeds
+from flatmin.experiments.report import render
 from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS
-from flatmin.experiments.store import Store
-from flatmin.train.cli import add_config_arguments, config_overrides
+from flatmin.options import add_config_arguments, config_overrides, default_workers, parse_seeds
+from flatmin.store import Store
 from flatmin.train.config import TrainConfig
 
 LIST_FLAGS = {"methods": "method", "datasets": "dataset", "models": "model", "augments": "augment"}
@@ -118,8 +118,6 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dic
 
 def run(args: argparse.Namespace) -> int:
     """Tune (if asked) and run the grid, then print Table 1 of the DB; exit 1 if any run failed."""
-    from flatmin.experiments.report import render
-
     grid, tune, opts = build(args)
     seeds = _seeds(grid.pop("seeds", grid.pop("seed", [0])), "seeds")
     tune_seeds = _seeds(tune.pop("seeds", seeds[:2]), "tune seeds")

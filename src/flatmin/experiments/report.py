@@ -7,8 +7,10 @@ import argparse
 from pathlib import Path
 
 from flatmin.errors import FlatminError
-from flatmin.experiments.store import Store
+from flatmin.experiments import figures
 from flatmin.experiments.tables import erm_amp_pairs, group_runs, mean_std, table1, table2, tuning_table
+from flatmin.options import out_dir
+from flatmin.store import Store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +58,6 @@ def verdicts(groups: list) -> str:
 
 def write_figures(groups: list, folder: Path) -> str:
     """Per dataset/model/augment cell: metric spread and ERM-vs-AMP reliability diagrams."""
-    from flatmin.analysis._plot import out_dir
-    from flatmin.experiments import figures
-
     folder = out_dir(folder)
     written = []
     for cell in sorted({(g.dataset, g.model, g.augment) for g in groups}):

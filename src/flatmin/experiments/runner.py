@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing
+import signal
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -16,8 +18,9 @@ import torch
 
 from flatmin.data.registry import DATASETS
 from flatmin.errors import FlatminError, UnknownNameError
-from flatmin.experiments.store import Store
+from flatmin.store import Store
 from flatmin.train.config import TrainConfig, resolve
+from flatmin.train.loop import train
 from flatmin.train.methods import get_method
 
 NOT_IN_KEY = ("data_dir", "download")  # where the data lives does not change a result
@@ -87,9 +90,6 @@ def _init_pool_worker() -> None:
     a run whose claim the restarted grid will take over."""
     _init_worker()
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -97,8 +97,6 @@ def _init_pool_worker() -> None:
 
 def _train(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Worker body: train (or resume, or just read back) one run."""
-    from flatmin.train.loop import train
-
     return train(TrainConfig.from_dict(config), run_dir, resume=True, progress=False)
 
 

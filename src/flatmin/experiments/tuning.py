@@ -16,8 +16,8 @@ from typing import Any
 
 from flatmin.errors import FlatminError
 from flatmin.experiments.runner import METHOD_FIELDS, Task, execute, make_task
-from flatmin.experiments.store import Store
-from flatmin.train.cli import OPTIONS
+from flatmin.options import OPTIONS
+from flatmin.store import Store
 from flatmin.train.config import TrainConfig
 
 ALIASES = {"variant": "amp_variant", "eps": "epsilon", "zeta": "inner_lr", "n": "inner_iter",

@@ -12,8 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatmin.data import load_dataset
 from flatmin.errors import FlatminError, UnknownNameError
+from flatmin.models import create_model
 from flatmin.train.config import TrainConfig
+from flatmin.train.methods import get_method
 
 FORMAT, VERSION = "flatmin-checkpoint", 1
 CHECKPOINT = "checkpoint.pt"
@@ -83,9 +86,6 @@ class Run:
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", *, load_data: bool = True) -> Run:
     """Rebuild the model (eval mode) and its dataset from a checkpoint, for the analysis commands."""
-    from flatmin.data import load_dataset
-    from flatmin.models import create_model
-    from flatmin.train.methods import get_method
 
     payload = load_checkpoint(path, map_location=device)
     try:
