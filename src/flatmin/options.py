@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
 }
 # config field -> its rule, for values that do not come from the command line (grid files, resumes).
 RULES: dict[str, Any] = {field: typ for field, typ, _ in OPTIONS.values() if isinstance(typ, Number)}
-RULES["eval_batch_size"] = POSITIVE_INT
+RULES.update(eval_batch_size=POSITIVE_INT, lr_gamma=SHARE)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -172,13 +172,44 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+DEFAULTS = TrainConfig().to_dict()
+FIELDS = list(DEFAULTS)
+
+
+def check_field(name: str, value: Any, where: str = "") -> Any:
+    """One configuration value from a file (grid, checkpoint): known field, right type, in range."""
+    if name not in FIELDS:
+        raise ConfigError(f"{where}unknown config field {name!r}; valid fields: {', '.join(FIELDS)}")
+    default = DEFAULTS[name]
+    if value is None and default is None:
+        return value
+    if name in RULES:
+        return RULES[name].check(value, where + name)
+    if name == "device":
+        try:
+            return check_device(value) if isinstance(value, str) else _wrong(name, value, "a device", where)
+        except ConfigError as err:
+            raise ConfigError(f"{where}{err}") from None
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else _wrong(name, value, "true or false", where)
+    if name == "milestones":
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in value)
+        return value if ok else _wrong(name, value, "a list of fractions in (0, 1)", where)
+    if name == "dataset_options":
+        return value if isinstance(value, dict) else _wrong(name, value, "a table", where)
+    ok = isinstance(value, str) and value.strip()
+    return value if ok else _wrong(name, value, "a non-empty string", where)
+
+
+def _wrong(name: str, value: Any, what: str, where: str) -> Any:
+    raise ConfigError(f"{where}{name} must be {what}, got {value!r}")
+
+
 def check_config(cfg: TrainConfig) -> TrainConfig:
-    """Every number of a configuration by the CLI's rules, and its device, before any work."""
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is not None and f.name in RULES:
-            RULES[f.name].check(value, f.name)
-    check_device(cfg.device)
+    """Every field of a configuration by the CLI's rules, its device included, before any work."""
+    for name in FIELDS:
+        check_field(name, getattr(cfg, name))
     return cfg
 
 

@@ -3,8 +3,11 @@
 WAL mode and a busy timeout let readers and writers share one file; a `claims` row (owner,
 lease expiry) per run keeps two processes from training the same run; a finished run is
 INSERTed in one transaction together with the release of its claim, so a kill at any moment
-leaves either no row or a whole row. A claim whose owner died on this host, or whose lease
-ran out, may be taken over.
+leaves either no row or a whole row. A claim whose owner died on this host (its pid is gone, or
+now belongs to a process started later), or whose lease ran out, may be taken over.
+
+A database that fails SQLite's `PRAGMA quick_check` is refused before anything is written to it;
+the message says how to rebuild it from the run folders.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flatmin.errors import FlatminError
+from flatmin.errors import FlatminError, StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -35,23 +38,41 @@ CREATE TABLE IF NOT EXISTS selections (
 LEASE_S = 600.0
 
 
+def _start_time(pid: int) -> str:
+    """When a process started (clock ticks since boot, Linux), so a reused pid is not mistaken for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rpartition(")")[2].split()[19]  # field 22: starttime
+
+
 def owner_id() -> str:
-    """host:pid of this process, so a dead owner on the same host can be recognised."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid@start of this process, so a dead owner on the same host can be recognised."""
+    pid = os.getpid()
+    start = _start_time(pid)
+    return f"{socket.gethostname()}:{pid}" + (f"@{start}" if start else "")
 
 
 def _owner_dead(owner: str) -> bool:
     """True when the claim's owner was a process on this host that no longer runs."""
-    host, _, pid = owner.rpartition(":")
+    host, _, rest = owner.rpartition(":")
+    pid, _, start = rest.partition("@")
     if host != socket.gethostname() or not pid.isdigit():
-        return False
+        return False  # another host: only its lease can expire
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
-    return False
+        pass  # alive, someone else's
+    return bool(start) and _start_time(int(pid)) not in ("", start)  # the pid now names another process
+
+
+def rebuild_hint(path: Path) -> str:
+    """How to get a usable store back: every finished run still has its folder and metrics.json."""
+    return (f"rebuild it: mv {path} {path}.damaged, then re-run the flatmin compare/grid command that "
+            "filled it (finished runs are read back from their run folders, nothing is retrained)")
 
 
 class Store:
@@ -59,12 +80,25 @@ class Store:
 
     def __init__(self, path: str | Path, lease_s: float = LEASE_S) -> None:
         self.path, self.lease_s, self.owner = Path(path), lease_s, owner_id()
+        if self.path.is_dir():
+            raise FlatminError(f"{self.path} is a folder, not a results database")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self._check()
             self._setup()
         except sqlite3.DatabaseError as err:
-            raise FlatminError(f"{self.path} is not a usable results database ({err})") from None
+            raise StoreError(f"{self.path} is not a usable results database ({err}); nothing was written "
+                             f"to it; {rebuild_hint(self.path)}") from None
+
+    def _check(self) -> None:
+        """Refuse a damaged database before the first write (a header SQLite reads can hide damage)."""
+        problems = [r for (r,) in self.db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            self.db.close()
+            raise StoreError(f"{self.path} is damaged ({problems[0]}); nothing was written to it; "
+                             f"{rebuild_hint(self.path)}")
 
     def _setup(self, deadline_s: float = 60.0) -> None:
         """WAL mode and the schema. Two processes creating one database at once can get an immediate
@@ -101,15 +135,20 @@ class Store:
 
     def claim(self, key: str) -> bool:
         """Take the run for this process unless it is finished or another live owner holds it."""
+        return self.try_claim(key) == "claimed"
+
+    def try_claim(self, key: str) -> str:
+        """"claimed", "done" (finished by anyone) or "held" (a live owner trains it): a claim whose
+        owner died is taken over."""
         now = time.time()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM runs WHERE key=?", (key,)).fetchone():
-                return False
+                return "done"
             row = db.execute("SELECT owner, expires FROM claims WHERE key=?", (key,)).fetchone()
             if row and row[0] != self.owner and row[1] > now and not _owner_dead(row[0]):
-                return False
+                return "held"
             db.execute("INSERT OR REPLACE INTO claims VALUES (?,?,?)", (key, self.owner, now + self.lease_s))
-        return True
+        return "claimed"
 
     def renew(self, keys: list[str]) -> None:
         """Extend the leases of the runs this process is training."""

@@ -17,6 +17,7 @@ import torch
 
 from flatmin.errors import FlatminError
 from flatmin.models import MODELS
+from flatmin.options import POSITIVE_INT
 from flatmin.train import METHODS, TrainConfig, train
 from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
 
@@ -85,7 +86,7 @@ def read_run_dir(path: str | Path) -> RunDir:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """The models are tiny: one thread per process beats two fighting over a core."""
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch CPU threads (default 1)")
 
 
 def use_threads(n: int) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from flatmin import options
 from flatmin.analysis._runs import check_names, read_run_dir
 from flatmin.errors import FlatminError
 from flatmin.options import out_dir
@@ -47,7 +48,6 @@ def run_record(path: str | Path) -> dict[str, Any]:
 
 def db_records(db: str | Path) -> list[dict[str, Any]]:
     """The records of every run in a results database of `flatmin grid` / `flatmin compare`."""
-
     if not Path(db).is_file():
         raise FlatminError(f"no results database at {db}")
     store = Store(db)
@@ -152,8 +152,10 @@ def plot_calibration(summary: dict[str, dict[str, Any]], path: Path, title: str 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `flatmin calibration`."""
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="finished flatmin train --out folders")
-    parser.add_argument("--db", default=None, help="a results database of flatmin grid/compare")
-    parser.add_argument("--out", required=True, help="folder for calibration.png/.csv/.json")
+    parser.add_argument("--db", type=options.path, default=None,
+                        help="a results database of flatmin grid/compare")
+    parser.add_argument("--out", type=options.path, required=True,
+                        help="folder for calibration.png/.csv/.json")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flatmin.errors import FlatminError
+from flatmin import options
+from flatmin.errors import FlatminError, RunFailedError
 from flatmin.experiments import figures as fig
 from flatmin.experiments import tuning
+from flatmin.experiments.runner import resolved
 from flatmin.experiments.tables import compare_table, mean_std
 from flatmin.options import add_config_arguments, config_overrides, default_workers, parse_seeds
 from flatmin.plot import write_csv
@@ -78,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"method specs ({DEFAULT_METHODS})")
     parser.add_argument("--variants", default=None, help="AMP variants to add: exact,reuse,subbatch,onepass")
     parser.add_argument("--seeds", default=str(DEFAULT_SEEDS), help=f"count or list ({DEFAULT_SEEDS})")
-    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: cores)")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
+    parser.add_argument("--workers", type=options.POSITIVE_INT, default=None,
+                        help="parallel processes (default: cores)")
+    parser.add_argument("--out", type=options.path, default=Path("runs/compare"), help="output folder")
     parser.add_argument("--tune", action="append", default=[], metavar="FIELD=V1,V2",
                         help="choose FIELD on the validation split (repeatable)")
     parser.add_argument("--tune-seeds", default="2", help="seeds for tuning: count or list (2)")
@@ -96,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
     sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
-    store = Store(args.out / "results.db")
+    for b in bases:
+        resolved(b)  # names, numbers, device: checked before the store or any folder is written
+    store = Store(options.check_out(args.out) / "results.db")
     try:
         res = tuning.tune_and_run(bases, [s.label for s in specs], sweeps, seeds,
                                   parse_seeds(args.tune_seeds), args.out, store,
@@ -106,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         store.close()
     if missing := [t for ts in res.tasks for t in ts if t.key not in done]:
         why = "; ".join(res.failed[:3]) + (" ..." if len(res.failed) > 3 else "") or "held by another process"
-        raise FlatminError(f"{len(missing)} runs did not finish ({why})")
+        raise RunFailedError(f"{len(missing)} runs did not finish ({why}); re-run the command to retry them")
     tasks = dict(enumerate(res.tasks))
     groups = {specs[i].label: [_result(done[t.key]) for t in tasks[i]] for i in range(len(specs))}
     print(summary(groups, tasks, specs, res, args.tune_metric, time.perf_counter() - t0))
