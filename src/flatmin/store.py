@@ -84,19 +84,27 @@ class Store:
             raise FlatminError(f"{self.path} is a folder, not a results database")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            self.db.execute("PRAGMA busy_timeout=60000")
             self._check()
+            self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             self._setup()
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{self.path} is not a usable results database ({err}); nothing was written "
                              f"to it; {rebuild_hint(self.path)}") from None
 
     def _check(self) -> None:
-        """Refuse a damaged database before the first write (a header SQLite reads can hide damage)."""
-        problems = [r for (r,) in self.db.execute("PRAGMA quick_check").fetchall()]
+        """Refuse a damaged database before the first write (a header SQLite reads can hide damage).
+        With no WAL beside it, nobody has it open: read it as immutable, so not even SQLite's -wal/-shm
+        side files are created next to a damaged store."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return  # a new store (an empty file is one too)
+        quiet = not Path(f"{self.path}-wal").exists()
+        uri = self.path.resolve().as_uri() + ("?immutable=1" if quiet else "")
+        db = sqlite3.connect(uri, uri=True, timeout=60.0)
+        try:
+            problems = [r for (r,) in db.execute("PRAGMA quick_check").fetchall()]
+        finally:
+            db.close()
         if problems != ["ok"]:
-            self.db.close()
             raise StoreError(f"{self.path} is damaged ({problems[0]}); nothing was written to it; "
                              f"{rebuild_hint(self.path)}")
 

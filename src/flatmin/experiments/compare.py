@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     specs = parse_specs(args.methods, args.variants)
     seeds, sweep = parse_seeds(args.seeds), tuning.parse_sweep(args.tune)
+    tune_seeds = parse_seeds(args.tune_seeds, "--tune-seeds")
     overrides = config_overrides(args)
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
     sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     store = Store(options.check_out(args.out) / "results.db")
     try:
         res = tuning.tune_and_run(bases, [s.label for s in specs], sweeps, seeds,
-                                  parse_seeds(args.tune_seeds), args.out, store,
+                                  tune_seeds, args.out, store,
                                   args.workers or default_workers(), args.tune_metric)
         done = {r["key"]: r for r in store.rows()}
     finally:

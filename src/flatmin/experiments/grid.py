@@ -85,10 +85,10 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dic
                 raise FlatminError(f"--{flag} {getattr(args, flag)!r}: an empty list leaves nothing to run")
     grid.update(tuning.parse_sweep(args.set, "--set"))
     tune.update(tuning.parse_sweep(args.tune, "--tune"))
-    if args.seeds:
+    if args.seeds is not None:
         grid.pop("seeds", None)
         grid["seed"] = parse_seeds(args.seeds)
-    if args.tune_seeds:
+    if args.tune_seeds is not None:
         tune["seeds"] = parse_seeds(args.tune_seeds, "--tune-seeds")
     if args.tune_metric:
         tune["metric"] = args.tune_metric
