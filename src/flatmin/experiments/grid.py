@@ -7,7 +7,8 @@ on the VALIDATION split before the seeds are run (``seeds``, ``metric``, ``FIELD
 ``[tune.METHOD]`` tables for one method only). ``[run]`` may set ``out`` and ``workers``. CLI lists
 (``--methods erm,amp --datasets mnist1d --seeds 3 --set epsilon=0.1,0.5 --tune rho=0.02,0.05``)
 override the file. Finished runs are skipped, killed ones resume, and several grid processes may
-share one DB (each run is claimed by one of them).
+share one DB (each run is claimed by one of them; a grid waits for runs a live peer trains and takes
+over those of a dead one, and exits 1 naming any run that is missing at the end).
 """
 
 from __future__ import annotations
