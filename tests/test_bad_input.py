@@ -273,3 +273,29 @@ def test_read_only_out_folder_in_every_command(work):
         check(rc, out, err, before, before)  # the snapshot is compared once, below
         assert "permission" in err, (args, err)
     assert snapshot(work) == before
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs, nearly filled: real ENOSPC (needs root's CAP_SYS_ADMIN to mount)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "fill").write_bytes(b"\0" * (256 * 1024 - 12 * 1024))
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_exit_1(full_disk, capsys, monkeypatch):
+    """`train` on a disk that fills mid-run: one line naming the file, exit 1, no half-written file."""
+    monkeypatch.chdir(full_disk)
+    out = full_disk / "run"
+    rc = main(["train", "--dataset", "spiral", "--epochs", "1", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert os.strerror(28) in err and str(out) in err
+    assert not list(out.glob(".*.tmp")) and not (out / "checkpoint.pt").exists()

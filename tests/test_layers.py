@@ -180,3 +180,23 @@ def test_checker_sees_a_circle():
     edges, _ = graph()
     edges["flatmin.train.config"] = edges["flatmin.train.config"] | {"flatmin.train.loop"}
     assert any("flatmin.train.loop" in c and "flatmin.train.config" in c for c in cycles(edges))
+
+
+def test_moved_public_names_still_work_with_a_warning():
+    """The old import paths forward to the new modules and say where they went."""
+    import importlib
+    import sys
+
+    from flatmin import options, store
+    from flatmin.train import cli, distributed
+
+    moved = {"flatmin.experiments.store": ("Store", store.Store),
+             "flatmin.train.ddp": ("TorchrunProcess", distributed.TorchrunProcess)}
+    for name, (attr, new) in moved.items():
+        sys.modules.pop(name, None)
+        with pytest.warns(DeprecationWarning, match="moved to"):
+            old = importlib.import_module(name)
+        assert getattr(old, attr) is new
+    for attr in ("OPTIONS", "add_config_arguments", "config_overrides"):
+        with pytest.warns(DeprecationWarning, match=f"flatmin.options.{attr}"):
+            assert getattr(cli, attr) is getattr(options, attr)

@@ -32,10 +32,6 @@ class Number:
     lo_open: bool = False
     hi_open: bool = False
 
-    @property
-    def __name__(self) -> str:  # argparse names the type in some messages
-        return self.describe()
-
     def describe(self) -> str:
         """Say the rule in words, for the message that rejects a value."""
         what = "an integer" if self.kind is int else "a finite number"
