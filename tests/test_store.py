@@ -206,3 +206,17 @@ def test_a_peer_killed_mid_run_loses_nothing(tmp_path):
     _check_exactly_once(tmp_path, runs=4, epochs=epochs)  # erm, amp × 2 seeds
     print(f"dead-peer: exit {survivor.returncode}, done {time.monotonic() - t0:.1f}s after the kill; "
           "4 of 4 runs stored once, 0 claims left")
+
+
+def test_a_long_inline_run_keeps_its_lease(tmp_path):
+    """With workers=1 the run trains in the grid's own thread: a side thread renews the lease, so a
+    grid on another host cannot take the run over while it trains (and can once it stops)."""
+    a = Store(tmp_path / "r.db", lease_s=0.2)
+    other = Store(tmp_path / "r.db", lease_s=0.2)
+    other.owner = "otherhost:1"
+    assert a.claim("k")
+    with a.heartbeat(["k"]):
+        time.sleep(1.0)  # five leases long
+        assert other.try_claim("k") == "held"
+    time.sleep(0.4)
+    assert other.try_claim("k") == "claimed"  # no heartbeat, lease ran out: taken over

@@ -17,6 +17,7 @@ import os
 import random
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,15 +126,16 @@ class Store:
                 time.sleep(0.05 + 0.1 * random.random())
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE … COMMIT: the write lock is taken up front, so checks and writes agree."""
-        self.db.execute("BEGIN IMMEDIATE")
+        db = db or self.db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
+            yield db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -158,11 +160,36 @@ class Store:
             db.execute("INSERT OR REPLACE INTO claims VALUES (?,?,?)", (key, self.owner, now + self.lease_s))
         return "claimed"
 
-    def renew(self, keys: list[str]) -> None:
+    def renew(self, keys: list[str], db: sqlite3.Connection | None = None) -> None:
         """Extend the leases of the runs this process is training."""
-        with self.transaction() as db:
-            db.executemany("UPDATE claims SET expires=? WHERE key=? AND owner=?",
+        with self.transaction(db) as tx:
+            tx.executemany("UPDATE claims SET expires=? WHERE key=? AND owner=?",
                            [(time.time() + self.lease_s, k, self.owner) for k in keys])
+
+    @contextmanager
+    def heartbeat(self, keys: list[str]) -> Iterator[None]:
+        """Renew these leases from a side thread (its own connection) while this thread trains, so a
+        run longer than the lease is not taken over by a grid on another host."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            try:
+                while not stop.wait(self.lease_s / 4):
+                    try:
+                        self.renew(keys, db)
+                    except sqlite3.OperationalError:  # busy past the timeout: try again next beat
+                        pass
+            finally:
+                db.close()
+
+        thread = threading.Thread(target=beat, name="flatmin-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def release(self, key: str) -> None:
         with self.transaction() as db:

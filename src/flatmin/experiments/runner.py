@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,8 @@ def execute(tasks: list[Task], store: Store, workers: int = 1,
                 t = queue.pop(0)
                 state = store.try_claim(t.key)
                 if state == "claimed":
-                    in_flight[pool.submit(_train, t.config.to_dict(), str(t.run_dir))] = t
+                    with store.heartbeat([t.key]) if isinstance(pool, _Inline) else nullcontext():
+                        in_flight[pool.submit(_train, t.config.to_dict(), str(t.run_dir))] = t
                 elif state == "held":
                     held.append(t)
             if not in_flight:
