@@ -236,19 +236,23 @@ def out_dir(folder: str | Path, flag: str = "--out") -> Path:
     return folder
 
 
+def check_seeds(value: Any, where: str) -> list[int]:
+    """A count (>= 1) or a non-empty list of distinct seeds (>= 0), as seeds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return list(range(value))
+    if (isinstance(value, list) and value and len(set(value)) == len(value)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        return value
+    raise ConfigError(f"{where} must be a count >= 1 or a list of distinct seeds >= 0, got {value!r}")
+
+
 def parse_seeds(spec: str, flag: str = "--seeds") -> list[int]:
     """``5`` -> seeds 0..4; ``0,3,7`` -> those seeds."""
     try:
         seeds = [int(v) for v in spec.split(",") if v.strip()]
     except ValueError:
-        raise FlatminError(f"{flag} {spec!r}: expected a count (5) or a list (0,3,7)") from None
-    if len(seeds) == 1 and "," not in spec:
-        if seeds[0] < 1:
-            raise FlatminError(f"{flag} {spec!r}: a count of seeds must be >= 1")
-        seeds = list(range(seeds[0]))
-    if not seeds or len(set(seeds)) < len(seeds) or min(seeds) < 0:
-        raise FlatminError(f"{flag} {spec!r}: need at least one seed, none repeated or negative")
-    return seeds
+        raise ConfigError(f"{flag} {spec!r}: expected a count (5) or a list (0,3,7)") from None
+    return check_seeds(seeds[0] if len(seeds) == 1 and "," not in spec else seeds, f"{flag} {spec!r}:")
 
 
 def default_workers() -> int:

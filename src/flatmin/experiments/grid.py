@@ -21,11 +21,17 @@ from typing import Any
 from flatmin import options
 from flatmin.errors import FlatminError, RunFailedError
 from flatmin.experiments import tuning
-from flatmin.experiments.gridfile import check_seeds
 from flatmin.experiments.gridfile import load as load_file
 from flatmin.experiments.report import render
 from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS, resolved
-from flatmin.options import add_config_arguments, check_out, config_overrides, default_workers, parse_seeds
+from flatmin.options import (
+    add_config_arguments,
+    check_out,
+    check_seeds,
+    config_overrides,
+    default_workers,
+    parse_seeds,
+)
 from flatmin.store import Store
 from flatmin.train.config import TrainConfig
 
@@ -43,13 +49,6 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
         own = [k for k in lists if k in METHOD_FIELDS.get(d.get("method", "erm"), ())]
         out += [{**d, **dict(zip(own, c))} for c in itertools.product(*(lists[k] for k in own))]
     return out
-
-
-def _seeds(value: Any, what: str) -> list[int]:
-    try:
-        return check_seeds(value, what)
-    except FlatminError as err:
-        raise FlatminError(str(err)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,8 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(grid, tune, run) tables: the file's, overridden by the command line."""
     doc = load_file(args.config) if args.config else {}
-    if unknown := sorted(set(doc) - {"grid", "tune", "run"}):
-        raise FlatminError(f"unknown grid-file table(s) {', '.join(unknown)}; valid: grid, tune, run")
     grid, tune, run = dict(doc.get("grid", {})), dict(doc.get("tune", {})), dict(doc.get("run", {}))
     grid.update(config_overrides(args))
     for flag, field in LIST_FLAGS.items():
@@ -102,8 +99,8 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dic
 def run(args: argparse.Namespace) -> int:
     """Tune (if asked) and run the grid, then print Table 1 of the DB; exit 1 if any run failed."""
     grid, tune, opts = build(args)
-    seeds = _seeds(grid.pop("seeds", grid.pop("seed", [0])), "seeds")
-    tune_seeds = _seeds(tune.pop("seeds", seeds[:2]), "tune seeds")
+    seeds = check_seeds(grid.pop("seeds", grid.pop("seed", [0])), "seeds")
+    tune_seeds = check_seeds(tune.pop("seeds", seeds[:2]), "tune seeds")
     metric = tune.pop("metric", "error")
     per_method = {k: tune.pop(k) for k in list(tune) if isinstance(tune[k], dict)}
     bases = [TrainConfig.from_dict(d) for d in expand(grid)]

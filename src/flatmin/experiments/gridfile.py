@@ -8,7 +8,7 @@ from typing import Any
 
 from flatmin.errors import ConfigError, FlatminError
 from flatmin.experiments.tuning import METRICS, field_name
-from flatmin.options import POSITIVE_INT, check_field
+from flatmin.options import POSITIVE_INT, check_field, check_seeds
 from flatmin.train.methods import METHODS
 
 TABLES = ("grid", "tune", "run")
@@ -108,13 +108,3 @@ def _values(field: str, values: Any, where: str) -> None:
         raise ConfigError(f"{where}{field} must be a non-empty list of values, got {values!r}")
     for v in values:
         check_field(field, v, where)
-
-
-def check_seeds(value: Any, where: str) -> list[int]:
-    """A count (>= 1) or a non-empty list of distinct seeds (>= 0)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return list(range(value))
-    if (isinstance(value, list) and value and len(set(value)) == len(value)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-        return value
-    raise ConfigError(f"{where} must be a count >= 1 or a list of distinct seeds >= 0, got {value!r}")
