@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to a subcommand; user errors print one line and exit 2."""
+    """Dispatch to a subcommand; a user-caused failure prints one line, exit 2 (usage) or 1 (failed run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser = build_parser()
@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         return _fail(prog, f"{where}{err.strerror or err}; {hint}", code)
     except sqlite3.DatabaseError as err:  # a store error that escaped flatmin.store's own checks
-        return _fail(prog, f"results database: {err}; move it aside and re-run the command that wrote it "
-                           "(finished runs are read back from their folders)", FAILED)
+        hint = (OS_ERRORS[errno.ENOSPC][1] if "full" in str(err) else "move it aside and re-run the command "
+                "that wrote it (finished runs are read back from their folders)")
+        return _fail(prog, f"results database: {err}; {hint}", FAILED)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
