@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from flatmin.data import load_dataset
 from flatmin.models import create_model
 from flatmin.train.config import TrainConfig
-from flatmin.train.ddp import TorchrunProcess
+from flatmin.train.distributed import TorchrunProcess
 from flatmin.train.loop import StepContext, train_step
 from flatmin.train.methods import Batch, get_method
 

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from flatmin.errors import ConfigError
 from flatmin.train import TrainConfig, train
-from flatmin.train.ddp import shard
+from flatmin.train.distributed import shard
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -13,7 +13,7 @@ import pytest
 
 from flatmin.experiments.grid import expand
 from flatmin.experiments.runner import config_key, execute, make_task
-from flatmin.experiments.store import Store
+from flatmin.store import Store
 from flatmin.train import TrainConfig
 
 FAST = dict(dataset="spiral", epochs=2, dataset_options={"n_samples": 200})
@@ -144,3 +144,79 @@ def test_a_database_that_is_not_one_is_a_clear_error(tmp_path):
     (tmp_path / "bad.db").write_text("not sqlite " * 100)
     with pytest.raises(FlatminError, match="not a usable results database"):
         Store(tmp_path / "bad.db")
+
+
+def test_a_reused_pid_or_another_host_is_judged_correctly():
+    """Same host: a pid that now names a later process is dead; another host: only its lease counts."""
+    from flatmin.store import _owner_dead, owner_id
+
+    me = owner_id()
+    host, _, rest = me.rpartition(":")
+    assert "@" in rest and not _owner_dead(me)
+    assert _owner_dead(f"{host}:{rest.partition('@')[0]}@1")  # same pid, started at another time
+    assert not _owner_dead(f"not-{host}:1@1")
+
+
+def test_a_grid_with_a_failed_run_exits_1_naming_it(tmp_path, monkeypatch, capsys):
+    from flatmin.cli import main
+    from flatmin.experiments import runner
+
+    real = runner._train
+
+    def flaky(config, run_dir):
+        if config["seed"] == 1:
+            raise RuntimeError("simulated crash")
+        return real(config, run_dir)
+
+    monkeypatch.setattr(runner, "_train", flaky)
+    rc = main(["grid", "--methods", "erm", "--dataset", "spiral", "--epochs", "1", "--seeds", "2",
+               "--workers", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "1 run(s) missing" in err and "seed 1: RuntimeError: simulated crash" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert len(Store(tmp_path / "results.db").rows()) == 1
+
+
+def _owner_pid(owner: str) -> int:
+    return int(owner.rpartition(":")[2].partition("@")[0])
+
+
+def test_a_peer_killed_mid_run_loses_nothing(tmp_path):
+    """Two grids on one store; SIGKILL one while it trains: the survivor trains every run, once, exit 0."""
+    epochs = 12
+    path = _grid_file(tmp_path, n_samples=2000, epochs=epochs, seeds=2)
+    procs = [_grid(path), _grid(path)]
+    db_path = tmp_path / "out" / "results.db"
+    deadline, holders = time.monotonic() + 120, set()
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        try:  # wait until each process holds a claim: both are training
+            holders = {_owner_pid(o) for (o,) in sqlite3.connect(db_path).execute("SELECT owner FROM claims")}
+        except sqlite3.OperationalError:
+            pass
+        if holders == {p.pid for p in procs}:
+            break
+        time.sleep(0.02)
+    victim, survivor = procs
+    assert holders == {p.pid for p in procs}, "both grids should hold a run before the kill"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    t0 = time.monotonic()
+    out, _ = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, out
+    _check_exactly_once(tmp_path, runs=4, epochs=epochs)  # erm, amp × 2 seeds
+    print(f"dead-peer: exit {survivor.returncode}, done {time.monotonic() - t0:.1f}s after the kill; "
+          "4 of 4 runs stored once, 0 claims left")
+
+
+def test_a_long_inline_run_keeps_its_lease(tmp_path):
+    """With workers=1 the run trains in the grid's own thread: a side thread renews the lease, so a
+    grid on another host cannot take the run over while it trains (and can once it stops)."""
+    a = Store(tmp_path / "r.db", lease_s=0.2)
+    other = Store(tmp_path / "r.db", lease_s=0.2)
+    other.owner = "otherhost:1"
+    assert a.claim("k")
+    with a.heartbeat(["k"]):
+        time.sleep(1.0)  # five leases long
+        assert other.try_claim("k") == "held"
+    time.sleep(0.4)
+    assert other.try_claim("k") == "claimed"  # no heartbeat, lease ran out: taken over

@@ -136,7 +136,7 @@ def test_resume_after_kill_9_is_exact(tmp_path):
     [(["--method", "nope"], "unknown method 'nope'; valid methods: adv_training, amp"),
      (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
      (["--model", "resnet1000"], "unknown model 'resnet1000'"),
-     (["--lr", "-1"], "lr must be"),
+     (["--lr", "-1"], "--lr: expected a finite number > 0"),
      (["--precision", "fp8"], "precision must be one of")],
 )
 def test_cli_bad_input_is_one_clear_message(args, message):
@@ -240,3 +240,16 @@ def test_step_logs_show_theorem_2s_quantities(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert len(events.Scalars("step/delta_norm")) == 18 and len(events.Scalars("epoch/test_error")) == 2
+
+
+def test_resume_of_a_checkpoint_with_another_architecture_is_one_message(tmp_path):
+    from flatmin.train import checkpoint as ckpt
+
+    cfg = TrainConfig(method="amp", **SPIRAL)
+    train(cfg, tmp_path, progress=False)
+    saved = ckpt.load_checkpoint(tmp_path / ckpt.CHECKPOINT)
+    saved["model"] = {k + ".x": v for k, v in saved["model"].items()}  # weights of some other model
+    saved["epoch"] = 1
+    ckpt.save_checkpoint(tmp_path / ckpt.CHECKPOINT, saved)
+    with pytest.raises(FlatminError, match="checkpoint does not fit"):
+        train(cfg, tmp_path, resume=True, progress=False)

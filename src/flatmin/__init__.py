@@ -5,7 +5,7 @@ perturbation baseline RMP as drop-in PyTorch optimizers, plus the AMP paper's da
 training protocol, experiments and flatness analyses.
 """
 
+from flatmin._version import __version__
 from flatmin.optim import AMP, RMP, SAM, create_optimizer
 
-__version__ = "0.1.0"
 __all__ = ["AMP", "SAM", "RMP", "create_optimizer", "__version__"]

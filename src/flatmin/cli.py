@@ -1,12 +1,19 @@
-"""The `flatmin` command: one subcommand per module, imported only when used."""
+"""The `flatmin` command: one subcommand per module, imported only when used.
+
+This is the one error boundary: what a user can cause (an argument, a path, a permission, a full
+disk, a device, a config or store file) ends in one line on stderr with a stable exit code, 2 for
+bad usage and 1 for a failed run; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import sqlite3
 import sys
 
-from flatmin.errors import FlatminError
+from flatmin.errors import FAILED, USAGE, FlatminError
 
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,6 +32,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# OSErrors a user causes: (exit code, what to do). Others (EIO, EBADF, ...) are left to show a traceback.
+OS_ERRORS = {
+    errno.ENOSPC: (FAILED, "free some space and re-run the same command (finished work is kept)"),
+    errno.EDQUOT: (FAILED, "free some space and re-run the same command (finished work is kept)"),
+    errno.EACCES: (USAGE, "choose a path you may write"),
+    errno.EPERM: (USAGE, "choose a path you may write"),
+    errno.EROFS: (USAGE, "choose a path on a writable file system"),
+    errno.ENOENT: (USAGE, "check the path"),
+    errno.ENOTDIR: (USAGE, "a part of the path is a file, not a folder"),
+    errno.EISDIR: (USAGE, "give a file, not a folder"),
+    errno.EEXIST: (USAGE, "a file is in the way; choose another path"),
+    errno.ENAMETOOLONG: (USAGE, "choose a shorter path"),
+}
+
+
+class UsageError(Exception):
+    """Raised by a subcommand's parser instead of printing its usage and exiting."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without the multi-line usage dump: the dispatcher prints one line instead."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _one_line(text: str) -> str:
+    """Collapse a message (a parser's, say) onto one line."""
+    return " ".join(str(text).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Top-level parser; subcommand parsers are filled in lazily by `main`."""
     parser = argparse.ArgumentParser(prog="flatmin", description=__doc__)
@@ -35,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to a subcommand; user errors print one line and exit 2."""
+    """Dispatch to a subcommand; a user-caused failure prints one line, exit 2 (usage) or 1 (failed run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser = build_parser()
@@ -45,17 +83,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"flatmin {name}", description=COMMANDS[name][1])
+    parser = _Parser(prog=f"flatmin {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    prog = f"flatmin {name}"
     try:
-        return int(module.run(args) or 0)
+        return int(module.run(parser.parse_args(rest)) or 0)
+    except UsageError as err:
+        return _fail(prog, f"{err} (see {prog} --help)", USAGE)
     except FlatminError as err:
-        print(f"flatmin {name}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(prog, str(err), err.exit_code)
+    except OSError as err:
+        if err.errno not in OS_ERRORS:
+            raise
+        code, hint = OS_ERRORS[err.errno]
+        where = f"{err.filename}: " if err.filename else ""
+        return _fail(prog, f"{where}{err.strerror or err}; {hint}", code)
+    except sqlite3.DatabaseError as err:  # a store error that escaped flatmin.store's own checks
+        hint = (OS_ERRORS[errno.ENOSPC][1] if "full" in str(err) else "move it aside and re-run the command "
+                "that wrote it (finished runs are read back from their folders)")
+        return _fail(prog, f"results database: {err}; {hint}", FAILED)
     except KeyboardInterrupt:
-        print(f"flatmin {name}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(prog: str, message: str, code: int) -> int:
+    """The one line a user sees, and the exit code."""
+    print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
-"""User-facing errors: one clear message, a non-zero exit from the CLI."""
+"""User-facing errors: one clear message, a non-zero exit from the CLI.
+
+Exit codes are stable: 2 for bad usage (an argument, a name, a file the user pointed at), 1 for a
+run that failed (a grid with runs missing, a non-finite loss, a full disk, a damaged store).
+"""
 
 from __future__ import annotations
+
+USAGE, FAILED = 2, 1
 
 
 class FlatminError(Exception):
     """A problem with the user's input (argument, name, file) that the CLI reports in one line."""
+
+    exit_code = USAGE
 
 
 class UnknownNameError(FlatminError, KeyError):
@@ -21,6 +29,20 @@ class UnknownNameError(FlatminError, KeyError):
 class NonFiniteLossError(FlatminError, FloatingPointError):
     """Training produced a NaN/inf loss; parameters and the last checkpoint are left intact."""
 
+    exit_code = FAILED
+
 
 class ConfigError(FlatminError, ValueError):
     """A configuration value out of range; the message names the field."""
+
+
+class RunFailedError(FlatminError):
+    """Work that started but did not finish (runs missing from a grid); the message names what."""
+
+    exit_code = FAILED
+
+
+class StoreError(FlatminError):
+    """A results store that cannot be used safely; nothing was written to it."""
+
+    exit_code = FAILED

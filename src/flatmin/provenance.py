@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy
 import torch
 
+from flatmin._version import __version__
+
 
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
@@ -27,9 +29,7 @@ def git_commit() -> str | None:
 
 def versions() -> dict[str, str]:
     """Library versions that can change a number."""
-    import flatmin
-
-    return {"flatmin": flatmin.__version__, "python": platform.python_version(),
+    return {"flatmin": __version__, "python": platform.python_version(),
             "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
 
 

@@ -10,7 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from flatmin import options
 from flatmin.errors import FlatminError
+from flatmin.train import load_run
 
 LossFn = Callable[[nn.Module], Tensor]
 
@@ -107,8 +109,6 @@ def limit(x: Tensor, y: Tensor, max_examples: int | None) -> tuple[Tensor, Tenso
 
 def load_runs(paths: Sequence[str], device: str = "cpu") -> list:
     """Checkpoints as `flatmin.train.Run`s, with labels made unique by their folder if need be."""
-    from flatmin.train import load_run
-
     runs = [load_run(p, device=device) for p in paths]
     names = [r.name for r in runs]
     for r in runs:
@@ -131,6 +131,7 @@ def split_loss(run, split: str, max_examples: int | None, batch_size: int = 512)
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every checkpoint analysis takes."""
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="flatmin checkpoint files")
-    parser.add_argument("--max-examples", type=int, default=None, help="use the first N examples")
-    parser.add_argument("--batch-size", type=int, default=512, help="evaluation batch size")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--max-examples", type=options.POSITIVE_INT, default=None,
+                        help="use the first N examples")
+    parser.add_argument("--batch-size", type=options.POSITIVE_INT, default=512, help="evaluation batch size")
+    parser.add_argument("--device", type=options.device, default="cpu", help="torch device, e.g. cuda")

@@ -17,6 +17,11 @@ import torch
 
 from flatmin.errors import FlatminError
 from flatmin.logging import read_epochs
+from flatmin.models import MODELS
+from flatmin.models.user import is_factory_spec
+from flatmin.options import POSITIVE_INT
+from flatmin.train import METHODS, TrainConfig, train
+from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
 
 
 @dataclass
@@ -44,10 +49,6 @@ def _read_json(path: Path) -> Any:
 
 def check_names(cfg: Any, path: Path | str) -> None:
     """A run whose model or method this flatmin does not know cannot be analysed."""
-    from flatmin.models import MODELS
-    from flatmin.models.user import is_factory_spec
-    from flatmin.train import METHODS
-
     if cfg.model is not None and cfg.model not in MODELS and not is_factory_spec(cfg.model):
         raise FlatminError(f"{path}: unknown model {cfg.model!r}; valid models: {', '.join(sorted(MODELS))}")
     if cfg.method not in METHODS:
@@ -57,9 +58,6 @@ def check_names(cfg: Any, path: Path | str) -> None:
 
 def read_run_dir(path: str | Path) -> RunDir:
     """A flatmin run folder (or a file in one); anything else is a clear FlatminError."""
-    from flatmin.train import TrainConfig
-    from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
-
     path = Path(path)
     if path.is_file():
         path = path.parent
@@ -84,7 +82,7 @@ def read_run_dir(path: str | Path) -> RunDir:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """The models are tiny: one thread per process beats two fighting over a core."""
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch CPU threads (default 1)")
 
 
 def use_threads(n: int) -> None:
@@ -96,8 +94,6 @@ def use_threads(n: int) -> None:
 
 def train_runs(configs: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
     """Train each config into OUT/<name>/, resuming what an interrupted call left."""
-    from flatmin.train import train
-
     results = {}
     for name, cfg in configs.items():
         print(f"training {name}: {cfg.method} on {cfg.dataset} into {out / name}", flush=True)

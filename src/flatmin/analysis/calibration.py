@@ -16,9 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
+from flatmin import options
 from flatmin.analysis._runs import check_names, read_run_dir
 from flatmin.errors import FlatminError
+from flatmin.options import out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.store import Store
+from flatmin.train import TrainConfig
 
 
 def _record(metrics: dict[str, Any], config: Any, where: str) -> dict[str, Any]:
@@ -44,9 +48,6 @@ def run_record(path: str | Path) -> dict[str, Any]:
 
 def db_records(db: str | Path) -> list[dict[str, Any]]:
     """The records of every run in a results database of `flatmin grid` / `flatmin compare`."""
-    from flatmin.experiments.store import Store
-    from flatmin.train import TrainConfig
-
     if not Path(db).is_file():
         raise FlatminError(f"no results database at {db}")
     store = Store(db)
@@ -151,8 +152,10 @@ def plot_calibration(summary: dict[str, dict[str, Any]], path: Path, title: str 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `flatmin calibration`."""
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="finished flatmin train --out folders")
-    parser.add_argument("--db", default=None, help="a results database of flatmin grid/compare")
-    parser.add_argument("--out", required=True, help="folder for calibration.png/.csv/.json")
+    parser.add_argument("--db", type=options.path, default=None,
+                        help="a results database of flatmin grid/compare")
+    parser.add_argument("--out", type=options.path, required=True,
+                        help="folder for calibration.png/.csv/.json")
 
 
 def run(args: argparse.Namespace) -> int:

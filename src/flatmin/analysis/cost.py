@@ -19,15 +19,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
+from flatmin import options
 from flatmin.analysis._runs import add_threads_argument, print_table, use_threads
+from flatmin.data import load_dataset
 from flatmin.errors import FlatminError
+from flatmin.models import MODELS, create_model
+from flatmin.models.user import is_factory_spec
+from flatmin.options import add_config_arguments, check_config, config_overrides, out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.train import TrainConfig
+from flatmin.train.config import resolve
+from flatmin.train.distributed import current
+from flatmin.train.loop import StepContext, lr_at, run_epoch
+from flatmin.train.methods import get_method
 
 
 @dataclass
 class Contender:
     """One method's model, optimizer and step context, trained an epoch at a time."""
-
     method: str
     model: nn.Module
     opt: torch.optim.Optimizer
@@ -39,12 +48,6 @@ class Contender:
 
 def _contender(cfg: Any, ds: Any, input_range: float) -> Contender:
     """Build what `flatmin.train.train` builds for one method, minus files and evaluation."""
-    from flatmin.models import create_model
-    from flatmin.train.config import resolve
-    from flatmin.train.distributed import current
-    from flatmin.train.loop import StepContext
-    from flatmin.train.methods import get_method
-
     method = get_method(cfg.method)
     cfg = resolve(cfg, ds.defaults, ds.default_model)
     device = torch.device(cfg.device)
@@ -72,9 +75,6 @@ def _sync(device: torch.device) -> None:
 
 def measure_model(base: Any, model: str, methods: list[str], epochs: int) -> list[Contender]:
     """Train every method on one model for 1 + epochs interleaved epochs; time all but the first."""
-    from flatmin.data import load_dataset
-    from flatmin.train.loop import lr_at, run_epoch
-
     base = base.replace(model=model, epochs=epochs + 1)
     ds = load_dataset(base.dataset, data_dir=base.data_dir, val_fraction=base.val_fraction, seed=base.seed,
                       augment=base.augment, download=base.download, **base.dataset_options)
@@ -145,37 +145,29 @@ def plot_cost(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `flatmin cost` (every training flag but method, model and epochs)."""
-    from flatmin.train.cli import add_config_arguments
-
-    parser.add_argument("--out", required=True, help="folder for cost.png/.csv/.json")
+    parser.add_argument("--out", type=options.path, required=True, help="folder for cost.png/.csv/.json")
     parser.add_argument("--methods", default="erm,amp,sam,rmp", help="methods compared with ERM")
     parser.add_argument("--models", default=None, help="comma-separated models (default: the dataset's)")
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per method, after one warm-up")
+    parser.add_argument("--epochs", type=options.POSITIVE_INT, default=2,
+                        help="timed epochs per method, after one warm-up")
     add_threads_argument(parser)
     add_config_arguments(parser, skip=("--method", "--model", "--epochs"))
 
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table, write CSV/JSON and the bar chart."""
-    from flatmin.data import load_dataset
-    from flatmin.train import TrainConfig, get_method
-    from flatmin.train.cli import config_overrides
-
     use_threads(args.threads)
     if args.epochs < 1:
         raise FlatminError(f"--epochs must be >= 1, got {args.epochs}")
     methods = list(dict.fromkeys(["erm"] + [m.strip() for m in args.methods.split(",") if m.strip()]))
     for m in methods:
         get_method(m)  # an unknown name lists the valid ones
-    base = TrainConfig(**config_overrides(args))
+    base = check_config(TrainConfig(**config_overrides(args)))
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
     else:
         models = [load_dataset(base.dataset, data_dir=base.data_dir, download=base.download,
                                **base.dataset_options).default_model]
-    from flatmin.models import MODELS
-    from flatmin.models.user import is_factory_spec
-
     if unknown := [m for m in models if m not in MODELS and not is_factory_spec(m)]:
         raise FlatminError(f"unknown model(s) {', '.join(unknown)}; "
                            f"valid models: {', '.join(sorted(MODELS))}")

@@ -14,9 +14,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
+from flatmin import options
 from flatmin.analysis._runs import RunDir, add_threads_argument, read_run_dir, train_runs, use_threads
 from flatmin.errors import FlatminError
+from flatmin.options import add_config_arguments, check_config, config_overrides, out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.train import TrainConfig, get_method
 
 # --- Theorem 2's penalty --------------------------------------------------------------------------
 
@@ -74,16 +77,16 @@ def plot_gradnorm(rows: list[dict[str, Any]], epsilon: float, zeta: float, path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `flatmin gradnorm`."""
-    from flatmin.train.cli import add_config_arguments
-
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="flatmin train --out folders")
-    parser.add_argument("--out", required=True, help="folder for gradnorm.png/.csv/.json (and --train runs)")
+    parser.add_argument("--out", type=options.path, required=True,
+                        help="folder for gradnorm.png/.csv/.json (and --train runs)")
     parser.add_argument("--train", action="store_true",
                         help="first train --methods into OUT/<method>/ (resumable), then plot them too")
     parser.add_argument("--methods", default="erm,amp", help="methods trained by --train")
-    parser.add_argument("--omega-epsilon", type=float, default=None,
+    parser.add_argument("--omega-epsilon", type=options.NONNEGATIVE, default=None,
                         help="ε of Ω (default: the first AMP run's, else the first run's preset)")
-    parser.add_argument("--omega-inner-lr", type=float, default=None, help="ζ of Ω (default: likewise)")
+    parser.add_argument("--omega-inner-lr", type=options.NONNEGATIVE, default=None,
+                        help="ζ of Ω (default: likewise)")
     add_threads_argument(parser)
     add_config_arguments(parser, skip=("--method",))
 
@@ -100,21 +103,23 @@ def _omega_params(runs: list[RunDir], args: argparse.Namespace) -> tuple[float, 
 
 def run(args: argparse.Namespace) -> int:
     """Read (or train, then read) the runs, compute Ω per epoch, write figure and numbers."""
-    from flatmin.train import TrainConfig
-    from flatmin.train.cli import config_overrides
-
     use_threads(args.threads)
-    out = out_dir(args.out)
     paths = [Path(p) for p in args.runs]
     if args.train:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        base = TrainConfig(**config_overrides(args))
+        if not methods:
+            raise FlatminError(f"--methods {args.methods!r}: name at least one method")
+        base = check_config(TrainConfig(**config_overrides(args)))
+        for m in methods:
+            get_method(m)  # an unknown name lists the valid ones, before anything is written
+        out = out_dir(args.out)
         train_runs({m: base.replace(method=m) for m in methods}, out)
         paths += [out / m for m in methods]
     elif config_overrides(args):
         raise FlatminError("training flags need --train (without it the runs are only read)")
     if not paths:
         raise FlatminError("give RUN_DIRs to read, or --train to train ERM and AMP first")
+    out = out_dir(args.out)
     runs = [read_run_dir(p) for p in paths]
     eps, zeta = _omega_params(runs, args)
     rows = gradnorm_rows(runs, eps, zeta)

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flatmin import options
 from flatmin.analysis._common import add_run_arguments, load_runs, preserved, set_offset, split_loss
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
 from flatmin.errors import FlatminError
+from flatmin.options import out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
 
 LossAccFn = Callable[[nn.Module], "tuple[float, float] | float | Tensor"]
 
@@ -86,11 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `flatmin landscape`."""
     add_run_arguments(parser)
     parser.add_argument("--dim", type=int, choices=(1, 2), default=1, help="1-D curves or 2-D surfaces")
-    parser.add_argument("--span", type=float, default=1.0, help="α (and β) run over [-span, span]")
-    parser.add_argument("--points", type=int, default=41, help="grid points per axis")
+    parser.add_argument("--span", type=options.POSITIVE, default=1.0, help="α (and β) run over [-span, span]")
+    parser.add_argument("--points", type=options.Number(int, 2), default=41, help="grid points per axis")
     parser.add_argument("--splits", default="train,test", help="comma-separated: train, test")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the directions (same for every run)")
-    parser.add_argument("--out", required=True, help="folder for the PNGs, CSV and JSON")
+    parser.add_argument("--seed", type=options.COUNT, default=0,
+                        help="seed of the directions (same for every run)")
+    parser.add_argument("--out", type=options.path, required=True, help="folder for the PNGs, CSV and JSON")
 
 
 def _curves(runs: list, splits: list[str], alphas: np.ndarray, args) -> list[dict]:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from flatmin import options
 from flatmin.analysis._common import (
     DatasetLoss,
     LossFn,
@@ -25,8 +26,9 @@ from flatmin.analysis._common import (
     split_loss,
     trainable,
 )
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_csv, write_json
 from flatmin.errors import FlatminError
+from flatmin.options import out_dir
+from flatmin.plot import pyplot, save_figure, write_csv, write_json
 
 
 class Estimate(NamedTuple):
@@ -158,12 +160,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.set_defaults(max_examples=1000)
     parser.add_argument("--split", choices=("train", "test"), default="train")
-    parser.add_argument("--epsilon", type=float, default=0.05, help="radius of the ε-sharpness ball")
-    parser.add_argument("--iters", type=int, default=100, help="power iterations for λ_max")
-    parser.add_argument("--samples", type=int, default=100, help="Hutchinson samples for the trace")
-    parser.add_argument("--steps", type=int, default=20, help="ascent steps for ε-sharpness")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
-    parser.add_argument("--out", default=None, help="folder for sharpness.csv and sharpness.json")
+    parser.add_argument("--epsilon", type=options.POSITIVE, default=0.05,
+                        help="radius of the ε-sharpness ball")
+    parser.add_argument("--iters", type=options.POSITIVE_INT, default=100, help="power iterations for λ_max")
+    parser.add_argument("--samples", type=options.POSITIVE_INT, default=100,
+                        help="Hutchinson samples for the trace")
+    parser.add_argument("--steps", type=options.POSITIVE_INT, default=20, help="ascent steps for ε-sharpness")
+    parser.add_argument("--seed", type=options.COUNT, default=0, help="seed of the random vectors")
+    parser.add_argument("--out", type=options.path, default=None,
+                        help="folder for sharpness.csv and sharpness.json")
 
 
 def measure(run, args: argparse.Namespace) -> dict:

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatmin.analysis._plot import out_dir, pyplot, save_figure, write_json
+from flatmin import options
 from flatmin.errors import FlatminError
 from flatmin.optim import AMP
+from flatmin.options import out_dir
+from flatmin.plot import pyplot, save_figure, write_json
 
 
 def inverted_gaussian(theta: Tensor, mu: Tensor, kappa: Tensor, A: float, C: float) -> Tensor:
@@ -163,9 +165,10 @@ def plot_region(path, cs=(0.1, 0.5, 1.0, 2.0)):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `flatmin theory`."""
-    parser.add_argument("--out", required=True, help="folder for the figures and theory.json")
-    parser.add_argument("--epsilon", type=float, default=0.5, help="AMP radius for Theorem 1")
-    parser.add_argument("--steps", type=int, default=300, help="AMP steps for Theorem 1")
+    parser.add_argument("--out", type=options.path, required=True,
+                        help="folder for the figures and theory.json")
+    parser.add_argument("--epsilon", type=options.POSITIVE, default=0.5, help="AMP radius for Theorem 1")
+    parser.add_argument("--steps", type=options.POSITIVE_INT, default=300, help="AMP steps for Theorem 1")
 
 
 def run(args: argparse.Namespace) -> int:

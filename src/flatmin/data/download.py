@@ -11,6 +11,8 @@ from http.client import HTTPException
 from pathlib import Path
 from urllib.request import urlopen
 
+from tqdm.auto import tqdm
+
 from flatmin.errors import FlatminError
 
 
@@ -98,8 +100,6 @@ def verify(path: Path, url: str = "") -> None:
 
 def download(url: str, dest: Path, *, progress: bool = True) -> Path:
     """Fetch to a temp file and rename, so an interrupted download never looks like a real file."""
-    from tqdm.auto import tqdm
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flatmin.data.decoded import Arrays
 from flatmin.errors import FlatminError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -59,10 +60,8 @@ def list_images(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]
     return classes, splits
 
 
-def read_folder(root: Path, image_size: int | None = None):  # -> user.Arrays
+def read_folder(root: Path, image_size: int | None = None) -> Arrays:
     """Decode every image once; unreadable files and mixed sizes (without image_size) are named."""
-    from flatmin.data.user import Arrays
-
     if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
         raise FlatminError(f"image_size must be a positive integer, got {image_size!r}")
     image = _pillow()

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from flatmin.data import files, synthetic
+from flatmin.data.augment import build_transform
 from flatmin.data.download import default_data_dir, ensure_files
 from flatmin.data.files import Arrays
 from flatmin.errors import FlatminError, UnknownNameError
@@ -118,8 +119,6 @@ def with_transform(ds: Dataset, augment: str) -> Dataset:
     """uint8 images get per-channel statistics of the training split and the dataset's augmentation."""
     ds.augment = augment
     if ds.train.x.dtype == torch.uint8:
-        from flatmin.data.augment import build_transform
-
         ds.mean, ds.std = channel_stats(ds.train.x)
         ds._transform = build_transform(ds.name, augment, ds.mean, ds.std)
     elif augment not in ("none", "standard"):
@@ -170,14 +169,16 @@ DATASETS: dict[str, Loader] = {
 USER_FORMS = "npz:PATH, folder:PATH, csv:PATH"
 
 
+# "npz" -> a loader of the user's files at a path; filled by flatmin.data.user (which builds on
+# this module, so the arrow points from it to here, never back).
+USER_KINDS: dict[str, Callable[[str], Any]] = {}
+
+
 def get_loader(name: str) -> Loader | Any:
     """A registry entry, or a loader for the user's own files (`npz:`, `folder:`, `csv:` + a path)."""
     kind, sep, path = name.partition(":")
-    if sep and name not in DATASETS:
-        from flatmin.data import user  # imported here: user.py builds on this module
-
-        if kind in user.KINDS:
-            return user.UserLoader(kind, path)
+    if sep and name not in DATASETS and kind in USER_KINDS:
+        return USER_KINDS[kind](path)
     if name not in DATASETS:
         err = UnknownNameError("dataset", name, list(DATASETS))
         err.args = (f"{err.args[0]}; or your own data: {USER_FORMS}",)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatmin.data.user import SPLITS, Arrays
+from flatmin.data.decoded import SPLITS, Arrays
 from flatmin.errors import FlatminError
 
 CATEGORICAL = ("error", "onehot")

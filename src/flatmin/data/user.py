@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatmin.data.decoded import SPLITS, Arrays
 from flatmin.data.download import default_data_dir
-from flatmin.data.registry import Dataset, Split, holdout, with_transform
+from flatmin.data.images import read_folder
+from flatmin.data.registry import USER_KINDS, Dataset, Split, holdout, with_transform
+from flatmin.data.tabular import read_csv
 from flatmin.errors import FlatminError
 
 KINDS = ("npz", "folder", "csv")
@@ -35,19 +38,6 @@ DEFAULTS = {"epochs": 30, "lr": 0.05, "batch_size": 50, "weight_decay": 1e-4}
 DEFAULT_MODEL = "mlp"  # works on any input shape; images usually want --model preactresnet18 or yours
 LAYOUTS = ("nchw", "nhwc")
 CACHE_VERSION = 1
-SPLITS = ("train", "val", "test")  # val optional
-
-
-@dataclass
-class Arrays:
-    """Decoded splits: x as stored (uint8 NCHW images or float32), y as int64 class ids."""
-
-    splits: dict[str, tuple[Tensor, Tensor]]
-    classes: list[str] | None = None  # folder names, when the data has them
-
-    def to_payload(self) -> dict[str, Any]:
-        """Plain tensors and lists, loadable with weights_only=True."""
-        return {"splits": {k: list(v) for k, v in self.splits.items()}, "classes": self.classes}
 
 
 def class_ids(name: str, y: np.ndarray) -> Tensor:
@@ -159,12 +149,8 @@ class UserLoader:
         if self.kind == "npz":
             arrays = read_npz(self.path, options.get("layout"))
         elif self.kind == "csv":
-            from flatmin.data.tabular import read_csv
-
             arrays = read_csv(self.path, options.get("label_column"), options.get("categorical", "error"))
         else:
-            from flatmin.data.images import read_folder
-
             arrays = read_folder(self.path, options.get("image_size"))
         cache.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{os.getpid()}.tmp")
@@ -211,3 +197,6 @@ def standardise(train: Split, *others: Split | None) -> None:
     for s in (train, *others):
         if s is not None:
             s.x = (s.x - mean) / std
+
+
+USER_KINDS.update({kind: partial(UserLoader, kind) for kind in KINDS})  # what get_loader resolves

@@ -12,17 +12,20 @@ re-run with the same arguments trains nothing it has already finished.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flatmin.errors import FlatminError
+from flatmin import options
+from flatmin.errors import FlatminError, RunFailedError
+from flatmin.experiments import figures as fig
 from flatmin.experiments import tuning
-from flatmin.experiments.store import Store
+from flatmin.experiments.runner import resolved
 from flatmin.experiments.tables import compare_table, mean_std
-from flatmin.train.cli import add_config_arguments, config_overrides
+from flatmin.options import add_config_arguments, config_overrides, default_workers, parse_seeds
+from flatmin.plot import write_csv
+from flatmin.store import Store
 from flatmin.train.config import TrainConfig
 
 DEFAULT_METHODS = "erm,amp,sam"
@@ -62,27 +65,11 @@ def parse_specs(text: str, variants: str | None = None) -> list[Spec]:
             field = tuning.field_name(key)
             fields[field] = tuning.parse_value(field, value.strip())
         specs.append(Spec(",".join(g), method.strip(), fields))
+    if not specs:
+        raise FlatminError(f"--methods {text!r}: name at least one method, e.g. erm,amp,sam")
     if len({s.label for s in specs}) < len(specs):
         raise FlatminError(f"--methods lists a spec twice: {', '.join(s.label for s in specs)}")
     return specs
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``5`` -> seeds 0..4; ``0,3,7`` -> those seeds."""
-    try:
-        seeds = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise FlatminError(f"--seeds {text!r}: expected a count (5) or a list (0,3,7)") from None
-    if len(seeds) == 1 and "," not in text:
-        seeds = list(range(seeds[0]))
-    if not seeds or len(set(seeds)) < len(seeds) or min(seeds) < 0:
-        raise FlatminError(f"--seeds {text!r}: need at least one seed, none repeated or negative")
-    return seeds
-
-
-def default_workers() -> int:
-    """The cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"method specs ({DEFAULT_METHODS})")
     parser.add_argument("--variants", default=None, help="AMP variants to add: exact,reuse,subbatch,onepass")
     parser.add_argument("--seeds", default=str(DEFAULT_SEEDS), help=f"count or list ({DEFAULT_SEEDS})")
-    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: cores)")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
+    parser.add_argument("--workers", type=options.POSITIVE_INT, default=None,
+                        help="parallel processes (default: cores)")
+    parser.add_argument("--out", type=options.path, default=Path("runs/compare"), help="output folder")
     parser.add_argument("--tune", action="append", default=[], metavar="FIELD=V1,V2",
                         help="choose FIELD on the validation split (repeatable)")
     parser.add_argument("--tune-seeds", default="2", help="seeds for tuning: count or list (2)")
@@ -108,20 +96,23 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     specs = parse_specs(args.methods, args.variants)
     seeds, sweep = parse_seeds(args.seeds), tuning.parse_sweep(args.tune)
+    tune_seeds = parse_seeds(args.tune_seeds, "--tune-seeds")
     overrides = config_overrides(args)
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
     sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
-    store = Store(args.out / "results.db")
+    for b in bases:
+        resolved(b)  # names, numbers, device: checked before the store or any folder is written
+    store = Store(options.check_out(args.out) / "results.db")
     try:
         res = tuning.tune_and_run(bases, [s.label for s in specs], sweeps, seeds,
-                                  parse_seeds(args.tune_seeds), args.out, store,
+                                  tune_seeds, args.out, store,
                                   args.workers or default_workers(), args.tune_metric)
         done = {r["key"]: r for r in store.rows()}
     finally:
         store.close()
     if missing := [t for ts in res.tasks for t in ts if t.key not in done]:
         why = "; ".join(res.failed[:3]) + (" ..." if len(res.failed) > 3 else "") or "held by another process"
-        raise FlatminError(f"{len(missing)} runs did not finish ({why})")
+        raise RunFailedError(f"{len(missing)} runs did not finish ({why}); re-run the command to retry them")
     tasks = dict(enumerate(res.tasks))
     groups = {specs[i].label: [_result(done[t.key]) for t in tasks[i]] for i in range(len(specs))}
     print(summary(groups, tasks, specs, res, args.tune_metric, time.perf_counter() - t0))
@@ -167,8 +158,6 @@ def verdict(groups: dict[str, list[dict]]) -> str:
 def write_outputs(out: Path, groups: dict[str, list[dict]], tasks: dict[int, list], specs: list[Spec],
                   done: dict[str, dict], figures: bool) -> None:
     """results.csv (one row per run), table.md, and the PNG figures."""
-    from flatmin.analysis._plot import write_csv
-
     rows = []
     for i, s in enumerate(specs):
         for t in tasks[i]:
@@ -181,8 +170,6 @@ def write_outputs(out: Path, groups: dict[str, list[dict]], tasks: dict[int, lis
     write_csv(out / "results.csv", rows)
     (out / "table.md").write_text(compare_table(groups))
     if figures:
-        from flatmin.experiments import figures as fig
-
         fig.metric_spread(groups, out / "metrics.png")
         fig.training_curves({s.label: [fig.read_log(t.run_dir) for t in tasks[i]]
                              for i, s in enumerate(specs)}, out / "curves.png")

@@ -7,8 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from flatmin.analysis._plot import pyplot, save_figure
 from flatmin.logging import read_epochs
+from flatmin.plot import pyplot, save_figure
 
 Runs = dict[str, list[dict[str, Any]]]  # label -> finished runs' metrics (one per seed)
 

@@ -7,7 +7,8 @@ on the VALIDATION split before the seeds are run (``seeds``, ``metric``, ``FIELD
 ``[tune.METHOD]`` tables for one method only). ``[run]`` may set ``out`` and ``workers``. CLI lists
 (``--methods erm,amp --datasets mnist1d --seeds 3 --set epsilon=0.1,0.5 --tune rho=0.02,0.05``)
 override the file. Finished runs are skipped, killed ones resume, and several grid processes may
-share one DB (each run is claimed by one of them).
+share one DB (each run is claimed by one of them; a grid waits for runs a live peer trains and takes
+over those of a dead one, and exits 1 naming any run that is missing at the end).
 """
 
 from __future__ import annotations
@@ -17,38 +18,24 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from flatmin.errors import FlatminError
+from flatmin import options
+from flatmin.errors import FlatminError, RunFailedError
 from flatmin.experiments import tuning
-from flatmin.experiments.compare import default_workers, parse_seeds
-from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS
-from flatmin.experiments.store import Store
-from flatmin.train.cli import add_config_arguments, config_overrides
+from flatmin.experiments.gridfile import load as load_file
+from flatmin.experiments.report import render
+from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS, resolved
+from flatmin.options import (
+    add_config_arguments,
+    check_out,
+    check_seeds,
+    config_overrides,
+    default_workers,
+    parse_seeds,
+)
+from flatmin.store import Store
 from flatmin.train.config import TrainConfig
 
 LIST_FLAGS = {"methods": "method", "datasets": "dataset", "models": "model", "augments": "augment"}
-
-
-def load_file(path: Path) -> dict[str, Any]:
-    """A TOML (stdlib tomllib, or tomli on 3.10) or YAML grid file as a dict."""
-    if not path.is_file():
-        raise FlatminError(f"no grid file at {path}")
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise FlatminError("YAML grids need PyYAML: pip install flatmin[yaml]") from None
-        return yaml.safe_load(path.read_text()) or {}
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise FlatminError("TOML grids on Python 3.10 need tomli: pip install tomli") from None
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise FlatminError(f"{path}: {err}") from None
 
 
 def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
@@ -64,19 +51,11 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _seeds(value: Any, what: str) -> list[int]:
-    if isinstance(value, int):
-        return list(range(value))
-    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
-        return value
-    raise FlatminError(f"{what} must be a count or a list of integers, got {value!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`flatmin grid` flags: a grid file, list flags, and the shared config flags for scalars."""
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("config", nargs="?", type=Path, help="grid file (.toml, or .yaml)")
+    parser.add_argument("config", nargs="?", type=options.path, help="grid file (.toml, or .yaml)")
     add_config_arguments(parser, skip=("--method", "--dataset", "--model", "--seed", "--augment"))
     for flag in LIST_FLAGS:
         parser.add_argument(f"--{flag}", default=None, help=f"comma-separated {flag}")
@@ -86,28 +65,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="choose FIELD on the validation split first (repeatable)")
     parser.add_argument("--tune-seeds", default=None, help="seeds for tuning (default: the first 2)")
     parser.add_argument("--tune-metric", default=None, choices=tuning.METRICS, help="val metric (error)")
-    parser.add_argument("--out", type=Path, default=None, help="run folders and DB (runs/grid)")
-    parser.add_argument("--db", type=Path, default=None, help="results DB (default OUT/results.db)")
-    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: cores)")
+    parser.add_argument("--out", type=options.path, default=None, help="run folders and DB (runs/grid)")
+    parser.add_argument("--db", type=options.path, default=None, help="results DB (default OUT/results.db)")
+    parser.add_argument("--workers", type=options.POSITIVE_INT, default=None,
+                        help="parallel processes (default: cores)")
 
 
 def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(grid, tune, run) tables: the file's, overridden by the command line."""
     doc = load_file(args.config) if args.config else {}
-    if unknown := sorted(set(doc) - {"grid", "tune", "run"}):
-        raise FlatminError(f"unknown grid-file table(s) {', '.join(unknown)}; valid: grid, tune, run")
     grid, tune, run = dict(doc.get("grid", {})), dict(doc.get("tune", {})), dict(doc.get("run", {}))
     grid.update(config_overrides(args))
     for flag, field in LIST_FLAGS.items():
-        if getattr(args, flag):
+        if getattr(args, flag) is not None:
             grid[field] = [v.strip() for v in getattr(args, flag).split(",") if v.strip()]
-    grid.update(tuning.parse_sweep(args.set))
-    tune.update(tuning.parse_sweep(args.tune))
-    if args.seeds:
+            if not grid[field]:
+                raise FlatminError(f"--{flag} {getattr(args, flag)!r}: an empty list leaves nothing to run")
+    grid.update(tuning.parse_sweep(args.set, "--set"))
+    tune.update(tuning.parse_sweep(args.tune, "--tune"))
+    if args.seeds is not None:
         grid.pop("seeds", None)
         grid["seed"] = parse_seeds(args.seeds)
-    if args.tune_seeds:
-        tune["seeds"] = parse_seeds(args.tune_seeds)
+    if args.tune_seeds is not None:
+        tune["seeds"] = parse_seeds(args.tune_seeds, "--tune-seeds")
     if args.tune_metric:
         tune["metric"] = args.tune_metric
     for key, value in (("out", args.out), ("workers", args.workers)):
@@ -118,17 +98,17 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dic
 
 def run(args: argparse.Namespace) -> int:
     """Tune (if asked) and run the grid, then print Table 1 of the DB; exit 1 if any run failed."""
-    from flatmin.experiments.report import render
-
     grid, tune, opts = build(args)
-    seeds = _seeds(grid.pop("seeds", grid.pop("seed", [0])), "seeds")
-    tune_seeds = _seeds(tune.pop("seeds", seeds[:2]), "tune seeds")
+    seeds = check_seeds(grid.pop("seeds", grid.pop("seed", [0])), "seeds")
+    tune_seeds = check_seeds(tune.pop("seeds", seeds[:2]), "tune seeds")
     metric = tune.pop("metric", "error")
     per_method = {k: tune.pop(k) for k in list(tune) if isinstance(tune[k], dict)}
     bases = [TrainConfig.from_dict(d) for d in expand(grid)]
     sweeps = [{**{tuning.field_name(k): v for k, v in tune.items()},
                **{tuning.field_name(k): v for k, v in per_method.get(b.method, {}).items()}} for b in bases]
-    out = Path(opts.get("out", "runs/grid"))
+    for b in bases:
+        resolved(b)  # names, numbers, device: checked before the store or any folder is written
+    out = check_out(Path(opts.get("out", "runs/grid")))
     store = Store(args.db or out / "results.db")
     try:
         res = tuning.tune_and_run(bases, [b.method for b in bases], sweeps, seeds, tune_seeds, out, store,
@@ -137,6 +117,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if res.failed:
-        print(f"{len(res.failed)} runs failed; re-run the same command to retry them")
-        return 1
+        raise RunFailedError(f"{len(res.failed)} run(s) missing: {'; '.join(res.failed[:3])}"
+                             f"{' ...' if len(res.failed) > 3 else ''}; re-run the command to retry them")
     return 0

@@ -6,14 +6,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flatmin import options
 from flatmin.errors import FlatminError
-from flatmin.experiments.store import Store
+from flatmin.experiments import figures
 from flatmin.experiments.tables import erm_amp_pairs, group_runs, mean_std, table1, table2, tuning_table
+from flatmin.options import out_dir
+from flatmin.store import Store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("db", type=Path, help="results database written by flatmin grid or compare")
-    parser.add_argument("--out", type=Path, default=None, help="write report.md and PNGs here")
+    parser.add_argument("db", type=options.path, help="results database written by flatmin grid or compare")
+    parser.add_argument("--out", type=options.path, default=None, help="write report.md and PNGs here")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
 
@@ -56,9 +59,6 @@ def verdicts(groups: list) -> str:
 
 def write_figures(groups: list, folder: Path) -> str:
     """Per dataset/model/augment cell: metric spread and ERM-vs-AMP reliability diagrams."""
-    from flatmin.analysis._plot import out_dir
-    from flatmin.experiments import figures
-
     folder = out_dir(folder)
     written = []
     for cell in sorted({(g.dataset, g.model, g.augment) for g in groups}):
@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     """Print the report; with --out also write report.md and the figures."""
     if not args.db.is_file():
         raise FlatminError(f"no results database at {args.db}")
+    if args.out is not None:
+        options.check_out(args.out)
     store = Store(args.db)
     try:
         text = render(store, None if args.no_figures or args.out is None else args.out)

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing
 import re
+import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +21,10 @@ import torch
 
 from flatmin.data.registry import canonical_name, get_loader
 from flatmin.errors import FlatminError
-from flatmin.experiments.store import Store
+from flatmin.options import check_config
+from flatmin.store import Store
 from flatmin.train.config import TrainConfig, resolve
+from flatmin.train.loop import train
 from flatmin.train.methods import get_method, method_fields
 
 NOT_IN_KEY = ("data_dir", "download", "tensorboard")  # where data lives, what logs: not a result
@@ -46,6 +52,7 @@ def unused_fields(cfg: TrainConfig) -> list[str]:
 def resolved(cfg: TrainConfig) -> TrainConfig:
     """The config with presets filled in and fields the method does not use at their defaults;
     checked by building its optimizer, so a bad combination fails before anything trains."""
+    check_config(cfg)
     loader = get_loader(cfg.dataset)
     method, default = get_method(cfg.method), TrainConfig()
     cfg = cfg.replace(dataset=canonical_name(cfg.dataset),  # a grid file's relative data path
@@ -86,9 +93,6 @@ def _init_pool_worker() -> None:
     a run whose claim the restarted grid will take over."""
     _init_worker()
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -96,8 +100,6 @@ def _init_pool_worker() -> None:
 
 def _train(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Worker body: train (or resume, or just read back) one run."""
-    from flatmin.train.loop import train
-
     return train(TrainConfig.from_dict(config), run_dir, resume=True, progress=False)
 
 
@@ -120,8 +122,9 @@ class _Inline:
 
 
 def execute(tasks: list[Task], store: Store, workers: int = 1,
-            log: Callable[[str], None] = print) -> list[str]:
-    """Train every unfinished, unclaimed task; returns the error messages of runs that failed."""
+            log: Callable[[str], None] = print, poll_s: float = 1.0) -> list[str]:
+    """Train every unfinished task, waiting for runs a live peer holds and taking over those whose
+    owner died; returns one message per run that is not in the store at the end (why it is not)."""
     if workers < 1:
         raise FlatminError(f"--workers must be >= 1, got {workers}")
     unique = list({t.key: t for t in tasks}.values())
@@ -133,16 +136,26 @@ def execute(tasks: list[Task], store: Store, workers: int = 1,
     pool: Any = _Inline() if workers == 1 or len(queue) <= 1 else ProcessPoolExecutor(
         min(workers, len(queue)), mp_context=spawn, initializer=_init_pool_worker)
     in_flight: dict[Future, Task] = {}
-    failed: list[str] = []
+    held: list[Task] = []  # claimed by a live peer: retried until finished, or taken over
+    failed: dict[str, str] = {}
     try:
-        while queue or in_flight:
+        while queue or in_flight or held:
+            if not queue and held and len(in_flight) < workers:
+                queue, held = held, []
             while queue and len(in_flight) < workers:
                 t = queue.pop(0)
-                if store.claim(t.key):
-                    in_flight[pool.submit(_train, t.config.to_dict(), str(t.run_dir))] = t
+                state = store.try_claim(t.key)
+                if state == "claimed":
+                    with store.heartbeat([t.key]) if isinstance(pool, _Inline) else nullcontext():
+                        in_flight[pool.submit(_train, t.config.to_dict(), str(t.run_dir))] = t
+                elif state == "held":
+                    held.append(t)
             if not in_flight:
-                break
-            finished, _ = wait(list(in_flight), timeout=store.lease_s / 4, return_when=FIRST_COMPLETED)
+                if held:
+                    time.sleep(poll_s)
+                continue
+            timeout = poll_s if held and len(in_flight) < workers else store.lease_s / 4
+            finished, _ = wait(list(in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
             store.renew([t.key for t in in_flight.values()])
             for fut in finished:
                 t = in_flight.pop(fut)
@@ -150,17 +163,17 @@ def execute(tasks: list[Task], store: Store, workers: int = 1,
                     result = fut.result()
                 except Exception as err:  # noqa: BLE001 - one bad run must not sink the grid
                     store.release(t.key)
-                    failed.append(f"{t.label} seed {t.config.seed}: {type(err).__name__}: {err}")
-                    log(f"FAILED {failed[-1]}")
+                    failed[t.key] = f"{t.label} seed {t.config.seed}: {type(err).__name__}: {err}"
+                    log(f"FAILED {failed[t.key]}")
                     continue
                 store.insert(t.key, t.label, result, str(t.run_dir))
                 log(f"{t.label:28s} seed {t.config.seed}: test err {result['test']['error']:6.2f}% "
                     f"nll {result['test']['nll']:.3f} val err {_val(result)} ({result['time_s']:.1f}s)")
     finally:
         pool.shutdown(cancel_futures=True)
-    if elsewhere := store.held_elsewhere([t.key for t in unique]):
-        log(f"{len(elsewhere)} runs are being trained by another process; re-run to collect them")
-    return failed
+    done = store.done_keys()
+    return [failed.get(t.key, f"{t.label} seed {t.config.seed}: not finished") for t in unique
+            if t.key not in done]
 
 
 def _val(result: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ The test split is never read here; `select` looks at ``metrics["val"]`` only.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import statistics
@@ -16,8 +17,8 @@ from typing import Any
 
 from flatmin.errors import FlatminError
 from flatmin.experiments.runner import METHOD_FIELDS, Task, execute, make_task
-from flatmin.experiments.store import Store
-from flatmin.train.cli import OPTIONS
+from flatmin.options import OPTIONS
+from flatmin.store import Store
 from flatmin.train.config import TrainConfig
 
 ALIASES = {"variant": "amp_variant", "eps": "epsilon", "zeta": "inner_lr", "n": "inner_iter",
@@ -57,19 +58,21 @@ def parse_value(field: str, text: str) -> Any:
             except ValueError:
                 pass
         return {"true": True, "false": False}.get(text.lower(), text)
-    except ValueError:
-        raise FlatminError(f"{field}={text!r}: expected a {typ.__name__}") from None
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        raise FlatminError(f"{field}={text!r}: {err}") from None
 
 
-def parse_sweep(specs: list[str]) -> dict[str, list[Any]]:
+def parse_sweep(specs: list[str], flag: str = "--tune") -> dict[str, list[Any]]:
     """``["epsilon=0.05,0.1", "inner_lr=0.5,1"]`` -> {"epsilon": [0.05, 0.1], "inner_lr": [0.5, 1.0]}."""
     sweep: dict[str, list[Any]] = {}
     for spec in specs:
         key, sep, values = spec.partition("=")
         if not sep or not values:
-            raise FlatminError(f"--tune {spec!r}: expected FIELD=V1,V2,...")
+            raise FlatminError(f"{flag} {spec!r}: expected FIELD=V1,V2,...")
         field = field_name(key)
         sweep[field] = [parse_value(field, v) for v in values.split(",") if v.strip()]
+        if not sweep[field]:
+            raise FlatminError(f"{flag} {spec!r}: no values given")
     return sweep
 
 

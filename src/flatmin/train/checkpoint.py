@@ -12,8 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatmin.data import load_dataset
 from flatmin.errors import FlatminError, UnknownNameError
+from flatmin.models import create_model
 from flatmin.train.config import TrainConfig
+from flatmin.train.methods import get_method
 
 FORMAT, VERSION = "flatmin-checkpoint", 1
 CHECKPOINT = "checkpoint.pt"
@@ -30,6 +33,11 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk: name the file the user will look for
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -47,7 +55,18 @@ def write_json(path: Path, obj: Any) -> None:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Tag the payload as flatmin's and write it atomically."""
-    atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
+    atomic_write_bytes(path, lambda f: _torch_save({"format": FORMAT, "version": VERSION, **payload}, f))
+
+
+def _torch_save(obj: Any, f: Any) -> None:
+    """torch.save, but a full disk stays the OSError it is (torch re-raises it as a RuntimeError)."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -83,9 +102,6 @@ class Run:
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", *, load_data: bool = True) -> Run:
     """Rebuild the model (eval mode) and its dataset from a checkpoint, for the analysis commands."""
-    from flatmin.data import load_dataset
-    from flatmin.models import create_model
-    from flatmin.train.methods import get_method
 
     payload = load_checkpoint(path, map_location=device)
     try:

@@ -9,6 +9,7 @@ epoch), so a run resumed from any checkpoint retraces the uninterrupted run exac
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from flatmin.data import Dataset, Split, load_dataset
 from flatmin.errors import ConfigError, FlatminError, NonFiniteLossError
@@ -192,8 +194,6 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar on a terminal, nothing in CI or a pipe."""
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
@@ -243,8 +243,6 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
         if diff := _config_mismatch(TrainConfig.from_dict(saved["config"]), cfg):
             raise FlatminError(f"cannot resume {out}: the configuration differs ({'; '.join(diff)})")
         if (out / "metrics.json").exists() and saved["epoch"] >= cfg.epochs:
-            import json
-
             return json.loads((out / "metrics.json").read_text()) if dist.is_main else None
     if progress is None:
         progress = sys.stderr.isatty() and dist.is_main
@@ -266,9 +264,14 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     history: list[dict[str, Any]] = []
     start, elapsed = 0, 0.0
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
+        try:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            scaler.load_state_dict(saved["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:  # weights of another model or method
+            first = str(err).strip().splitlines()[0]
+            raise FlatminError(f"cannot resume {out}: its checkpoint does not fit {cfg.model}/{cfg.method} "
+                               f"({first}); choose another --out") from None
         history, start, elapsed = list(saved["history"]), int(saved["epoch"]), float(saved["time_s"])
     logger = _logger(out, cfg, history, start, resumed=saved is not None) if dist.is_main else None
     net = dist.wrap(model, cfg.ddp_local_ascent)
@@ -349,8 +352,6 @@ def _finish(model: nn.Module, ds: Dataset, ctx: StepContext, history: list[dict[
 
 def _jsonl(record: dict[str, Any]) -> str:
     """One log line."""
-    import json
-
     return json.dumps(record) + "\n"
 
 

@@ -1,4 +1,6 @@
-"""Figure and number output shared by the analyses: headless PNGs, and the numbers beside them."""
+"""Figure and number output shared by experiments and analyses: headless PNGs and the numbers beside them.
+
+Below both layers, so neither imports the other; matplotlib stays an optional, lazy import."""
 
 from __future__ import annotations
 
@@ -21,15 +23,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def out_dir(path: str | Path) -> Path:
-    """The output folder, created; an existing file there is the user's mistake."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FlatminError(f"--out {path} is a file, not a folder")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def save_figure(fig: Any, path: Path) -> Path:

@@ -1,0 +1,202 @@
+"""The package's import graph runs one way: data → models → optim → train → (experiments | analysis) → cli.
+
+Every import statement of every module is read with `ast` (those inside functions too), so a lazy
+import cannot hide an arrow running back up; no module imports a CLI module but the dispatcher,
+and there is no circle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import flatmin
+from flatmin.cli import COMMANDS
+
+ROOT = Path(flatmin.__file__).parent
+# layer -> the layers it may import from (itself included)
+BELOW = {
+    "base": {"base"},
+    "data": {"base", "data"},
+    "models": {"base", "data", "models"},
+    "optim": {"base", "data", "models", "optim"},
+    "train": {"base", "data", "models", "optim", "train"},
+    "options": {"base", "data", "models", "optim", "train", "options"},
+    "integrations": {"base", "data", "models", "optim", "train", "integrations"},
+    "experiments": {"base", "data", "models", "optim", "train", "options", "experiments"},
+    "analysis": {"base", "data", "models", "optim", "train", "options", "analysis"},
+    "api": {"base", "optim", "api"},
+}
+BELOW["cli"] = set(BELOW) | {"cli"}
+DISPATCHER = {"flatmin.cli", "flatmin.__main__"}
+# Optional dependencies that must stay lazy (imported inside the function that needs them).
+LAZY_OK = {"matplotlib", "lightning", "ray", "transformers", "tensorboard", "yaml", "tomllib", "tomli",
+           "mnist1d", "sklearn", "scipy", "PIL"}
+LAZY_PENDING: set[tuple[str, str]] = set()  # (module, import) left lazy on purpose: none
+
+
+def module_name(path: Path) -> str:
+    """flatmin/train/loop.py -> flatmin.train.loop; a package's __init__ is the package."""
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(mod: str) -> str:
+    """Which layer a module belongs to."""
+    parts = mod.split(".")
+    if mod in DISPATCHER or parts[-1] == "cli":
+        return "cli"
+    if mod == "flatmin":
+        return "api"
+    if mod == "flatmin.options":
+        return "options"
+    if len(parts) > 2 or (parts[1] in BELOW and (ROOT / parts[1]).is_dir()):
+        return parts[1]
+    return "base"  # errors, provenance, metrics, plot, store, _version
+
+
+def imports(path: Path, modules: set[str]) -> list[tuple[str, int, bool]]:
+    """(imported module, line, at top level) for every import statement in the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    top = {id(n) for n in tree.body} | {id(c) for n in tree.body if isinstance(n, ast.Try)
+                                        for c in n.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for a in node.names:  # `from pkg import submodule` is an arrow to the submodule
+                target = f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                out.append((target, node.lineno, id(node) in top))
+    return out
+
+
+def graph() -> tuple[dict[str, set[str]], list[str]]:
+    """Arrows between flatmin modules, and the lazy imports that break the top-of-file rule."""
+    files = sorted(ROOT.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    lazy = []
+    for f in files:
+        me = module_name(f)
+        for target, line, at_top in imports(f, modules):
+            if target.split(".")[0] == "flatmin":
+                edges[me].add(target if target in modules else target.rpartition(".")[0])
+            root = target.split(".")[0]
+            optional = root in LAZY_OK or target.startswith("torch.utils.tensorboard")  # needs tensorboard
+            if not at_top and not optional and (me, root) not in LAZY_PENDING:
+                lazy.append(f"{me}:{line} imports {target} inside a function")
+    return edges, lazy
+
+
+def back_arrows(edges: dict[str, set[str]]) -> list[str]:
+    """Arrows from a layer to one it may not import, and arrows into a CLI module."""
+    bad = [f"{a} ({layer(a)}) -> {b} ({layer(b)})" for a, bs in edges.items() for b in bs
+           if layer(b) not in BELOW[layer(a)]]
+    bad += [f"{a} -> {b}: only the dispatcher imports a CLI module" for a, bs in edges.items() for b in bs
+            if layer(b) == "cli" and a not in DISPATCHER]
+    return sorted(bad)
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component of more than one module (or a self-arrow)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in edges.get(v, ()):
+                found.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_layers_run_one_way():
+    edges, _ = graph()
+    assert back_arrows(edges) == []
+
+
+def test_no_import_circle():
+    edges, _ = graph()
+    assert cycles(edges) == []
+
+
+def test_imports_sit_at_the_top_of_files():
+    _, lazy = graph()
+    assert lazy == []
+
+
+def test_every_command_module_is_a_cli_leaf():
+    """The dispatcher's commands exist, and nothing but the dispatcher imports `*.cli` modules."""
+    edges, _ = graph()
+    assert all(mod in edges for mod, _ in COMMANDS.values())
+    assert "flatmin.train.cli" in edges and not any("flatmin.train.cli" in bs for bs in edges.values())
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ({"flatmin.optim.amp": {"flatmin.train.loop"}}, "optim.amp (optim) -> flatmin.train.loop (train)"),
+    ({"flatmin.analysis.radius": {"flatmin.experiments.store"}}, "(analysis) -> flatmin.experiments.store"),
+    ({"flatmin.experiments.grid": {"flatmin.train.cli"}}, "only the dispatcher imports a CLI module"),
+])
+def test_checker_sees_a_back_arrow(extra, expect):
+    """The checks can fail: an arrow added against the rules is reported."""
+    edges, _ = graph()
+    for a, bs in extra.items():
+        edges[a] = edges[a] | bs
+    assert any(expect in line for line in back_arrows(edges))
+
+
+def test_checker_sees_a_circle():
+    edges, _ = graph()
+    edges["flatmin.train.config"] = edges["flatmin.train.config"] | {"flatmin.train.loop"}
+    assert any("flatmin.train.loop" in c and "flatmin.train.config" in c for c in cycles(edges))
+
+
+def test_moved_public_names_still_work_with_a_warning():
+    """The old import paths forward to the new modules and say where they went."""
+    import importlib
+    import sys
+
+    from flatmin import options, store
+    from flatmin.train import cli, distributed
+
+    moved = {"flatmin.experiments.store": ("Store", store.Store),
+             "flatmin.train.ddp": ("TorchrunProcess", distributed.TorchrunProcess)}
+    for name, (attr, new) in moved.items():
+        sys.modules.pop(name, None)
+        with pytest.warns(DeprecationWarning, match="moved to"):
+            old = importlib.import_module(name)
+        assert getattr(old, attr) is new
+    for attr in ("OPTIONS", "add_config_arguments", "config_overrides"):
+        with pytest.warns(DeprecationWarning, match=f"flatmin.options.{attr}"):
+            assert getattr(cli, attr) is getattr(options, attr)
