@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flatmin.errors import FlatminError
-from flatmin.experiments import tuning
+from flatmin.experiments import backends, tuning
 from flatmin.experiments.store import Store
 from flatmin.experiments.tables import compare_table, mean_std
 from flatmin.train.cli import add_config_arguments, config_overrides
@@ -101,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-metric", default="error", choices=tuning.METRICS,
                         help="validation metric minimised by --tune (error)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    backends.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,14 +112,15 @@ def run(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
     sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
+    backend = backends.create(args, args.workers or default_workers())  # before anything is written
     store = Store(args.out / "results.db")
     try:
         res = tuning.tune_and_run(bases, [s.label for s in specs], sweeps, seeds,
-                                  parse_seeds(args.tune_seeds), args.out, store,
-                                  args.workers or default_workers(), args.tune_metric)
+                                  parse_seeds(args.tune_seeds), args.out, store, backend, args.tune_metric)
         done = {r["key"]: r for r in store.rows()}
     finally:
         store.close()
+        backend.close()
     if missing := [t for ts in res.tasks for t in ts if t.key not in done]:
         why = "; ".join(res.failed[:3]) + (" ..." if len(res.failed) > 3 else "") or "held by another process"
         raise FlatminError(f"{len(missing)} runs did not finish ({why})")

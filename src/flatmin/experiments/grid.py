@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flatmin.errors import FlatminError
-from flatmin.experiments import tuning
+from flatmin.experiments import backends, tuning
 from flatmin.experiments.compare import default_workers, parse_seeds
 from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS
 from flatmin.experiments.store import Store
@@ -89,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="run folders and DB (runs/grid)")
     parser.add_argument("--db", type=Path, default=None, help="results DB (default OUT/results.db)")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: cores)")
+    backends.add_arguments(parser)
 
 
 def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -129,13 +130,15 @@ def run(args: argparse.Namespace) -> int:
     sweeps = [{**{tuning.field_name(k): v for k, v in tune.items()},
                **{tuning.field_name(k): v for k, v in per_method.get(b.method, {}).items()}} for b in bases]
     out = Path(opts.get("out", "runs/grid"))
+    backend = backends.create(args, int(opts.get("workers") or default_workers()))  # before any write
     store = Store(args.db or out / "results.db")
     try:
         res = tuning.tune_and_run(bases, [b.method for b in bases], sweeps, seeds, tune_seeds, out, store,
-                                  int(opts.get("workers") or default_workers()), metric)
+                                  backend, metric)
         print(render(store, figures_dir=None))
     finally:
         store.close()
+        backend.close()
     if res.failed:
         print(f"{len(res.failed)} runs failed; re-run the same command to retry them")
         return 1

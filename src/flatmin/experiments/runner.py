@@ -1,13 +1,12 @@
 """Runs as tasks: each keyed by a hash of its resolved config, trained in its own folder with
-``resume=True`` in a pool of single-threaded worker processes, and recorded in the `Store`."""
+``resume=True`` by a backend (a local process pool, or Ray), and recorded in the `Store` by this
+process alone."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,9 @@ from typing import Any
 import torch
 
 from flatmin.data.registry import DATASETS
-from flatmin.errors import FlatminError, UnknownNameError
+from flatmin.errors import UnknownNameError
+from flatmin.experiments.backends import Backend, Ledger
+from flatmin.experiments.backends.local import LocalBackend
 from flatmin.experiments.store import Store
 from flatmin.train.config import TrainConfig, resolve
 from flatmin.train.methods import get_method
@@ -77,88 +78,31 @@ def make_task(cfg: TrainConfig, label: str, root: str | Path) -> Task:
     return Task(key, label, c, Path(root) / "runs" / f"{c.method}_{c.dataset}_s{c.seed}_{key}")
 
 
-def _init_worker() -> None:
-    """One torch thread per process (tiny models on a shared CPU run fastest that way)."""
-    torch.set_num_threads(1)
-
-
-def _init_pool_worker() -> None:
-    """Also die with the grid process (Linux): a SIGKILLed grid must leave no orphan still training
-    a run whose claim the restarted grid will take over."""
-    _init_worker()
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _train(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Worker body: train (or resume, or just read back) one run."""
-    from flatmin.train.loop import train
-
-    return train(TrainConfig.from_dict(config), run_dir, resume=True, progress=False)
-
-
-class _Inline:
-    """An executor that runs each task at submit time: workers=1 needs no extra process."""
-
-    def __init__(self) -> None:
-        _init_worker()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args))
-        except Exception as err:  # noqa: BLE001 - reported per run by `execute`
-            fut.set_exception(err)
-        return fut
-
-    def shutdown(self, **_: Any) -> None:
-        pass
-
-
-def execute(tasks: list[Task], store: Store, workers: int = 1,
+def execute(tasks: list[Task], store: Store, workers: int | Backend = 1,
             log: Callable[[str], None] = print) -> list[str]:
-    """Train every unfinished, unclaimed task; returns the error messages of runs that failed."""
-    if workers < 1:
-        raise FlatminError(f"--workers must be >= 1, got {workers}")
+    """Train every unfinished, unclaimed task on ``workers`` (a count: local processes, or a backend);
+    this process alone writes the store. Returns the error messages of runs that failed."""
+    backend = LocalBackend(workers) if isinstance(workers, int) else workers
     unique = list({t.key: t for t in tasks}.values())
     done = store.done_keys()
     queue = [t for t in unique if t.key not in done]
     if len(queue) < len(unique):
         log(f"{len(unique) - len(queue)} of {len(unique)} runs already in {store.path}")
-    spawn = multiprocessing.get_context("spawn")
-    pool: Any = _Inline() if workers == 1 or len(queue) <= 1 else ProcessPoolExecutor(
-        min(workers, len(queue)), mp_context=spawn, initializer=_init_pool_worker)
-    in_flight: dict[Future, Task] = {}
     failed: list[str] = []
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < workers:
-                t = queue.pop(0)
-                if store.claim(t.key):
-                    in_flight[pool.submit(_train, t.config.to_dict(), str(t.run_dir))] = t
-            if not in_flight:
-                break
-            finished, _ = wait(list(in_flight), timeout=store.lease_s / 4, return_when=FIRST_COMPLETED)
-            store.renew([t.key for t in in_flight.values()])
-            for fut in finished:
-                t = in_flight.pop(fut)
-                try:
-                    result = fut.result()
-                except Exception as err:  # noqa: BLE001 - one bad run must not sink the grid
-                    store.release(t.key)
-                    failed.append(f"{t.label} seed {t.config.seed}: {type(err).__name__}: {err}")
-                    log(f"FAILED {failed[-1]}")
-                    continue
-                store.insert(t.key, t.label, result, str(t.run_dir))
-                log(f"{t.label:28s} seed {t.config.seed}: test err {result['test']['error']:6.2f}% "
-                    f"nll {result['test']['nll']:.3f} val err {_val(result)} ({result['time_s']:.1f}s)")
-    finally:
-        pool.shutdown(cancel_futures=True)
+
+    def finished(t: Task, result: dict[str, Any]) -> None:
+        store.insert(t.key, t.label, result, str(t.run_dir))
+        log(f"{t.label:28s} seed {t.config.seed}: test err {result['test']['error']:6.2f}% "
+            f"nll {result['test']['nll']:.3f} val err {_val(result)} ({result['time_s']:.1f}s)")
+
+    def fail(t: Task, message: str) -> None:
+        store.release(t.key)
+        failed.append(f"{t.label} seed {t.config.seed}: {message}")
+        log(f"FAILED {failed[-1]}")
+
+    backend.run(queue, Ledger(claim=lambda t: store.claim(t.key),
+                              renew=lambda ts: store.renew([t.key for t in ts]),
+                              finished=finished, failed=fail, heartbeat_s=store.lease_s / 4))
     if elsewhere := store.held_elsewhere([t.key for t in unique]):
         log(f"{len(elsewhere)} runs are being trained by another process; re-run to collect them")
     return failed
