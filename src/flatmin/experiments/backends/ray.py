@@ -95,9 +95,9 @@ class RayBackend:
         self.cpus, self.gpus, self.max_retries, self.log = cpus_per_run, gpus_per_run, max_retries, log
         self.threads = max(1, int(cpus_per_run))
         self.started, self._probed = False, set()  # started: this process called ray.init
+        if address:
+            check_address(address)
         if not ray.is_initialized():  # else: the caller's own connection (Python API) is used
-            if address:
-                check_address(address)
             local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
             try:
                 ray.init(address=address, logging_level="WARNING", **local)
@@ -120,16 +120,17 @@ class RayBackend:
             self.check_shared(folder)
         if self.gpus > 0 and any(t.config.device == "cpu" for t in tasks):
             self.log(f"warning: --gpus-per-run {self.gpus:g} but runs use --device cpu; add --device cuda")
-        remote = ray.remote(_run_task).options(num_cpus=self.cpus, num_gpus=self.gpus,
-                                               max_retries=self.max_retries, retry_exceptions=False)
+        remote = ray.remote(_run_task)
+        opts = dict(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries,
+                    retry_exceptions=False)
         in_flight: dict[Any, Task] = {}
         bar = tqdm(total=len(tasks), unit="run", desc="runs finished", mininterval=1.0)
         try:
             for t in tasks:
                 if ledger.claim(t):
                     name = f"flatmin {t.label} seed {t.config.seed}"
-                    ref = remote.options(name=name).remote(t.config.to_dict(), str(t.run_dir.resolve()),
-                                                           self.threads)
+                    ref = remote.options(name=name, **opts).remote(
+                        t.config.to_dict(), str(t.run_dir.resolve()), self.threads)
                     in_flight[ref] = t
                 else:
                     bar.total -= 1
