@@ -17,19 +17,35 @@ from flatmin.experiments.runner import execute, make_task
 from flatmin.experiments.store import Store
 from flatmin.train import TrainConfig
 
-ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
-from flatmin.experiments.backends.ray import RayBackend, _probe  # noqa: E402
-
 FAST = ["--dataset", "spiral", "--epochs", "2", "--no-figures", "--methods", "erm,amp", "--seeds", "2"]
 SRC = str(Path(__file__).parents[1] / "src")
+
+
+def test_nothing_imports_ray_unless_asked(tmp_path):
+    argv = ["compare", "--dataset", "spiral", "--epochs", "1", "--methods", "erm", "--seeds", "1",
+            "--workers", "1", "--no-figures", "--out", str(tmp_path)]
+    code = (f"import sys; from flatmin.cli import main; import flatmin.experiments.grid; "
+            f"assert main({argv!r}) == 0; assert 'ray' not in sys.modules")
+    env = {**os.environ, "PYTHONPATH": SRC}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, capture_output=True)
+    assert len(Store(tmp_path / "results.db").rows()) == 1
 
 
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """One local Ray instance for the module; its GCS address lets a second driver process join."""
+    ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture()
+def backend(cluster):
+    """The Ray backend class (its module needs Ray installed)."""
+    from flatmin.experiments.backends.ray import RayBackend
+
+    return RayBackend
 
 
 def _rows(db: Path) -> list[dict]:
@@ -55,7 +71,7 @@ def test_compare_on_ray_equals_the_local_backend_run_for_run(cluster, tmp_path, 
 
 
 @pytest.mark.parametrize("retries", [3, 0])
-def test_a_worker_killed_mid_run_is_retried_and_every_run_is_stored_once(cluster, tmp_path, retries):
+def test_a_worker_killed_mid_run_is_retried_and_every_run_is_stored_once(backend, tmp_path, retries):
     epochs = 6
     tasks = [make_task(TrainConfig(method=m, dataset="spiral", epochs=epochs, seed=0,
                                    dataset_options={"n_samples": 2000}), f"kill-{m}", tmp_path)
@@ -81,7 +97,7 @@ def test_a_worker_killed_mid_run_is_retried_and_every_run_is_stored_once(cluster
     killer = threading.Thread(target=kill_one_mid_run)
     killer.start()
     store = Store(tmp_path / "results.db")
-    failed = execute(tasks, store, RayBackend(None, num_cpus=2, max_retries=retries), log=lambda s: None)
+    failed = execute(tasks, store, backend(None, num_cpus=2, max_retries=retries), log=lambda s: None)
     killer.join()
     assert killed, "no worker was caught mid-run"
     rows = store.rows()
@@ -124,6 +140,9 @@ def test_a_wrong_ray_address_is_one_message_and_writes_nothing(cluster, tmp_path
 
 
 def test_the_shared_folder_probe_names_what_a_node_cannot_do(tmp_path):
+    pytest.importorskip("ray", reason="the `ray` extra is not installed")
+    from flatmin.experiments.backends.ray import _probe
+
     (tmp_path / ".probe-abc").write_text("abc")
     assert _probe(str(tmp_path), "abc") == ""
     assert "does not see the files" in _probe(str(tmp_path), "other")
