@@ -128,15 +128,17 @@ def test_a_wrong_ray_address_is_one_message_and_writes_nothing(cluster, tmp_path
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for address, says in ((f"127.0.0.1:{port}", "no Ray cluster answers"), ("nonsense", "expected auto")):
-        out = tmp_path / "never"
-        assert main(["compare", *FAST, "--backend", "ray", "--ray-address", address, "--out", str(out)]) == 2
+    out = tmp_path / "never"
+    for flags, says in ((["--ray-address", f"127.0.0.1:{port}"], "no Ray cluster answers at 127.0.0.1"),
+                        (["--ray-address", "nonsense"], "expected auto, HOST:PORT or ray://HOST:10001"),
+                        (["--cpus-per-run", "0"], "--cpus-per-run must be > 0")):
+        assert main(["compare", *FAST, "--backend", "ray", *flags, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
         assert not out.exists()
-    assert main(["compare", *FAST, "--ray-address", "auto", "--out", str(tmp_path / "never")]) == 2
-    assert "only apply with --backend ray" in capsys.readouterr().err
-    assert not (tmp_path / "never").exists()
+    assert main(["compare", *FAST, "--ray-address", "auto", "--out", str(out)]) == 2
+    assert "--ray-address: only with --backend ray" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_the_shared_folder_probe_names_what_a_node_cannot_do(tmp_path):

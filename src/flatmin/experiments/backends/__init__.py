@@ -71,7 +71,7 @@ def create(args: argparse.Namespace, workers: int, log: Callable[[str], None] = 
     given = [f"--{f.replace('_', '-')}" for f in RAY_FLAGS if getattr(args, f, None) is not None]
     if getattr(args, "backend", "local") != "ray":
         if given:
-            raise FlatminError(f"{', '.join(given)} only apply with --backend ray")
+            raise FlatminError(f"{', '.join(given)}: only with --backend ray")
         from flatmin.experiments.backends.local import LocalBackend
 
         return LocalBackend(workers)

@@ -88,10 +88,10 @@ class RayBackend:
 
     def __init__(self, address: str | None, *, num_cpus: int, cpus_per_run: float = 1.0,
                  gpus_per_run: float = 0.0, max_retries: int = 3, log: Callable[[str], None] = print) -> None:
-        if cpus_per_run <= 0 or gpus_per_run < 0 or max_retries < 0 or num_cpus < 1:
-            raise FlatminError(f"Ray backend: need --cpus-per-run > 0 (got {cpus_per_run:g}), --gpus-per-run "
-                               f">= 0 (got {gpus_per_run:g}), --max-retries >= 0 (got {max_retries}) and "
-                               f"--workers >= 1 (got {num_cpus})")
+        for flag, value, low in (("--cpus-per-run", cpus_per_run, 0), ("--gpus-per-run", gpus_per_run, None),
+                                 ("--max-retries", max_retries, None), ("--workers", num_cpus, 0)):
+            if value < 0 or value == low:
+                raise FlatminError(f"{flag} must be {'>' if low == 0 else '>='} 0, got {value:g}")
         self.cpus, self.gpus, self.max_retries, self.log = cpus_per_run, gpus_per_run, max_retries, log
         self.threads = max(1, int(cpus_per_run))
         self.started, self._probed = False, set()  # started: this process called ray.init
