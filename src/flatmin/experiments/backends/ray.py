@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from flatmin.experiments.runner import Task
 
 PROBE_TIMEOUT_S = 120.0
+CANCEL_WAIT_S = 30.0
 ADDRESS_HELP = "expected auto, HOST:PORT or ray://HOST:10001"
 
 
@@ -146,8 +147,10 @@ class RayBackend:
                      "and a re-run trains only what is missing")
             raise
         finally:
-            for ref in in_flight:
-                ray.cancel(ref)
+            if in_flight:  # and wait for them to stop, so that a re-run never meets one still training
+                for ref in in_flight:
+                    ray.cancel(ref)
+                ray.wait(list(in_flight), num_returns=len(in_flight), timeout=CANCEL_WAIT_S)
             bar.close()
 
     @staticmethod
