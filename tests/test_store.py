@@ -159,16 +159,16 @@ def test_a_reused_pid_or_another_host_is_judged_correctly():
 
 def test_a_grid_with_a_failed_run_exits_1_naming_it(tmp_path, monkeypatch, capsys):
     from flatmin.cli import main
-    from flatmin.experiments import runner
+    from flatmin.experiments.backends import local
 
-    real = runner._train
+    real = local.train_run
 
     def flaky(config, run_dir):
         if config["seed"] == 1:
             raise RuntimeError("simulated crash")
         return real(config, run_dir)
 
-    monkeypatch.setattr(runner, "_train", flaky)
+    monkeypatch.setattr(local, "train_run", flaky)  # workers=1 trains in this process
     rc = main(["grid", "--methods", "erm", "--dataset", "spiral", "--epochs", "1", "--seeds", "2",
                "--workers", "1", "--out", str(tmp_path)])
     err = capsys.readouterr().err

@@ -19,8 +19,8 @@ from typing import Any
 
 from flatmin import options
 from flatmin.errors import FlatminError, RunFailedError
+from flatmin.experiments import backends, tuning
 from flatmin.experiments import figures as fig
-from flatmin.experiments import tuning
 from flatmin.experiments.runner import resolved
 from flatmin.experiments.tables import compare_table, mean_std
 from flatmin.options import add_config_arguments, config_overrides, default_workers, parse_seeds
@@ -89,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-metric", default="error", choices=tuning.METRICS,
                         help="validation metric minimised by --tune (error)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    backends.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,14 +103,15 @@ def run(args: argparse.Namespace) -> int:
     sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
     for b in bases:
         resolved(b)  # names, numbers, device: checked before the store or any folder is written
+    backend = backends.create(args, args.workers or default_workers())  # before anything is written
     store = Store(options.check_out(args.out) / "results.db")
     try:
         res = tuning.tune_and_run(bases, [s.label for s in specs], sweeps, seeds,
-                                  tune_seeds, args.out, store,
-                                  args.workers or default_workers(), args.tune_metric)
+                                  tune_seeds, args.out, store, backend, args.tune_metric)
         done = {r["key"]: r for r in store.rows()}
     finally:
         store.close()
+        backend.close()
     if missing := [t for ts in res.tasks for t in ts if t.key not in done]:
         why = "; ".join(res.failed[:3]) + (" ..." if len(res.failed) > 3 else "") or "held by another process"
         raise RunFailedError(f"{len(missing)} runs did not finish ({why}); re-run the command to retry them")

@@ -20,7 +20,7 @@ from typing import Any
 
 from flatmin import options
 from flatmin.errors import FlatminError, RunFailedError
-from flatmin.experiments import tuning
+from flatmin.experiments import backends, tuning
 from flatmin.experiments.gridfile import load as load_file
 from flatmin.experiments.report import render
 from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS, resolved
@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", type=options.path, default=None, help="results DB (default OUT/results.db)")
     parser.add_argument("--workers", type=options.POSITIVE_INT, default=None,
                         help="parallel processes (default: cores)")
+    backends.add_arguments(parser)
 
 
 def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -109,13 +110,15 @@ def run(args: argparse.Namespace) -> int:
     for b in bases:
         resolved(b)  # names, numbers, device: checked before the store or any folder is written
     out = check_out(Path(opts.get("out", "runs/grid")))
+    backend = backends.create(args, int(opts.get("workers") or default_workers()))  # before any write
     store = Store(args.db or out / "results.db")
     try:
         res = tuning.tune_and_run(bases, [b.method for b in bases], sweeps, seeds, tune_seeds, out, store,
-                                  int(opts.get("workers") or default_workers()), metric)
+                                  backend, metric)
         print(render(store, figures_dir=None))
     finally:
         store.close()
+        backend.close()
     if res.failed:
         raise RunFailedError(f"{len(res.failed)} run(s) missing: {'; '.join(res.failed[:3])}"
                              f"{' ...' if len(res.failed) > 3 else ''}; re-run the command to retry them")

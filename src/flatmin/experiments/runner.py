@@ -1,46 +1,32 @@
 """Runs as tasks: each keyed by a hash of its resolved config, trained in its own folder with
-``resume=True`` in a pool of single-threaded worker processes, and recorded in the `Store`."""
+``resume=True`` by a backend (a local process pool, or Ray), and recorded in the `Store` by this
+process alone."""
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import multiprocessing
 import re
-import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from flatmin.data.registry import canonical_name, get_loader
-from flatmin.errors import FlatminError
+from flatmin.experiments.backends import Backend, Ledger
+from flatmin.experiments.backends.base import Task
+from flatmin.experiments.backends.local import LocalBackend
 from flatmin.options import check_config
 from flatmin.store import Store
 from flatmin.train.config import TrainConfig, resolve
-from flatmin.train.loop import train
 from flatmin.train.methods import get_method, method_fields
 
 NOT_IN_KEY = ("data_dir", "download", "tensorboard")  # where data lives, what logs: not a result
 # The config fields that only matter to one method (a run's "hyperparameters" in the tables).
 METHOD_FIELDS: dict[str, tuple[str, ...]] = method_fields()  # each Method owns its fields
 ALL_METHOD_FIELDS = {f for fields in METHOD_FIELDS.values() for f in fields}
-
-
-@dataclass
-class Task:
-    """One run to do: its resolved config, its key, a label for tables, and its folder."""
-
-    key: str
-    label: str
-    config: TrainConfig
-    run_dir: Path
 
 
 def unused_fields(cfg: TrainConfig) -> list[str]:
@@ -83,98 +69,49 @@ def make_task(cfg: TrainConfig, label: str, root: str | Path) -> Task:
     return Task(key, label, c, Path(root) / "runs" / f"{c.method}_{dataset}_s{c.seed}_{key}")
 
 
-def _init_worker() -> None:
-    """One torch thread per process (tiny models on a shared CPU run fastest that way)."""
-    torch.set_num_threads(1)
-
-
-def _init_pool_worker() -> None:
-    """Also die with the grid process (Linux): a SIGKILLed grid must leave no orphan still training
-    a run whose claim the restarted grid will take over."""
-    _init_worker()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _train(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Worker body: train (or resume, or just read back) one run."""
-    return train(TrainConfig.from_dict(config), run_dir, resume=True, progress=False)
-
-
-class _Inline:
-    """An executor that runs each task at submit time: workers=1 needs no extra process."""
-
-    def __init__(self) -> None:
-        _init_worker()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args))
-        except Exception as err:  # noqa: BLE001 - reported per run by `execute`
-            fut.set_exception(err)
-        return fut
-
-    def shutdown(self, **_: Any) -> None:
-        pass
-
-
-def execute(tasks: list[Task], store: Store, workers: int = 1,
+def execute(tasks: list[Task], store: Store, workers: int | Backend = 1,
             log: Callable[[str], None] = print, poll_s: float = 1.0) -> list[str]:
-    """Train every unfinished task, waiting for runs a live peer holds and taking over those whose
-    owner died; returns one message per run that is not in the store at the end (why it is not)."""
-    if workers < 1:
-        raise FlatminError(f"--workers must be >= 1, got {workers}")
+    """Train every unfinished task on ``workers`` (a count: local processes, or a backend), waiting
+    for runs a live peer holds and taking over those whose owner died; this process alone writes
+    the store. Returns one message per run that is not in the store at the end (why it is not)."""
+    backend = LocalBackend(workers) if isinstance(workers, int) else workers
     unique = list({t.key: t for t in tasks}.values())
     done = store.done_keys()
     queue = [t for t in unique if t.key not in done]
     if len(queue) < len(unique):
         log(f"{len(unique) - len(queue)} of {len(unique)} runs already in {store.path}")
-    spawn = multiprocessing.get_context("spawn")
-    pool: Any = _Inline() if workers == 1 or len(queue) <= 1 else ProcessPoolExecutor(
-        min(workers, len(queue)), mp_context=spawn, initializer=_init_pool_worker)
-    in_flight: dict[Future, Task] = {}
-    held: list[Task] = []  # claimed by a live peer: retried until finished, or taken over
     failed: dict[str, str] = {}
-    try:
-        while queue or in_flight or held:
-            if not queue and held and len(in_flight) < workers:
-                queue, held = held, []
-            while queue and len(in_flight) < workers:
-                t = queue.pop(0)
-                state = store.try_claim(t.key)
-                if state == "claimed":
-                    with store.heartbeat([t.key]) if isinstance(pool, _Inline) else nullcontext():
-                        in_flight[pool.submit(_train, t.config.to_dict(), str(t.run_dir))] = t
-                elif state == "held":
-                    held.append(t)
-            if not in_flight:
-                if held:
-                    time.sleep(poll_s)
-                continue
-            timeout = poll_s if held and len(in_flight) < workers else store.lease_s / 4
-            finished, _ = wait(list(in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
-            store.renew([t.key for t in in_flight.values()])
-            for fut in finished:
-                t = in_flight.pop(fut)
-                try:
-                    result = fut.result()
-                except Exception as err:  # noqa: BLE001 - one bad run must not sink the grid
-                    store.release(t.key)
-                    failed[t.key] = f"{t.label} seed {t.config.seed}: {type(err).__name__}: {err}"
-                    log(f"FAILED {failed[t.key]}")
-                    continue
-                store.insert(t.key, t.label, result, str(t.run_dir))
-                log(f"{t.label:28s} seed {t.config.seed}: test err {result['test']['error']:6.2f}% "
-                    f"nll {result['test']['nll']:.3f} val err {_val(result)} ({result['time_s']:.1f}s)")
-    finally:
-        pool.shutdown(cancel_futures=True)
+    held: list[Task] = []  # claimed by a live peer: tried again until finished, or taken over
+
+    def claim(t: Task) -> bool:
+        state = store.try_claim(t.key)
+        if state == "held":
+            held.append(t)
+        return state == "claimed"
+
+    def finished(t: Task, result: dict[str, Any]) -> None:
+        store.insert(t.key, t.label, result, str(t.run_dir))
+        log(f"{t.label:28s} seed {t.config.seed}: test err {result['test']['error']:6.2f}% "
+            f"nll {result['test']['nll']:.3f} val err {_val(result)} ({result['time_s']:.1f}s)")
+
+    def fail(t: Task, message: str) -> None:
+        store.release(t.key)
+        failed[t.key] = f"{t.label} seed {t.config.seed}: {message}"
+        log(f"FAILED {failed[t.key]}")
+
+    ledger = Ledger(claim=claim, renew=lambda ts: store.renew([t.key for t in ts]), finished=finished,
+                    failed=fail, heartbeat_s=store.lease_s / 4,
+                    holding=lambda ts: store.heartbeat([t.key for t in ts]))
+    while queue:
+        held.clear()
+        backend.run(queue, ledger)
+        done = store.done_keys()
+        queue = [t for t in held if t.key not in done]
+        if queue:
+            time.sleep(poll_s)  # a live peer trains these; its claim is taken over if it dies
     done = store.done_keys()
     return [failed.get(t.key, f"{t.label} seed {t.config.seed}: not finished") for t in unique
             if t.key not in done]
-
 
 def _val(result: dict[str, Any]) -> str:
     return f"{result['val']['error']:6.2f}%" if result.get("val") else "  n/a"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flatmin.errors import FlatminError
+from flatmin.experiments.backends import Backend
 from flatmin.experiments.runner import METHOD_FIELDS, Task, execute, make_task
 from flatmin.options import OPTIONS
 from flatmin.store import Store
@@ -153,8 +154,9 @@ class Outcome:
 
 
 def tune_and_run(bases: list[TrainConfig], labels: list[str], sweeps: list[dict[str, list[Any]]],
-                 seeds: list[int], tune_seeds: list[int], root: str | Path, store: Store, workers: int,
-                 metric: str = "error", log: Callable[[str], None] = print) -> Outcome:
+                 seeds: list[int], tune_seeds: list[int], root: str | Path, store: Store,
+                 workers: int | Backend, metric: str = "error",
+                 log: Callable[[str], None] = print) -> Outcome:
     """Tune on val where a sweep has more than one candidate, then run every base over ``seeds``.
 
     Bases with nothing to tune train alongside the tuning runs, so the cores stay busy.

@@ -1,0 +1,93 @@
+"""The default backend: a pool of single-threaded worker processes on this machine (spawned, so a
+worker starts clean), or the calling process itself when one worker is enough."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import signal
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from flatmin.errors import FlatminError
+from flatmin.experiments.backends.base import Ledger, Task, describe, train_run
+
+
+def _init_worker() -> None:
+    """One torch thread per process (tiny models on a shared CPU run fastest that way)."""
+    torch.set_num_threads(1)
+
+
+def _init_pool_worker() -> None:
+    """Also die with the grid process (Linux): a SIGKILLed grid must leave no orphan still training
+    a run whose claim the restarted grid will take over."""
+    _init_worker()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _Inline:
+    """An executor that runs each task at submit time: workers=1 needs no extra process."""
+
+    def __init__(self) -> None:
+        _init_worker()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 - reported per run by the ledger
+            fut.set_exception(err)
+        return fut
+
+    def shutdown(self, **_: Any) -> None:
+        pass
+
+
+class LocalBackend:
+    """At most ``workers`` runs at once, each claimed just before it starts (so several grid
+    processes sharing one store split the runs between them)."""
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise FlatminError(f"--workers must be >= 1, got {workers}")
+        self.workers = workers
+
+    def run(self, tasks: list[Task], ledger: Ledger) -> None:
+        """Train the tasks; one failed run is reported and the others go on."""
+        queue = list(tasks)
+        spawn = multiprocessing.get_context("spawn")
+        pool: Any = _Inline() if self.workers == 1 or len(queue) <= 1 else ProcessPoolExecutor(
+            min(self.workers, len(queue)), mp_context=spawn, initializer=_init_pool_worker)
+        in_flight: dict[Future, Task] = {}
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < self.workers:
+                    t = queue.pop(0)
+                    if ledger.claim(t):
+                        inline = isinstance(pool, _Inline) and ledger.holding is not None
+                        with ledger.holding([t]) if inline else nullcontext():  # lease kept while it trains
+                            in_flight[pool.submit(train_run, t.config.to_dict(), str(t.run_dir))] = t
+                if not in_flight:
+                    break
+                finished, _ = wait(list(in_flight), timeout=ledger.heartbeat_s, return_when=FIRST_COMPLETED)
+                ledger.renew(list(in_flight.values()))
+                for fut in finished:
+                    t = in_flight.pop(fut)
+                    try:
+                        result = fut.result()
+                    except Exception as err:  # noqa: BLE001 - one bad run must not sink the grid
+                        ledger.failed(t, describe(err))
+                        continue
+                    ledger.finished(t, result)
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    def close(self) -> None:
+        pass
