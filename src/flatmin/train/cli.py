@@ -58,13 +58,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
                         help="download missing dataset files (needs a network)")
     parser.add_argument("--ddp-local-ascent", action="store_true", default=None,
                         help="under torchrun: per-rank ascent gradient (no all-reduce; SAM's m-sharpness)")
+    parser.add_argument("--fsdp", action="store_true", default=None,
+                        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
+                             "instead of replicating them (DDP)")
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the user actually gave on the command line."""
     out = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in OPTIONS.items()
            if getattr(args, flag[2:].replace("-", "_"), None) is not None}
-    for flag in ("compile", "download", "ddp_local_ascent"):
+    for flag in ("compile", "download", "ddp_local_ascent", "fsdp"):
         if getattr(args, flag, None):
             out[flag] = True
     return out

@@ -63,6 +63,7 @@ class TrainConfig:
     compile: bool = False
     eval_batch_size: int = 1000
     ddp_local_ascent: bool = False  # under DDP: per-rank ascent gradient (no all-reduce)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON- and weights_only-safe plain values."""
@@ -149,5 +150,7 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     if c.dropout >= 1 or c.label_smoothing >= 1:
         raise ConfigError("dropout and label_smoothing must be < 1")
+    if c.fsdp and c.ddp_local_ascent:
+        raise ConfigError("fsdp and ddp_local_ascent exclude each other: per-rank ascent is a DDP option")
     if c.grad_clip is not None and not c.grad_clip > 0:
         raise ConfigError(f"grad_clip must be > 0, got {c.grad_clip!r}")

@@ -19,11 +19,14 @@ all-reduced global gradient and every rank perturbs identically (the paper's alg
 global batch). With ``ddp_local_ascent`` the ascent passes run under ``no_sync``: each rank
 perturbs along its own shard's gradient (SAM's m-sharpness with m = B/W), one all-reduce fewer
 per step. See docs/distributed.md.
+
+`FSDPProcess` (``--fsdp``) shards parameters, gradients and optimizer state instead of replicating them.
 """
 
 import atexit
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flatmin.errors import ConfigError
+from flatmin.optim.sharded import full_state, shard_optimizer_state
 from flatmin.train.distributed import SingleProcess
 
 
@@ -85,6 +89,11 @@ class TorchrunProcess(SingleProcess):
                               f"{dist.get_world_size()}) disagrees with RANK/WORLD_SIZE")
         return cls(rank, world_size, device)
 
+    @property
+    def evaluates(self) -> bool:
+        """Only rank 0 evaluates (θ is the same on every rank)."""
+        return self.is_main
+
     def shard(self, idx: Tensor) -> Tensor:
         """This rank's part of a global batch; remembers its share for the gradient all-reduce."""
         part = shard(idx, self.rank, self.world_size)
@@ -122,6 +131,73 @@ class TorchrunProcess(SingleProcess):
     def barrier(self) -> None:
         """Wait for every rank (e.g. until rank 0 has written a file the others will read)."""
         dist.barrier()
+
+
+class FSDPProcess(TorchrunProcess):
+    """Rank ``rank`` with parameters, gradients and optimizer state sharded (``fully_shard``, FSDP2).
+
+    Each child module with parameters, then the root, is sharded along dim 0 over all ranks; the
+    perturbation optimizers work on the shards (`flatmin.optim.sharded`). FSDP averages the ranks'
+    gradients (a reduce-scatter), so an uneven batch weights each rank's loss by share·W instead of a
+    comm hook. Every rank evaluates (a forward pass gathers the layers from all ranks); checkpoints hold
+    the full state, gathered to rank 0, in the single-process layout.
+    """
+
+    param_dtype: torch.dtype | None = None  # FSDP's all-gather precision (--precision bf16/fp16)
+
+    @classmethod
+    def from_env(cls, device: torch.device, param_dtype: torch.dtype | None = None) -> "FSDPProcess":
+        """Join torchrun's job; ``param_dtype``: the precision layers are gathered and computed in."""
+        process = super().from_env(device)
+        process.param_dtype = param_dtype
+        return process
+
+    evaluates = True
+
+    @property
+    def grad_weight(self) -> float:
+        """share·W on an uneven batch (FSDP's average then gives the global-batch mean), else 1."""
+        return 1.0 if self.share is None else self.share * self.world_size
+
+    def wrap(self, model: nn.Module, local_ascent: bool) -> nn.Module:
+        """Shard every child with parameters, then the root (so one norm covers all parameters)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if local_ascent:
+            raise ConfigError("ddp_local_ascent is a DDP option; under --fsdp the ascent gradient is global")
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32) \
+            if self.param_dtype is not None else MixedPrecisionPolicy()
+        for child in model.children():
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+
+    def ascent_context(self, net: nn.Module) -> Any:
+        """The ascent passes reduce their gradients like every pass."""
+        return nullcontext()
+
+    def no_sync(self, net: nn.Module) -> Any:
+        """Micro-batches but the last keep unsharded local gradients; the last one reduce-scatters."""
+        return lambda: _gradient_sync_off(net)
+
+    def full_state(self, model: nn.Module, opt: Any) -> tuple[dict, dict]:
+        """Every DTensor gathered to a full CPU tensor (collective); the single-process layout."""
+        return full_state(model.state_dict()), full_state(opt.state_dict())
+
+    def local_optimizer_state(self, opt: Any, state: dict) -> dict:
+        """A full optimizer state cut into this rank's shards (no communication: every rank read the file)."""
+        return shard_optimizer_state(state, [p for group in opt.param_groups for p in group["params"]])
+
+
+@contextmanager
+def _gradient_sync_off(net: nn.Module) -> Iterator[None]:
+    """FSDP2's no_sync: backward passes inside accumulate unreduced gradients."""
+    net.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
 
 
 def _destroy() -> None:

@@ -40,17 +40,31 @@ class SingleProcess:
         return None
 
     reduce_flag = None  # how ranks agree that a step is skipped (one rank: nothing to agree on)
+    evaluates = True  # whether this rank runs the evaluation passes (FSDP: every rank must)
+    grad_weight = 1.0  # loss factor for this rank's backward (FSDP's share of an uneven batch)
+
+    def full_state(self, model: nn.Module, opt: Any) -> tuple[dict, dict]:
+        """The model's and optimizer's state in the single-process layout (what a checkpoint holds)."""
+        return model.state_dict(), opt.state_dict()
+
+    def local_optimizer_state(self, opt: Any, state: dict) -> dict:
+        """A saved optimizer state as this rank's optimizer loads it."""
+        return state
 
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for)."""
 
 
-def current(device: torch.device) -> SingleProcess:
-    """The execution context of this process: torchrun's if launched by it, else a single process."""
+def current(device: torch.device, *, fsdp: bool = False,
+            param_dtype: torch.dtype | None = None) -> SingleProcess:
+    """The execution context of this process: torchrun's if launched by it (DDP, or FSDP with ``fsdp``;
+    ``param_dtype``: FSDP's all-gather precision), else a single process."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from flatmin.train import ddp
 
+        if fsdp:
+            return ddp.FSDPProcess.from_env(device, param_dtype=param_dtype)
         return ddp.TorchrunProcess.from_env(device)
     return SingleProcess()
