@@ -136,7 +136,7 @@ class TorchrunProcess(SingleProcess):
 class FSDPProcess(TorchrunProcess):
     """Rank ``rank`` with parameters, gradients and optimizer state sharded (``fully_shard``, FSDP2).
 
-    Each child module with parameters, then the root, is sharded along dim 0 over all ranks; the
+    Each module that owns parameters, then the root, is sharded along dim 0 over all ranks; the
     perturbation optimizers work on the shards (`flatmin.optim.sharded`). FSDP averages the ranks'
     gradients (a reduce-scatter), so an uneven batch weights each rank's loss by share·W instead of a
     comm hook. Every rank evaluates (a forward pass gathers the layers from all ranks); checkpoints hold
@@ -160,16 +160,16 @@ class FSDPProcess(TorchrunProcess):
         return 1.0 if self.share is None else self.share * self.world_size
 
     def wrap(self, model: nn.Module, local_ascent: bool) -> nn.Module:
-        """Shard every child with parameters, then the root (so one norm covers all parameters)."""
+        """Shard each layer that owns parameters (gathered one at a time in a pass), then the root."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if local_ascent:
             raise ConfigError("ddp_local_ascent is a DDP option; under --fsdp the ascent gradient is global")
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32) \
             if self.param_dtype is not None else MixedPrecisionPolicy()
-        for child in model.children():
-            if any(p.requires_grad for p in child.parameters()):
-                fully_shard(child, mp_policy=policy)
+        for module in reversed(list(model.modules())[1:]):  # inner modules before the ones holding them
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                fully_shard(module, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
 

@@ -218,7 +218,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     """
     t0 = time.perf_counter()
     device = torch.device(cfg.device)
-    dist = current(device, fsdp=cfg.fsdp, param_dtype=AUTOCAST[cfg.precision])
+    dist = current(device, fsdp=cfg.fsdp, param_dtype=AUTOCAST.get(cfg.precision))  # validated below
     method = get_method(cfg.method)
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                       augment=cfg.augment, download=cfg.download, **cfg.dataset_options)
