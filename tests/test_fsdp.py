@@ -250,6 +250,9 @@ def test_interrupted_fsdp_run_resumes_on_its_trajectory(fsdp_runs):
     log = (fsdp_runs["tmp"] / "from_w1" / "log.jsonl").read_text()
     logged = [json.loads(x)["epoch"] for x in log.splitlines()]
     assert logged == [1, 2, 3]
+    whole = fsdp_runs["tmp"] / "whole"  # rank 0 alone wrote, and only these
+    assert sorted(p.name for p in whole.iterdir()) == ["checkpoint.pt", "log.jsonl", "metrics.json"]
+    assert len((whole / "log.jsonl").read_text().splitlines()) == 3
 
 
 def test_kill_9_of_a_torchrun_fsdp_job_resumes_with_one_process(fsdp_runs, tmp_path):
@@ -260,14 +263,15 @@ def test_kill_9_of_a_torchrun_fsdp_job_resumes_with_one_process(fsdp_runs, tmp_p
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "flatmin", "train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True)
+    errors = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe would stall the job
+    with open(errors, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT
     while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
     proc.wait()
-    assert (out / "checkpoint.pt").exists(), proc.stderr.read()[-2000:]
+    assert (out / "checkpoint.pt").exists(), errors.read_text()[-2000:]
     assert not (out / "metrics.json").exists(), "the job finished before it was killed"
     saved = TrainConfig.from_dict(load_checkpoint(out)["config"])
     assert saved.fsdp and saved.to_dict() == TrainConfig(**KILL).to_dict() | {"model": "mlp", **{

@@ -63,6 +63,8 @@ def config_key(cfg: TrainConfig) -> str:
     d = {k: v for k, v in c.to_dict().items() if k not in skip}
     if d.get("accumulate") == 1:  # fields added later stay out of the key at their default
         del d["accumulate"]
+    if d.get("fsdp") is False:
+        del d["fsdp"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
