@@ -15,26 +15,28 @@ step instead of P/W, and holds one full tensor's noise at a time.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor
 
-try:  # torch.distributed.tensor is absent from builds without distributed support
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-except ImportError:  # pragma: no cover - such builds cannot shard anyway
-    DTensor = None  # type: ignore[assignment,misc]
-
 
 def is_sharded(t: Tensor) -> bool:
-    """A DTensor parameter (FSDP2)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """A DTensor parameter (FSDP2). Importing torch.distributed.tensor costs seconds, and no DTensor
+    exists until someone has, so this only looks where it is already loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """The local shards, as views: in-place ops on them change the DTensors (plain tensors pass through)."""
-    return [t.to_local() if is_sharded(t) else t for t in tensors]
+    """The local shards, as views: in-place ops on them change the DTensors (plain tensors pass through;
+    a list with no DTensor possible is handed back as it is, at no cost to an unsharded step)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return tensors if isinstance(tensors, list) else list(tensors)
+    return [t.to_local() if isinstance(t, module.DTensor) else t for t in tensors]
 
 
 class ShardedNorms:
@@ -54,6 +56,8 @@ class ShardedNorms:
 
 def _mesh_of(tensors: Sequence[Tensor]) -> Any:
     """The one 1-D device mesh every tensor is sharded over along dim 0 (ValueError otherwise)."""
+    from torch.distributed.tensor import Shard
+
     mesh = tensors[0].device_mesh
     for t in tensors:
         if t.device_mesh != mesh or mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
@@ -84,6 +88,8 @@ class ShardOf:
 
     def __call__(self, full: Tensor) -> Tensor:
         """This rank's shard of ``full`` (the same split as the parameter's; no communication)."""
+        from torch.distributed.tensor import distribute_tensor
+
         return distribute_tensor(full, self.mesh, self.placements, src_data_rank=None).to_local()
 
 
@@ -112,6 +118,8 @@ def shard_like(full: Tensor, param: Tensor) -> Tensor:
     """A full tensor cut like ``param`` (a DTensor; no communication), or moved beside a plain one."""
     if not is_sharded(param):
         return full.to(param.device)
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
                              src_data_rank=None)
 
