@@ -161,17 +161,13 @@ class FSDPProcess(TorchrunProcess):
 
     def wrap(self, model: nn.Module, local_ascent: bool) -> nn.Module:
         """Shard each layer that owns parameters (gathered one at a time in a pass), then the root."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         if local_ascent:
             raise ConfigError("ddp_local_ascent is a DDP option; under --fsdp the ascent gradient is global")
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32) \
             if self.param_dtype is not None else MixedPrecisionPolicy()
-        for module in reversed(list(model.modules())[1:]):  # inner modules before the ones holding them
-            if any(p.requires_grad for p in module.parameters(recurse=False)):
-                fully_shard(module, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        return model
+        return shard_model(model, mp_policy=policy)
 
     def ascent_context(self, net: nn.Module) -> Any:
         """The ascent passes reduce their gradients like every pass."""
@@ -188,6 +184,22 @@ class FSDPProcess(TorchrunProcess):
     def local_optimizer_state(self, opt: Any, state: dict) -> dict:
         """A full optimizer state cut into this rank's shards (no communication: every rank read the file)."""
         return shard_optimizer_state(state, [p for group in opt.param_groups for p in group["params"]])
+
+
+def shard_model(model: nn.Module, **options: Any) -> nn.Module:
+    """``fully_shard`` each module that owns parameters (inner ones first), then the root.
+
+    The root too reshards after every forward pass (FSDP would keep its own parameters gathered for
+    the backward): a perturbation written into the shards between an evaluation and the next
+    training forward (RMP, reused Δ) must reach the forward pass, not a stale gathered copy.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for module in reversed(list(model.modules())[1:]):
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            fully_shard(module, **options)
+    fully_shard(model, reshard_after_forward=True, **options)
+    return model
 
 
 @contextmanager
