@@ -103,14 +103,19 @@ def shards_of(params: Sequence[Tensor]) -> list[ShardOf] | None:
 # --- checkpoints: full state on rank 0, any W on load ---------------------------------------------
 
 
-def full_state(obj: Any) -> Any:
-    """A state dict with every DTensor gathered into a full CPU tensor (collective: every rank calls it)."""
+def full_state(obj: Any, keep: bool = True) -> Any:
+    """A state dict with every DTensor gathered into a full CPU tensor (collective: every rank calls it).
+
+    ``keep=False`` (ranks that do not write): each gathered tensor is dropped at once (None in its
+    place), so such a rank holds one full tensor at a time, never the whole state.
+    """
     if is_sharded(obj):
-        return obj.full_tensor().cpu()
+        full = obj.full_tensor()
+        return full.cpu() if keep else None
     if isinstance(obj, dict):
-        return {k: full_state(v) for k, v in obj.items()}
+        return {k: full_state(v, keep) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(full_state(v) for v in obj)
+        return type(obj)(full_state(v, keep) for v in obj)
     return obj
 
 

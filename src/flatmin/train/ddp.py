@@ -161,13 +161,15 @@ class FSDPProcess(TorchrunProcess):
 
     def wrap(self, model: nn.Module, local_ascent: bool) -> nn.Module:
         """Shard each layer that owns parameters (gathered one at a time in a pass), then the root."""
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         if local_ascent:
             raise ConfigError("ddp_local_ascent is a DDP option; under --fsdp the ascent gradient is global")
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32) \
             if self.param_dtype is not None else MixedPrecisionPolicy()
-        return shard_model(model, mp_policy=policy)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))  # --device's kind, not the default
+        return shard_model(model, mesh=mesh, mp_policy=policy)
 
     def ascent_context(self, net: nn.Module) -> Any:
         """The ascent passes reduce their gradients like every pass."""
@@ -178,8 +180,8 @@ class FSDPProcess(TorchrunProcess):
         return lambda: _gradient_sync_off(net)
 
     def full_state(self, model: nn.Module, opt: Any) -> tuple[dict, dict]:
-        """Every DTensor gathered to a full CPU tensor (collective); the single-process layout."""
-        return full_state(model.state_dict()), full_state(opt.state_dict())
+        """Each DTensor gathered in turn (collective), kept on rank 0 only: the single-process layout."""
+        return full_state(model.state_dict(), self.is_main), full_state(opt.state_dict(), self.is_main)
 
     def local_optimizer_state(self, opt: Any, state: dict) -> dict:
         """A full optimizer state cut into this rank's shards (no communication: every rank read the file)."""
