@@ -22,12 +22,13 @@ import torch.multiprocessing as mp
 
 from flatmin.errors import ConfigError
 from flatmin.optim import AMP, RMP, SAM
+from flatmin.optim.driver import closure_pass, drive
 from flatmin.optim.efficient import OnePassAMP, ReuseAMP, SubBatchAMP
 from flatmin.optim.sharded import full_state, is_sharded, shard_optimizer_state
 from flatmin.optim.syncs import count_syncs
 from flatmin.train import TrainConfig, train
 from flatmin.train.checkpoint import load_checkpoint
-from flatmin.train.ddp import shard_model
+from flatmin.train.ddp import FSDPProcess, shard_model
 from test_ddp import TIMEOUT, _train_interrupted_then_resumed, free_port, trained_model
 
 pytestmark = pytest.mark.skipif(
@@ -77,15 +78,16 @@ def _net() -> torch.nn.Module:
     return _Net().double()
 
 
-def _step(opt, net, x, y) -> None:
-    """One step through ``step(closure)`` (the closure slices the batch for sub-batch ascent)."""
+def _step(opt, net, x, y, *, poison: bool = False, reduce_flag=None) -> None:
+    """One step of the driver (the closure slices the batch for sub-batch ascent); ``poison``: this
+    rank reports a NaN loss after a finite backward (so only its own flag is set)."""
     def closure(ascent: bool = False):
         opt.zero_grad(set_to_none=True)
         n = opt.ascent_size(len(x)) if ascent else len(x)
         loss = torch.nn.functional.cross_entropy(net(x[:n]), y[:n])
         loss.backward()
-        return loss
-    opt.step(closure)
+        return loss * float("nan") if poison else loss
+    drive(opt, closure_pass(closure, opt), reduce_flag=reduce_flag)
 
 
 def _build(name: str, params) -> torch.optim.Optimizer:
@@ -124,7 +126,13 @@ def _optimizer_checks() -> dict:
                     opt.generator.set_state(saved_gen)
         full = [p.full_tensor() for p in net.parameters()]
         held = [b for b in opt.held_buffers() if b.dim() > 0]  # (Adam's step counters are scalars)
+        before = [p.to_local().clone() for p in net.parameters()]
+        rank = torch.distributed.get_rank()  # rank 1 alone sees a NaN loss: every rank must skip
+        agree = FSDPProcess(rank, 2, torch.device("cpu")).reduce_flag
+        _step(opt, net, x, y, poison=rank == 1, reduce_flag=agree)
         out[name] = {
+            "skipped": opt.skipped_steps,
+            "untouched": all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters())),
             "diff": _max_diff(full, list(ref.parameters())), "layout_diff": layout_diff,
             "syncs": [s for s in syncs if s],
             "buffers_sharded": all(is_sharded(b) for b in held) and bool(held),
@@ -229,6 +237,7 @@ def test_sharded_step_equals_the_unsharded_step(fsdp_runs, case):
         if "adam" not in case:  # torch's unfused Adam reads its CPU step counter with .item() (test_syncs)
             assert got["syncs"] == [], "\n".join(got["syncs"])
         assert got["buffers_sharded"]
+        assert got["skipped"] == 1 and got["untouched"], "one rank's NaN loss: every rank skips"
         assert got["held_local"] < 0.7 * got["held_full"]  # this rank's rows only (at most 5/9 of them)
 
 

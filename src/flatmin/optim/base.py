@@ -252,9 +252,6 @@ class PerturbedOptimizer(Optimizer):
             found = flag if found is None else torch.maximum(found, flag)
         if found is not None and reduce_flag is not None:
             found = reduce_flag(found)
-            if scaling:  # sharded gradients: ranks saw different shards; one verdict for every scaler
-                for f in per_device.values():
-                    f.copy_(found.to(f.device, f.dtype))
         if max_grad_norm:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=self.foreach)
