@@ -46,8 +46,8 @@ def trained_model() -> Iterator[dict]:
     kept: dict = {}
     real = loop.current
 
-    def current(device: torch.device):
-        process = real(device)
+    def current(device: torch.device, **options):
+        process = real(device, **options)
         wrap = process.wrap
 
         def keep(model: torch.nn.Module, local_ascent: bool) -> torch.nn.Module:

@@ -34,6 +34,10 @@ DISPATCHER = {"flatmin.cli", "flatmin.__main__"}
 # Optional dependencies that must stay lazy (imported inside the function that needs them).
 LAZY_OK = {"matplotlib", "lightning", "ray", "transformers", "tensorboard", "yaml", "tomllib", "tomli",
            "mnist1d", "sklearn", "scipy", "PIL"}
+# Parts of torch that cost seconds to import or need an extra: loaded only on the paths that use them
+# (TensorBoard; FSDP and DTensor, whose import would slow every `flatmin` start by ~2 s).
+HEAVY_TORCH = ("torch.utils.tensorboard", "torch.distributed.tensor", "torch.distributed.fsdp",
+               "torch.distributed.device_mesh")
 # (module, import) lazy on purpose: the Ray backend module imports Ray itself at its top.
 LAZY_PENDING = {("flatmin.experiments.backends", "flatmin.experiments.backends.ray")}
 
@@ -92,7 +96,7 @@ def graph() -> tuple[dict[str, set[str]], list[str]]:
             if target.split(".")[0] == "flatmin":
                 edges[me].add(target if target in modules else target.rpartition(".")[0])
             root = target.split(".")[0]
-            optional = root in LAZY_OK or target.startswith("torch.utils.tensorboard")  # needs tensorboard
+            optional = root in LAZY_OK or target.startswith(HEAVY_TORCH)
             if not at_top and not optional and (me, target) not in LAZY_PENDING:
                 lazy.append(f"{me}:{line} imports {target} inside a function")
     return edges, lazy

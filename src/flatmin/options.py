@@ -170,6 +170,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
                         help="download missing dataset files (needs a network)")
     parser.add_argument("--ddp-local-ascent", action="store_true", default=None,
                         help="under torchrun: per-rank ascent gradient (no all-reduce; SAM's m-sharpness)")
+    parser.add_argument("--fsdp", action="store_true", default=None,
+                        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
+                             "instead of replicating them (DDP)")
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,7 +180,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = _given(args, OPTIONS)
     if "dataset" in out:
         out["dataset"] = canonical_name(out["dataset"])
-    for flag in ("compile", "download", "ddp_local_ascent", "tensorboard"):
+    for flag in ("compile", "download", "ddp_local_ascent", "tensorboard", "fsdp"):
         if getattr(args, flag, None):
             out[flag] = True
     if data := _given(args, DATASET_OPTIONS):

@@ -58,6 +58,8 @@ def config_key(cfg: TrainConfig) -> str:
         del d["accumulate"]
     if fingerprint := getattr(get_loader(c.dataset), "fingerprint", None):  # the user's files
         d["data_fingerprint"] = fingerprint(**c.dataset_options)  # edited data: new runs, not stale ones
+    if d.get("fsdp") is False:
+        del d["fsdp"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

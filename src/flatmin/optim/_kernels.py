@@ -8,10 +8,13 @@ reads a tensor value on the host: clipping is `torch.clamp`, never a Python `if`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 TINY = 1e-12  # the authors' guard against a zero norm
+NormReduce = Callable[[Tensor, str], Tensor]  # local per-tensor norms, ball -> full norms (sharded.py)
 
 
 # --- norms and clipping ------------------------------------------------------------------------
@@ -47,6 +50,11 @@ def _multi_tensor_norms(tensors: list[Tensor]) -> Tensor:
     return _stack_norms(torch._foreach_norm(tensors))
 
 
+def _reduced(norms: Tensor, reduce: NormReduce | None, ball: str) -> Tensor:
+    """Norms of whole tensors: local ones as they are, a shard's finished by ``reduce`` (one all-reduce)."""
+    return norms if reduce is None else reduce(norms, ball)
+
+
 def _as_list(coefs: Tensor, n: int) -> list[Tensor] | Tensor:
     """A 0-d coefficient is shared by every tensor; a vector gives one per tensor."""
     return coefs if coefs.dim() == 0 else list(coefs.unbind())
@@ -65,8 +73,11 @@ def _single_tensor_amp_ascent(
     epsilon: float,
     ball: str,
     first: bool,
+    reduce: NormReduce | None = None,
 ) -> None:
-    """Δ ← Π_ε(Δ + ζ∇J(θ+Δ)); params ← θ + Δ. deltas=None: Δ starts at 0 and lives in the grads."""
+    """Δ ← Π_ε(Δ + ζ∇J(θ+Δ)); params ← θ + Δ. deltas=None: Δ starts at 0 and lives in the grads.
+
+    ``reduce``: how shards' norms become full norms (`flatmin.optim.sharded`); None: tensors are whole."""
     ds = []
     for i, g in enumerate(grads):
         g.mul_(step_size)
@@ -76,7 +87,7 @@ def _single_tensor_amp_ascent(
             if first:
                 deltas[i].zero_()
             ds.append(deltas[i].add_(g))
-    coefs = clip_coefficients(_single_tensor_norms(ds), epsilon, ball)
+    coefs = clip_coefficients(_reduced(_single_tensor_norms(ds), reduce, ball), epsilon, ball)
     for i, (p, theta, d) in enumerate(zip(params, thetas, ds)):
         d.mul_(coefs if coefs.dim() == 0 else coefs[i])
         if not first:
@@ -94,6 +105,7 @@ def _multi_tensor_amp_ascent(
     epsilon: float,
     ball: str,
     first: bool,
+    reduce: NormReduce | None = None,
 ) -> None:
     """Foreach twin of `_single_tensor_amp_ascent`."""
     torch._foreach_mul_(grads, step_size)
@@ -104,7 +116,7 @@ def _multi_tensor_amp_ascent(
             torch._foreach_zero_(deltas)
         torch._foreach_add_(deltas, grads)
         ds = deltas
-    coefs = clip_coefficients(_multi_tensor_norms(ds), epsilon, ball)
+    coefs = clip_coefficients(_reduced(_multi_tensor_norms(ds), reduce, ball), epsilon, ball)
     torch._foreach_mul_(ds, _as_list(coefs, len(ds)))
     if not first:
         torch._foreach_copy_(params, thetas)
@@ -153,22 +165,41 @@ def _multi_tensor_sam_ascent(
 # --- RMP: a random point on the sphere ---------------------------------------------------------
 
 
+def _draw(params: list[Tensor], generator: torch.Generator | None, shards: list | None) -> list[Tensor]:
+    """d ~ N(0, I) shaped like each parameter — like each *full* parameter when ``shards`` are given."""
+    shapes = [p.shape for p in params] if shards is None else [s.shape for s in shards]
+    return [torch.randn(shape, dtype=p.dtype, device=p.device, generator=generator)
+            for p, shape in zip(params, shapes)]
+
+
+def _keep(ds: list[Tensor], shards: list | None) -> list[Tensor]:
+    """This rank's rows of each full draw (all of it when nothing is sharded)."""
+    return ds if shards is None else [s(d) for s, d in zip(shards, ds)]
+
+
 def _single_tensor_random_perturb(
-    params: list[Tensor], *, radius: float, ball: str, generator: torch.Generator | None
+    params: list[Tensor], *, radius: float, ball: str, generator: torch.Generator | None,
+    shards: list | None = None,
 ) -> None:
-    """params ← θ + r·d/‖d‖ with d ~ N(0, I): uniform on the sphere of radius r."""
-    ds = [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in params]
+    """params ← θ + r·d/‖d‖ with d ~ N(0, I): uniform on the sphere of radius r.
+
+    ``shards``: params are local shards; each full tensor is drawn (the same numbers on every rank, and
+    as a single process), its norm taken whole, and only this rank's rows are added (`sharded.ShardOf`).
+    """
+    ds = _draw(params, generator, shards)
     coefs = rescale_coefficients(_single_tensor_norms(ds), radius, ball)
-    for i, (p, d) in enumerate(zip(params, ds)):
+    for i, (p, d) in enumerate(zip(params, _keep(ds, shards))):
         p.add_(d.mul_(coefs if coefs.dim() == 0 else coefs[i]))
 
 
 def _multi_tensor_random_perturb(
-    params: list[Tensor], *, radius: float, ball: str, generator: torch.Generator | None
+    params: list[Tensor], *, radius: float, ball: str, generator: torch.Generator | None,
+    shards: list | None = None,
 ) -> None:
     """Foreach twin of `_single_tensor_random_perturb` (same random numbers, same order)."""
-    ds = [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in params]
+    ds = _draw(params, generator, shards)
     coefs = rescale_coefficients(_multi_tensor_norms(ds), radius, ball)
+    ds = _keep(ds, shards)
     torch._foreach_mul_(ds, _as_list(coefs, len(ds)))
     torch._foreach_add_(params, ds)
 

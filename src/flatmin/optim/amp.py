@@ -16,6 +16,9 @@ Memory. θ is kept in one parameter-sized buffer (reused across steps) so that r
 copy, bit for bit. With N = 1 that is the only extra buffer: Δ is built in place in the
 gradients (which the next backward pass overwrites anyway). N > 1 adds one buffer for Δ.
 
+Sharded parameters (FSDP2's ``fully_shard``): the same arithmetic on each rank's shards, the norms
+finished by one all-reduce each (`flatmin.optim.sharded`); θ and Δ are sharded like the parameters.
+
 Cheaper approximations (perturbation reuse, sub-batch ascent, one pass) live in
 `flatmin.optim.efficient`, built by name with `flatmin.optim.build_amp`.
 """
@@ -31,6 +34,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative
+from flatmin.optim.sharded import local, norm_reducer
 
 
 class AMP(PerturbedOptimizer):
@@ -113,9 +117,10 @@ class AMP(PerturbedOptimizer):
                 self.save_theta(params)
             step_size = group["inner_lr"] if grad_scale is None else group["inner_lr"] / grad_scale
             deltas = self.delta_storage(group, params)
-            K.amp_ascent(params, grads, self.thetas_of(params), deltas, step_size=step_size,
+            K.amp_ascent(local(params), local(grads), local(self.thetas_of(params)),
+                         None if deltas is None else local(deltas), step_size=step_size,
                          epsilon=group["epsilon"], ball=group["ball"], first=first,
-                         foreach=self.foreach)
+                         reduce=norm_reducer(params), foreach=self.foreach)
 
     def delta_storage(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
         """Where Δ is built: in the gradients when N = 1 (no memory), else in kept buffers."""

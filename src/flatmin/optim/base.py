@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from flatmin.optim import _kernels as K
 from flatmin.optim import driver
 from flatmin.optim.nonfinite import StepGuard, check_and_unscale_, check_policy, loss_flag, supports_found_inf
+from flatmin.optim.sharded import local
 
 BALLS = ("global", "per_tensor")
 
@@ -110,7 +111,7 @@ class PerturbedOptimizer(Optimizer):
     def save_theta(self, params: list[Tensor]) -> None:
         """Copy θ into buffers kept across steps, so that restore is a copy, not θ+Δ−Δ."""
         thetas = [self._theta_buffer(p) for p in params]
-        K.copy_(thetas, params, self.foreach)
+        K.copy_(local(thetas), local(params), self.foreach)
         self._saved.append((params, thetas))
 
     def _theta_buffer(self, p: Tensor) -> Tensor:
@@ -128,7 +129,7 @@ class PerturbedOptimizer(Optimizer):
     def restore(self) -> None:
         """Put θ back bit for bit and end the step; harmless when nothing is under way."""
         for params, thetas in self._saved:
-            K.copy_(params, thetas, self.foreach)
+            K.copy_(local(params), local(thetas), self.foreach)
         self._saved.clear()
         self._begun, self._ascents = False, 0
 
@@ -232,7 +233,7 @@ class PerturbedOptimizer(Optimizer):
                        if p.grad is not None and p not in before]
             if unsaved and not supports_found_inf(self.base_optimizer):  # θ kept where perturbations keep it
                 thetas = [self._theta_buffer(p) for p in unsaved]
-                K.copy_(thetas, unsaved, self.foreach)
+                K.copy_(local(thetas), local(unsaved), self.foreach)
                 before.update(zip(unsaved, thetas))
             self.guard.step(self.base_optimizer, found, before)
             self.guard.record(found)

@@ -36,6 +36,7 @@ from flatmin.errors import UnknownNameError
 from flatmin.optim import _kernels as K
 from flatmin.optim.amp import AMP
 from flatmin.optim.base import PerturbedOptimizer
+from flatmin.optim.sharded import local, norm_reducer
 
 # --- kernels and helpers -------------------------------------------------------------------------
 
@@ -135,7 +136,7 @@ class ReuseAMP(_SubBatch, AMP):
             params = [p for p in group["params"] if p in self._delta]
             if params:
                 self.save_theta(params)
-                K.add_(params, [self._delta[p] for p in params], self.foreach)
+                K.add_(local(params), local([self._delta[p] for p in params]), self.foreach)
 
     def ascent_passes(self) -> int:
         """N passes on a refresh step, none on a reuse step."""
@@ -150,13 +151,13 @@ class ReuseAMP(_SubBatch, AMP):
         """θ back; after a refresh the kept Δ is made finite (NaN/±inf entries become 0)."""
         super().restore()
         if self._refresh:
-            finite_copy_(list(self._delta.values()), list(self._delta.values()))
+            finite_copy_(local(list(self._delta.values())), local(list(self._delta.values())))
             self._refresh, self._new_delta = False, True
 
     def _after_step(self, found: Tensor | None) -> None:
         """A skipped refresh step leaves Δ = 0 for the steps that would reuse it."""
         if self._new_delta:
-            _mask_(list(self._delta.values()), found)
+            _mask_(local(list(self._delta.values())), found)
         self._new_delta = False
 
     def extra_state(self) -> dict[str, Any]:
@@ -198,9 +199,10 @@ class OnePassAMP(AMP):
             params = [p for p in group["params"] if p in self._grads] if group["inner_iter"] else []
             if params:
                 self.save_theta(params)
-                K.amp_ascent(params, [self._grads[p] for p in params], self.thetas_of(params), None,
-                             step_size=group["inner_lr"], epsilon=group["epsilon"], ball=group["ball"],
-                             first=True, foreach=self.foreach)
+                K.amp_ascent(local(params), local([self._grads[p] for p in params]),
+                             local(self.thetas_of(params)), None, step_size=group["inner_lr"],
+                             epsilon=group["epsilon"], ball=group["ball"], first=True,
+                             reduce=norm_reducer(params), foreach=self.foreach)
 
     def ascent_passes(self) -> int:
         """No ascent pass: the direction is the previous step's gradient."""
@@ -217,9 +219,9 @@ class OnePassAMP(AMP):
                 if p not in self._grads or self._grads[p].shape != p.shape:
                     self._grads[p] = torch.empty_like(p)
                 bufs.append(self._grads[p])
-            finite_copy_(bufs, grads)
+            finite_copy_(local(bufs), local(grads))
             kept += bufs
-        _mask_(kept, found)
+        _mask_(local(kept), found)
         self._fresh = True
 
     def held_buffers(self) -> list[Tensor]:

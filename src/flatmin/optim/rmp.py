@@ -5,6 +5,9 @@ the sphere of radius r (``ball="global"``), or on each tensor's own sphere of ra
 (``ball="per_tensor"``). In high dimension nearly all of a ball's volume lies at its surface, so
 this is also what "uniform in the ball" gives in practice. The gradient at θ+Δ then drives the
 base optimizer from θ. Only one forward/backward per step: RMP costs what ERM costs.
+
+Sharded parameters (FSDP2): every rank draws each full tensor's noise from the same generator and keeps
+its own rows, so Δ is the single-process Δ for any number of ranks (`flatmin.optim.sharded.ShardOf`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative
+from flatmin.optim.sharded import local, shards_of
 
 
 class RMP(PerturbedOptimizer):
@@ -60,8 +64,8 @@ class RMP(PerturbedOptimizer):
             if not params:
                 continue
             self.save_theta(params)
-            K.random_perturb(params, radius=group["radius"], ball=group["ball"],
-                             generator=self.generator, foreach=self.foreach)
+            K.random_perturb(local(params), radius=group["radius"], ball=group["ball"],
+                             generator=self.generator, shards=shards_of(params), foreach=self.foreach)
 
     def perturb(self, grad_scale: object = None) -> None:
         """The two-call form's first call: RMP perturbs before its one and only pass."""

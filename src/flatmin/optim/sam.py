@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
+from flatmin.optim.sharded import local, norm_reducer
 
 
 class SAM(PerturbedOptimizer):
@@ -72,16 +73,18 @@ class SAM(PerturbedOptimizer):
     def _sam_ascent(self, consume_grads: bool) -> None:
         """w ← w + e(w); with ``consume_grads`` e(w) is built in the gradients' storage."""
         groups = [self.params_with_grad(g) for g in self.param_groups]
-        norms = [K.sam_norm(params, grads, group["adaptive"], self.foreach)
+        norms = [K.sam_norm(local(params), local(grads), group["adaptive"], self.foreach)
                  for group, (params, grads) in zip(self.param_groups, groups) if params]
         if not norms:
             return
         norm = torch.linalg.vector_norm(torch.stack(norms))  # one norm over every group
+        if reduce := norm_reducer([p for params, _ in groups for p in params]):
+            norm = reduce(norm.reshape(1), "global")[0]  # shards: ‖·‖² summed over ranks, one all-reduce
         for group, (params, grads) in zip(self.param_groups, groups):
             if not params:
                 continue
             self.save_theta(params)
-            K.sam_ascent(params, grads, scale=group["rho"] / (norm + K.TINY),
+            K.sam_ascent(local(params), local(grads), scale=group["rho"] / (norm + K.TINY),
                          adaptive=group["adaptive"], inplace=consume_grads, foreach=self.foreach)
 
     def ascent_passes(self) -> int:

@@ -64,6 +64,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     ddp_local_ascent: bool = False  # under DDP: per-rank ascent gradient (no all-reduce)
     tensorboard: bool = False  # also write TensorBoard events (flatmin.logging); not part of a result
+    fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON- and weights_only-safe plain values."""
@@ -150,5 +151,7 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     if c.dropout >= 1 or c.label_smoothing >= 1:
         raise ConfigError("dropout and label_smoothing must be < 1")
+    if c.fsdp and c.ddp_local_ascent:
+        raise ConfigError("fsdp and ddp_local_ascent exclude each other: per-rank ascent is a DDP option")
     if c.grad_clip is not None and not c.grad_clip > 0:
         raise ConfigError(f"grad_clip must be > 0, got {c.grad_clip!r}")

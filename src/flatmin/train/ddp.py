@@ -2,8 +2,8 @@
 
 import warnings
 
-from flatmin.train.distributed import TorchrunProcess, shard, weighted_allreduce
+from flatmin.train.distributed import FSDPProcess, TorchrunProcess, shard, shard_model, weighted_allreduce
 
 warnings.warn("flatmin.train.ddp moved to flatmin.train.distributed", DeprecationWarning, stacklevel=2)
 
-__all__ = ["TorchrunProcess", "shard", "weighted_allreduce"]
+__all__ = ["TorchrunProcess", "FSDPProcess", "shard", "shard_model", "weighted_allreduce"]

@@ -30,7 +30,8 @@ per step. See docs/distributed.md.
 # No `from __future__ import annotations` here: DDP checks the comm hook's annotations at runtime.
 import atexit
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flatmin.errors import ConfigError
+from flatmin.optim.sharded import full_state, shard_optimizer_state
 
 
 class SingleProcess:
@@ -67,6 +69,16 @@ class SingleProcess:
         return None
 
     reduce_flag = None  # how ranks agree that a step is skipped (one rank: nothing to agree on)
+    evaluates = True  # whether this rank runs the evaluation passes (FSDP: every rank must)
+    grad_weight = 1.0  # loss factor for this rank's backward (FSDP's share of an uneven batch)
+
+    def full_state(self, model: nn.Module, opt: Any) -> tuple[dict, dict]:
+        """The model's and optimizer's state in the single-process layout (what a checkpoint holds)."""
+        return model.state_dict(), opt.state_dict()
+
+    def local_optimizer_state(self, opt: Any, state: dict) -> dict:
+        """A saved optimizer state as this rank's optimizer loads it."""
+        return state
 
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for)."""
@@ -122,6 +134,11 @@ class TorchrunProcess(SingleProcess):
                               f"{dist.get_world_size()}) disagrees with RANK/WORLD_SIZE")
         return cls(rank, world_size, device)
 
+    @property
+    def evaluates(self) -> bool:
+        """Only rank 0 evaluates (θ is the same on every rank)."""
+        return self.is_main
+
     def shard(self, idx: Tensor) -> Tensor:
         """This rank's part of a global batch; remembers its share for the gradient all-reduce."""
         part = shard(idx, self.rank, self.world_size)
@@ -167,8 +184,93 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def current(device: torch.device) -> SingleProcess:
-    """The execution context of this process: torchrun's if launched by it, else a single process."""
+class FSDPProcess(TorchrunProcess):
+    """Rank ``rank`` with parameters, gradients and optimizer state sharded (``fully_shard``, FSDP2).
+
+    Each module that owns parameters, then the root, is sharded along dim 0 over all ranks; the
+    perturbation optimizers work on the shards (`flatmin.optim.sharded`). FSDP averages the ranks'
+    gradients (a reduce-scatter), so an uneven batch weights each rank's loss by share·W instead of a
+    comm hook. Every rank evaluates (a forward pass gathers the layers from all ranks); checkpoints hold
+    the full state, gathered to rank 0, in the single-process layout.
+    """
+
+    param_dtype: torch.dtype | None = None  # FSDP's all-gather precision (--precision bf16/fp16)
+
+    @classmethod
+    def from_env(cls, device: torch.device, param_dtype: torch.dtype | None = None) -> "FSDPProcess":
+        """Join torchrun's job; ``param_dtype``: the precision layers are gathered and computed in."""
+        process = super().from_env(device)
+        process.param_dtype = param_dtype
+        return process
+
+    evaluates = True
+
+    @property
+    def grad_weight(self) -> float:
+        """share·W on an uneven batch (FSDP's average then gives the global-batch mean), else 1."""
+        return 1.0 if self.share is None else self.share * self.world_size
+
+    def wrap(self, model: nn.Module, local_ascent: bool) -> nn.Module:
+        """Shard each layer that owns parameters (gathered one at a time in a pass), then the root."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if local_ascent:
+            raise ConfigError("ddp_local_ascent is a DDP option; under --fsdp the ascent gradient is global")
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32) \
+            if self.param_dtype is not None else MixedPrecisionPolicy()
+        mesh = init_device_mesh(self.device.type, (self.world_size,))  # --device's kind, not the default
+        return shard_model(model, mesh=mesh, mp_policy=policy)
+
+    def ascent_context(self, net: nn.Module) -> Any:
+        """The ascent passes reduce their gradients like every pass."""
+        return nullcontext()
+
+    def no_sync(self, net: nn.Module) -> Any:
+        """Micro-batches but the last keep unsharded local gradients; the last one reduce-scatters."""
+        return lambda: _gradient_sync_off(net)
+
+    def full_state(self, model: nn.Module, opt: Any) -> tuple[dict, dict]:
+        """Each DTensor gathered in turn (collective), kept on rank 0 only: the single-process layout."""
+        return full_state(model.state_dict(), self.is_main), full_state(opt.state_dict(), self.is_main)
+
+    def local_optimizer_state(self, opt: Any, state: dict) -> dict:
+        """A full optimizer state cut into this rank's shards (no communication: every rank read the file)."""
+        return shard_optimizer_state(state, [p for group in opt.param_groups for p in group["params"]])
+
+
+def shard_model(model: nn.Module, **options: Any) -> nn.Module:
+    """``fully_shard`` each module that owns parameters (inner ones first), then the root.
+
+    The root too reshards after every forward pass (FSDP would keep its own parameters gathered for
+    the backward): a perturbation written into the shards between an evaluation and the next
+    training forward (RMP, reused Δ) must reach the forward pass, not a stale gathered copy.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for module in reversed(list(model.modules())[1:]):
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            fully_shard(module, **options)
+    fully_shard(model, reshard_after_forward=True, **options)
+    return model
+
+
+@contextmanager
+def _gradient_sync_off(net: nn.Module) -> Iterator[None]:
+    """FSDP2's no_sync: backward passes inside accumulate unreduced gradients."""
+    net.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
+
+
+def current(device: torch.device, *, fsdp: bool = False,
+            param_dtype: torch.dtype | None = None) -> SingleProcess:
+    """The execution context of this process: torchrun's if launched by it (DDP, or FSDP with ``fsdp``;
+    ``param_dtype``: FSDP's all-gather precision), else a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if fsdp:
+            return FSDPProcess.from_env(device, param_dtype=param_dtype)
         return TorchrunProcess.from_env(device)
     return SingleProcess()

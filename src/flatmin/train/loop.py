@@ -27,6 +27,7 @@ from flatmin.metrics import MetricAccumulator
 from flatmin.models import create_model
 from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive
 from flatmin.optim.driver import grad_scale, head_size
+from flatmin.optim.sharded import local, norm_reducer
 from flatmin.provenance import device_name, git_commit, versions
 from flatmin.train import checkpoint as ckpt
 from flatmin.train.config import TrainConfig, resolve
@@ -73,9 +74,11 @@ def _full(logits: Tensor) -> Tensor:
 
 
 def grad_norm(model: nn.Module, scale: Tensor | None) -> Tensor:
-    """‖∇J‖ of the current gradients (Theorem 2's quantity), without a host sync."""
+    """‖∇J‖ of the current gradients (Theorem 2's quantity), without a host sync (sharded: one all-reduce)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    norms = torch.stack(torch._foreach_norm(local(grads))).float()
+    reduce = norm_reducer(grads)
+    norm = torch.linalg.vector_norm(norms) if reduce is None else reduce(norms, "global")[0]
     return norm / scale if scale is not None else norm
 
 
@@ -91,11 +94,13 @@ def train_step(net: nn.Module, model: nn.Module, opt: PerturbedOptimizer, batch:
     batch = ctx.method.prepare(model, batch, ctx.cfg, ctx.input_range)
     seen: dict[str, Any] = {}
 
+    weight = ctx.dist.grad_weight  # FSDP on an uneven batch: this rank's share·W (else 1)
+
     def loss_fn(micro: Batch) -> tuple[Tensor, Tensor]:
         with ctx.autocast():
             logits = net(micro.x)
             loss = ctx.method.loss(_full(logits), micro, ctx.cfg)
-        return logits.detach(), loss
+        return logits.detach(), loss if weight == 1 else loss * weight
 
     def grad_pass(p: Pass) -> tuple[Tensor, Tensor]:
         part = batch if p.fraction >= 1 else batch.head(head_size(len(batch.x), p.fraction))
@@ -104,7 +109,7 @@ def train_step(net: nn.Module, model: nn.Module, opt: PerturbedOptimizer, batch:
         with ctx.dist.ascent_context(net) if p.ascent else contextlib.nullcontext():
             loss, logits = accumulate(micro, loss_fn, weights=weights, params_owner=opt, scaler=ctx.scaler,
                                       no_sync=ctx.dist.no_sync(net))
-        return torch.cat(logits), loss
+        return torch.cat(logits), loss if weight == 1 else loss / weight
 
     def on_pass(p: Pass, result: tuple[Tensor, Tensor]) -> None:
         if p.index == 0:  # ‖∇J‖ of the step's first pass (at θ, unless the rule perturbs first)
@@ -217,7 +222,7 @@ def _check_resumable(out: Path, resume: bool) -> dict | None:
 def _config_mismatch(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """Fields in which a resumed run would differ from the saved one."""
     a, b = saved.to_dict(), wanted.to_dict()
-    free = ("device", "tensorboard")  # where it runs and what it logs: not the run itself
+    free = ("device", "tensorboard", "fsdp")  # where and how it runs, what it logs: not the run itself
     return [f"{k}: saved {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k] and k not in free]
 
 
@@ -229,7 +234,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     """
     t0 = time.perf_counter()
     device = torch.device(cfg.device)
-    dist = current(device)
+    dist = current(device, fsdp=cfg.fsdp, param_dtype=AUTOCAST.get(cfg.precision))  # validated below
     method = get_method(cfg.method)
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                       augment=cfg.augment, download=cfg.download, **cfg.dataset_options)
@@ -251,8 +256,12 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     model = create_model(cfg.model, num_classes=ds.num_classes, in_channels=ds.input_shape[0],
                          input_shape=ds.input_shape, dropout=cfg.dropout if method.dropout else 0.0)
     model.to(device)
+    if saved is not None:
+        # before wrapping: DDP broadcasts the loaded weights, FSDP shards them
+        _resume_part(out, cfg, lambda: model.load_state_dict(saved["model"]))
+    net = dist.wrap(model, cfg.ddp_local_ascent)
     try:
-        opt = method.build_optimizer(model.parameters(), cfg)
+        opt = method.build_optimizer(model.parameters(), cfg)  # after wrapping: FSDP's sharded parameters
     except ValueError as err:  # an optimizer argument out of range: the user's input
         raise ConfigError(str(err)) from None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -264,17 +273,11 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     history: list[dict[str, Any]] = []
     start, elapsed = 0, 0.0
     if saved is not None:
-        try:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            scaler.load_state_dict(saved["scaler"])
-        except (RuntimeError, ValueError, KeyError) as err:  # weights of another model or method
-            first = str(err).strip().splitlines()[0]
-            raise FlatminError(f"cannot resume {out}: its checkpoint does not fit {cfg.model}/{cfg.method} "
-                               f"({first}); choose another --out") from None
+        own = dist.local_optimizer_state  # FSDP: this rank's shards of the saved full state
+        _resume_part(out, cfg, lambda: opt.load_state_dict(own(opt, saved["optimizer"])))
+        scaler.load_state_dict(saved["scaler"])
         history, start, elapsed = list(saved["history"]), int(saved["epoch"]), float(saved["time_s"])
     logger = _logger(out, cfg, history, start, resumed=saved is not None) if dist.is_main else None
-    net = dist.wrap(model, cfg.ddp_local_ascent)
     if cfg.compile:
         net = torch.compile(net)
 
@@ -288,15 +291,16 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
             record.update(run_epoch(net, model, opt, ds, epoch, ctx, progress, step_logger))
             record["epoch_time_s"] = time.perf_counter() - te
             for name, split in (("val", ds.val), ("test", ds.test)):
-                if split is not None and dist.is_main:  # θ is the same on every rank
+                if split is not None and dist.evaluates:  # θ is the same on every rank (FSDP: all evaluate)
                     m = evaluate(model, split, ds, ctx)
                     record.update({f"{name}_{k}": m[k] for k in ("error", "nll", "ece")})
             history.append(record)
+            state = dist.full_state(model, opt) if out is not None else None  # FSDP: gathered, collective
             if out is not None and dist.is_main:
                 logger.log_epoch(epoch + 1, record)
                 ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
-                    "config": cfg.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                    "config": cfg.to_dict(), "epoch": epoch + 1, "model": state[0],
+                    "optimizer": state[1], "scaler": scaler.state_dict(), "history": history,
                     "time_s": elapsed + time.perf_counter() - t0, "num_classes": ds.num_classes,
                     "input_shape": list(ds.input_shape)})
             if progress:
@@ -305,9 +309,19 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
         if logger is not None:
             logger.close()
     time_s = elapsed + time.perf_counter() - t0
-    result = _finish(model, ds, ctx, history, out, time_s) if dist.is_main else None
+    result = _finish(model, ds, ctx, history, out, time_s) if dist.evaluates else None
     dist.barrier()  # no rank returns before metrics.json is written
-    return result
+    return result if dist.is_main else None
+
+
+def _resume_part(out: Path | None, cfg: TrainConfig, load: Any) -> None:
+    """Load one part of a checkpoint; weights of another model or method are one message."""
+    try:
+        load()
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise FlatminError(f"cannot resume {out}: its checkpoint does not fit {cfg.model}/{cfg.method} "
+                           f"({first}); choose another --out") from None
 
 
 def _logger(out: Path | None, cfg: TrainConfig, history: list[dict[str, Any]], start: int,
