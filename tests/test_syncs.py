@@ -112,7 +112,8 @@ TRAINER = {  # name: (rule, TrainConfig changes)
     "rmp": ("rmp", {}), "onepass": ("amp_onepass", {}), "reuse": ("amp_reuse", {}),
     "gsam_fp16": ("gsam", dict(precision="fp16")), "fsam_fp16": ("fsam", dict(precision="fp16")),
     "looksam_accumulate": ("looksam", dict(accumulate=2)), "wsam_fp16": ("wsam", dict(precision="fp16")),
-    "bsam_fp16": ("bsam", dict(precision="fp16")), "esam": ("esam", {}), "msam_clip": ("msam", dict(grad_clip=1.0)),
+    "bsam_fp16": ("bsam", dict(precision="fp16")), "esam": ("esam", {}),
+    "msam_clip": ("msam", dict(grad_clip=1.0)),
 }
 
 
