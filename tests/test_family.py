@@ -516,3 +516,54 @@ def test_kind_check_refuses_another_rule():
     run(a, opt, batches(1))
     with pytest.raises(ValueError, match="GSAM"):
         LookSAM(b.parameters(), lr=0.1).load_state_dict(opt.state_dict())
+
+
+SCALED = {
+    "gsam": lambda p: GSAM(p, rho=0.2, alpha=0.6, lr=0.1, momentum=0.9),
+    "looksam": lambda p: LookSAM(p, rho=0.2, k=2, lr=0.1, momentum=0.9),
+    "wsam": lambda p: WSAM(p, rho=0.2, lr=0.1, momentum=0.9),
+    "wsam_coupled": lambda p: WSAM(p, rho=0.2, gamma=0.7, decouple=False, lr=0.1, momentum=0.9),
+    "fsam": lambda p: FriendlySAM(p, rho=0.2, lmbda=0.5, lr=0.1, momentum=0.9),
+    "bsam": lambda p: BSAM(p, num_data=100, lr=0.05, generator=torch.Generator().manual_seed(2)),
+}
+
+
+@pytest.mark.parametrize("path", ["driver_scaler", "unscaled_before_step"])
+@pytest.mark.parametrize("name", list(SCALED))
+def test_a_loss_scale_changes_nothing(name, path):
+    """A loss scale of 2^10 (exact in binary) gives the unscaled run's trajectory, whether the final
+    gradient is still scaled when the rule combines it (the driver with a GradScaler) or was already
+    unscaled (Lightning's precision plugin unscales before ``optimizer.step``)."""
+    from flatmin.optim import drive
+    from flatmin.optim.driver import grad_scale
+
+    data = batches(5)
+    plain, scaled = tiny_model(), tiny_model()
+    run(plain, SCALED[name](plain.parameters()), data)
+    opt = SCALED[name](scaled.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    s = 2.0**10
+    for x, y in data:
+        if path == "driver_scaler":
+
+            def grad_pass(p, x=x, y=y):
+                opt.zero_grad()
+                loss = F.cross_entropy(scaled(x), y)
+                scaler.scale(loss).backward()
+                return loss
+
+            drive(opt, grad_pass, scaler=scaler)
+            assert grad_scale(scaler) is not None
+            continue
+        opt.begin_step()
+        for _ in range(opt.ascent_passes()):
+            opt.zero_grad()
+            (s * F.cross_entropy(scaled(x), y)).backward()
+            opt.perturb(grad_scale=torch.tensor(s))
+        opt.zero_grad()
+        (s * F.cross_entropy(scaled(x), y)).backward()
+        for p in scaled.parameters():
+            p.grad.div_(s)
+        opt.restore_and_step()
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)  # the 1e-12 norm guards are not scale-free

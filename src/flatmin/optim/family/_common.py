@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
+from flatmin.optim import driver
 from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
 from flatmin.optim.efficient import _by_index, _from_index, _mask_, finite_copy_
 
@@ -92,15 +93,44 @@ class SharpnessRule(PerturbedOptimizer):
 
     # -- hooks around the update ---------------------------------------------------------------
 
-    def _direction(self) -> None:
-        """Rewrite ``.grad`` (still at θ+Δ, θ not yet restored) into the update direction."""
+    def _direction(self, ratio: Tensor | float | None) -> None:
+        """Rewrite ``.grad`` (still at θ+Δ, θ not yet restored) into the update direction.
+
+        ``ratio``: final-pass loss scale over the ascent pass's (None: the same), by which a
+        gradient kept from the ascent pass is multiplied before it is combined with ``.grad``.
+        """
+
+    _ascent_scale: Tensor | float | None = None  # the loss scale of this step's ascent gradient
+
+    @torch.no_grad()
+    def perturb(self, grad_scale: Tensor | float | None = None) -> None:
+        """SAM's perturb, remembering the ascent gradient's loss scale for `_direction`."""
+        self._ascent_scale = grad_scale
+        super().perturb(grad_scale)
 
     @torch.no_grad()
     def restore_and_step(self, step: Callable[[], Any] | None = None, **kwargs: Any) -> None:
-        """The rule's direction, then the base class's restore and guarded update."""
+        """The rule's direction, then the base class's restore and guarded update.
+
+        ``.grad`` is still scaled here when a GradScaler is passed (the driver unscales later) or
+        when the caller updates itself (``step``); otherwise it is already unscaled (Lightning's
+        precision plugin unscales before calling us) or was never scaled.
+        """
         if self._begun and self._ascents >= self.ascent_passes():  # misuse is refused by super()
-            self._direction()
+            scaler = kwargs.get("scaler")
+            final = (driver.grad_scale(scaler) if scaler is not None and scaler.is_enabled()
+                     else self._ascent_scale if step is not None else None)
+            ascent = self._ascent_scale
+            ratio = None if final is ascent else (1.0 if final is None else final) / (
+                1.0 if ascent is None else ascent)
+            self._direction(ratio)
+        self._ascent_scale = None
         super().restore_and_step(step, **kwargs)
+
+    def to_final_units(self, kept: list[Tensor], ratio: Tensor | float | None) -> None:
+        """Bring gradients kept from the ascent pass to the final pass's loss scale."""
+        if ratio is not None:
+            torch._foreach_mul_(kept, ratio)
 
     # -- pieces the rules share ------------------------------------------------------------------
 

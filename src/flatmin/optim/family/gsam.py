@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
@@ -78,7 +79,7 @@ class GSAM(SharpnessRule):
             self.keep(params, grads)
         self.sam_ascend(groups)
 
-    def _direction(self) -> None:
+    def _direction(self, ratio: Tensor | float | None) -> None:
         """.grad ← g_p − α·g_⊥ = (1 + α·c)·g_p − α·g,  c = cos·‖g‖/(‖g_p‖ + 1e-12)."""
         groups = [(group, params, grads) for group, params, grads in self.grouped()
                   if all(p in self._kept for p in params)]
@@ -86,6 +87,7 @@ class GSAM(SharpnessRule):
             return
         new = [g for _, _, grads in groups for g in grads]
         old = self.kept_of([p for _, params, _ in groups for p in params])
+        self.to_final_units(old, ratio)
         inner = K.dot(old, new, self.foreach)
         new_norm, old_norm = self.global_norm(new), self.global_norm(old)
         cos = inner / (new_norm * old_norm + K.TINY)

@@ -86,7 +86,7 @@ class LookSAM(SharpnessRule):
             self.keep(params, grads)
         self.sam_ascend(groups)
 
-    def _direction(self) -> None:
+    def _direction(self, ratio: Tensor | float | None) -> None:
         """Exact step: g_v ← g_s − c·g in g's buffer (.grad stays g_s); else .grad ← g + α‖g‖/‖g_v‖·g_v."""
         groups = [
             (group, params, grads)
@@ -98,6 +98,7 @@ class LookSAM(SharpnessRule):
         grads = [g for _, _, gs in groups for g in gs]
         kept = self.kept_of([p for _, params, _ in groups for p in params])
         if self._exact:
+            self.to_final_units(kept, ratio)
             g_norm, gs_norm = self.global_norm(kept), self.global_norm(grads)
             cos = K.dot(kept, grads, self.foreach) / (g_norm * gs_norm + K.TINY)
             K.axpby_(kept, grads, -gs_norm * cos / (g_norm + K.TINY), 1.0, self.foreach)

@@ -54,20 +54,23 @@ class WSAM(SharpnessRule):
         return group["gamma"] / (1 - group["gamma"])
 
     def _ascend(self, grad_scale: Tensor | float | None = None) -> None:
-        """Keep g (and the loss scale), then SAM's ascent."""
-        self._inv_scale = 1.0 if grad_scale is None else 1.0 / grad_scale
+        """Keep g, then SAM's ascent."""
         groups = self.grouped()
         for _, params, grads in groups:
             self.keep(params, grads)
         self.sam_ascend(groups)
 
-    def _direction(self) -> None:
+    def _direction(self, ratio: Tensor | float | None) -> None:
         """Coupled: .grad ← α·g_s + (1−α)·g. Decoupled: kept ← g_s − g, .grad ← g."""
         self._pending = []
+        final = self._ascent_scale if ratio is None else ratio * (1.0 if self._ascent_scale is None
+                                                                   else self._ascent_scale)
+        self._inv_scale = 1.0 if final is None else 1.0 / final  # the sharpness step is unscaled
         for group, params, grads in self.grouped():
             if not all(p in self._kept for p in params):
                 continue
             kept, alpha = self.kept_of(params), self.weight(group)
+            self.to_final_units(kept, ratio)
             if not self.decouple:
                 K.axpby_(grads, kept, alpha, 1 - alpha, self.foreach)
                 continue
@@ -82,7 +85,10 @@ class WSAM(SharpnessRule):
         pending, self._pending = self._pending, []
         for group, params in pending:
             sharp = self.kept_of(params)
-            coef = -float(group["lr"]) * self.weight(group) * self._inv_scale
+            inv = self._inv_scale
+            if isinstance(inv, Tensor):
+                inv = inv.to(sharp[0].dtype)
+            coef = -float(group["lr"]) * self.weight(group) * inv  # in the parameters' precision
             if found is not None:
                 finite_copy_(sharp, sharp)
                 coef = coef * (1 - found.to(sharp[0].dtype))
