@@ -62,7 +62,7 @@ class SharpnessRule(PerturbedOptimizer):
         """One ascent pass, as SAM."""
         return 1
 
-    def radius(self, group: dict[str, Any]) -> float:
+    def radius(self, group: dict[str, Any]) -> float | Tensor:
         """The ascent radius of a group this step (GSAM may schedule it)."""
         return group["rho"]
 

@@ -19,6 +19,9 @@ Differences: the authors average g_ε and √s|g| over m = 8 sub-batches each wi
 ε (m-sharpness, ``--batchsplit``); here m = 1 (the whole batch). ``adaptive`` exists in the popular
 collection's signature but not in bSAM; only ``adaptive=False`` is accepted. A skipped (non-finite)
 step leaves θ, gm and s untouched (the guard's snapshot).
+
+Without a closure: ``opt.begin_step()`` (the noise) before the first forward pass, ``opt.perturb()``
+after its backward, ``opt.restore_and_step()`` after the second backward.
 """
 
 from __future__ import annotations

@@ -64,13 +64,13 @@ class GSAM(SharpnessRule):
         if group.get("lr_max") is None and group.get("lr") is not None:
             group["lr_max"] = float(group["lr"])
 
-    def radius(self, group: dict[str, Any]) -> float:
+    def radius(self, group: dict[str, Any]) -> float | Tensor:
         """ρ, or ρ_t proportional to the learning rate between (lr_min, ρ_min) and (lr_max, ρ)."""
         rho, rho_min = group["rho"], group["rho_min"]
         lr_max, lr_min = group.get("lr_max"), group["lr_min"]
         if rho_min is None or lr_max is None or not lr_max > lr_min:
             return rho
-        return rho_min + (rho - rho_min) * (float(group["lr"]) - lr_min) / (lr_max - lr_min)
+        return rho_min + (rho - rho_min) * (group["lr"] - lr_min) / (lr_max - lr_min)  # lr may be a tensor
 
     def _ascend(self, grad_scale: object = None) -> None:
         """Keep g, then SAM's ascent (a loss scale cancels: d is linear in the gradients)."""

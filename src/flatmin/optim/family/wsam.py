@@ -88,7 +88,7 @@ class WSAM(SharpnessRule):
             inv = self._inv_scale
             if isinstance(inv, Tensor):
                 inv = inv.to(sharp[0].dtype)
-            coef = -float(group["lr"]) * self.weight(group) * inv  # in the parameters' precision
+            coef = -group["lr"] * self.weight(group) * inv  # lr may be a tensor: no float(), no sync
             if found is not None:
                 finite_copy_(sharp, sharp)
                 coef = coef * (1 - found.to(sharp[0].dtype))
