@@ -567,3 +567,17 @@ def test_a_loss_scale_changes_nothing(name, path):
         opt.restore_and_step()
     for p, q in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)  # the 1e-12 norm guards are not scale-free
+
+
+def test_esam_draws_tensors_and_gives_them_back():
+    """With β = 0.5 some tensors sit out the ascent between steps; at least one always ascends;
+    `release()` switches them all back on (user-frozen tensors stay frozen)."""
+    model = tiny_model()
+    model[0].bias.requires_grad_(False)
+    opt = ESAM(model.parameters(), rho=0.2, beta=0.01, seed=0, lr=0.1)
+    for x, y in batches(4):
+        opt.step(closure_for(model, opt, x, y))
+        live = [p for p in model.parameters() if p.requires_grad]
+        assert len(live) == 1 and len(opt._off) == 2
+    opt.release()
+    assert [p.requires_grad for p in model.parameters()] == [True, False, True, True]
