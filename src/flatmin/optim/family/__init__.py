@@ -3,7 +3,8 @@ ESAM (stochastic weight perturbation) and MSAM, each a rule driven by `flatmin.o
 
 Argument names and defaults follow the most-installed collection where it has the method, so a
 user switches by changing the import. Each file's docstring says where it follows the authors'
-code and where (and why) it differs.
+code and where (and why) it differs. m-sharpness (per-micro-batch ascent) is not a rule: it needs the
+pass order inside the micro-batch loop (see docs/family.md).
 """
 
 from flatmin.optim.family.bsam import BSAM, VariationalUpdate

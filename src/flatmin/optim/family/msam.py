@@ -4,8 +4,8 @@
 
 and the base optimizer steps from θ with ∇f(θ+ε_t): one forward/backward per step, like SGD.
 v is SGD's ``momentum_buffer`` (the authors' MSAM is SGD) or Adam/AdamW's ``exp_avg`` (their
-AdamW_MSAM); v has the sign of the gradient, so −v points where the accumulated descent goes —
-the authors' ascent direction for MSAM (see their paper §3). Norm over the whole model, 1e-12 guard.
+AdamW_MSAM); v has the sign of the gradient, and the gradient is taken at θ − ρ·v/‖v‖, where the
+authors' code keeps the weights between steps. Norm over the whole model, 1e-12 guard.
 Before the base optimizer has a momentum (the first step; a base without one, e.g. SGD with
 momentum=0) the step is unperturbed: ρ has no effect.
 
