@@ -1,4 +1,4 @@
-"""Per-step cost of ERM, AMP, SAM, RMP and the efficient AMP variants on one model and batch.
+"""Per-step cost of ERM, AMP, SAM, RMP, efficient AMP variants and SAM's family on one model and batch.
 
     python benchmarks/step_cost.py --model preactresnet18 --batch-size 50 --json OUT.json
 
@@ -7,9 +7,9 @@ of each in turn, so load drift on a shared machine hits all alike). Phase 1 time
 (one synchronisation per step); phase 2 times the optimizer's own work (everything the step
 driver does besides forward/backward: perturb, restore, non-finite flag, guarded base step).
 ``erm`` is a plain torch SGD loop; ``erm_driver`` is ERM through the driver (the guard's cost).
-Reuse AMP is amortised:
-(refresh + (k−1)·reuse step)/k. Also timed: ``authors_amp_step``, the authors' per-tensor Python
-loop whose ``clip_coef < 1`` branch syncs the host once per tensor. Targets are reported, not
+Reuse AMP and LookSAM (k = --reuse-every) are amortised: (refresh + (k−1)·reuse step)/k.
+Also timed: ``authors_amp_step``, the authors' per-tensor Python loop whose ``clip_coef < 1``
+branch syncs the host once per tensor. Targets are reported, not
 asserted: AMP/ERM ≤ 2.05, optimizer arithmetic ≤ 3% of a step, variants ≤ 1.3× ERM.
 """
 
@@ -29,9 +29,11 @@ from torch.nn import functional as F
 from flatmin.models import create_model
 from flatmin.optim import ERM, RMP, SAM, Pass, build_amp, drive
 from flatmin.optim.driver import head_size
+from flatmin.optim.family import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
 
 SHAPES = {"cnn1d": (1, 40), "mlp": (1, 40)}  # others: CIFAR-shaped (3, 32, 32)
 SGD = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+AMORTISED = ("amp_reuse", "looksam")  # (exact step + (k−1)·reuse step)/k, k = --reuse-every
 
 
 def sync(device: torch.device) -> None:
@@ -141,6 +143,14 @@ def methods(model: nn.Module, k: int, f: float) -> dict[str, tuple[Callable, tor
         "amp_subbatch": (protocol_step, lambda p: build_amp(p, "subbatch", ascent_fraction=f, **amp)),
         "amp_onepass": (protocol_step, lambda p: build_amp(p, "onepass", **amp)),
         "authors_amp": (authors_amp_step, lambda p: torch.optim.SGD(p, **SGD)),
+        # SAM's family (flatmin.optim.family); LookSAM's k is --reuse-every (amortised like amp_reuse)
+        "gsam": (protocol_step, lambda p: GSAM(p, rho=0.05, **SGD)),
+        "fsam": (protocol_step, lambda p: FriendlySAM(p, rho=0.05, **SGD)),
+        "looksam": (protocol_step, lambda p: LookSAM(p, rho=0.05, k=k, **SGD)),
+        "wsam": (protocol_step, lambda p: WSAM(p, rho=0.05, **SGD)),
+        "bsam": (protocol_step, lambda p: BSAM(p, num_data=50000, lr=0.5, weight_decay=SGD["weight_decay"])),
+        "esam": (protocol_step, lambda p: ESAM(p, rho=0.05, beta=0.5, **SGD)),
+        "msam": (protocol_step, lambda p: MSAM(p, rho=0.3, **SGD)),
     }
     out = {}
     for name, (step, make) in build.items():
@@ -188,7 +198,7 @@ def measure(args: argparse.Namespace) -> dict:
     times, split = time_steps(runs, x, y, device, args)
 
     def per_step(name: str) -> float:
-        if name != "amp_reuse":
+        if name not in AMORTISED:
             return statistics.median(t for t, _ in times[name])
         refresh = statistics.median(t for t, p in times[name] if p > 1)
         reuse = statistics.median(t for t, p in times[name] if p == 1)
@@ -205,7 +215,7 @@ def measure(args: argparse.Namespace) -> dict:
     out.update({f"{name}_over_erm": sec[name] / sec["erm"] for name in runs if name != "erm"})
     best = {name: min(t for t, _ in times[name]) for name in runs}  # a cross-check robust to contention
     out["min_over_erm"] = {name: best[name] / best["erm"] for name in runs
-                           if name not in ("erm", "amp_reuse")}
+                           if name != "erm" and name not in AMORTISED}
     out["optimizer"], out["memory"] = {}, {}
     sgd_opt = statistics.median(a for a, _ in split["erm"])  # the base update every method pays
     for name, (_, _, opt) in runs.items():

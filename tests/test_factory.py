@@ -113,12 +113,16 @@ def test_amp_from_the_factory_equals_amp_built_by_hand():
 def test_any_optimizer_class_as_base_and_errors_list_the_valid_names():
     opt = flatmin.create_optimizer(Net(), "sam", base=torch.optim.RMSprop, lr=0.01, rho=0.3)
     assert isinstance(opt.base_optimizer, torch.optim.RMSprop) and opt.param_groups[0]["rho"] == 0.3
-    with pytest.raises(UnknownNameError, match="optimizer 'gsam'; valid optimizers: amp, amp-onepass"):
-        flatmin.create_optimizer(Net(), "gsam")
+    with pytest.raises(UnknownNameError, match="optimizer 'lookahead'; valid optimizers: amp, amp-onepass"):
+        flatmin.create_optimizer(Net(), "lookahead")
     with pytest.raises(UnknownNameError, match="valid base optimizers: adam, adamw, sgd"):
         flatmin.create_optimizer(Net(), "amp", base="lion")
     with pytest.raises(TypeError, match="base must be one of"):
         flatmin.create_optimizer(Net(), "amp", base=3)
     with pytest.raises(ValueError, match="rho"):
         flatmin.create_optimizer(Net(), "sam", lr=0.1, rho=-1.0)
-    assert set(METHODS) >= {"amp", "sam", "asam", "rmp", "amp-onepass", "amp-reuse", "amp-subbatch", "erm"}
+    assert set(METHODS) >= {"amp", "sam", "asam", "rmp", "amp-onepass", "amp-reuse", "amp-subbatch", "erm",
+                            "gsam", "fsam", "looksam", "wsam", "bsam", "esam", "msam"}
+    assert isinstance(flatmin.create_optimizer(Net(), "gsam", lr=0.1, alpha=0.2), flatmin.GSAM)
+    with pytest.raises(ValueError, match="num_data"):
+        flatmin.create_optimizer(Net(), "bsam", lr=0.1)

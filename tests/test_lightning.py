@@ -14,7 +14,7 @@ L = pytest.importorskip("lightning", reason="the lightning extra is not installe
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from flatmin.integrations.lightning import PerturbedModule, PerturbedStep  # noqa: E402
-from flatmin.optim import AMP, RMP, SAM, frozen_running_stats  # noqa: E402
+from flatmin.optim import AMP, BSAM, GSAM, RMP, SAM, WSAM, frozen_running_stats  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 STEPS = 12
@@ -35,7 +35,16 @@ def make_optimizer(method: str, params) -> AMP | SAM | RMP:
         return AMP(params, lr=0.1, epsilon=0.5, inner_lr=0.5, inner_iter=2, momentum=0.9)
     if method == "rmp":  # perturbs before any gradient: Lightning's own θ-gradient is not reusable
         return RMP(params, torch.optim.SGD, radius=0.5, lr=0.1, momentum=0.9)
+    if method in FAMILY:
+        return FAMILY[method](params)
     return SAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+
+
+FAMILY = {  # SAM's family: rules that rewrite the update (GSAM, WSAM) or bring their own (bSAM)
+    "gsam": lambda p: GSAM(p, torch.optim.SGD, rho=0.1, alpha=0.4, lr=0.1, momentum=0.9),
+    "wsam": lambda p: WSAM(p, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
+    "bsam": lambda p: BSAM(p, num_data=192, lr=0.5, rho=0.01),
+}
 
 
 class Tiny(PerturbedModule, L.LightningModule):
@@ -95,7 +104,7 @@ def full_loss(model: nn.Module) -> float:
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("method", ["amp", "sam"])
+@pytest.mark.parametrize("method", ["amp", "sam", *FAMILY])
 def test_trains_at_every_precision(method, precision):
     torch.manual_seed(0)
     module = Tiny(method)

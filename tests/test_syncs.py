@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flatmin import AMP, RMP, SAM
+from flatmin import AMP, BSAM, ESAM, GSAM, MSAM, RMP, SAM, WSAM, FriendlySAM, LookSAM
 from flatmin.optim import ERM, build_amp
 from flatmin.optim.syncs import count_syncs
 from flatmin.train import TrainConfig
@@ -32,6 +32,14 @@ RULES = {
     "amp_reuse": lambda p, kw: build_amp(p, "reuse", reuse_every=2, epsilon=0.1, **kw),
     "amp_subbatch": lambda p, kw: build_amp(p, "subbatch", ascent_fraction=0.5, epsilon=0.1, **kw),
     "amp_onepass": lambda p, kw: build_amp(p, "onepass", epsilon=0.1, **kw),
+    "gsam": lambda p, kw: GSAM(p, rho=0.05, alpha=0.4, rho_min=0.01, **kw),
+    "fsam": lambda p, kw: FriendlySAM(p, rho=0.05, **kw),
+    "looksam": lambda p, kw: LookSAM(p, rho=0.05, k=2, **kw),
+    "wsam": lambda p, kw: WSAM(p, rho=0.05, **kw),
+    "wsam_coupled": lambda p, kw: WSAM(p, rho=0.05, decouple=False, **kw),
+    "bsam": lambda p, kw: BSAM(p, num_data=100, lr=0.05),  # its own update: no base optimizer
+    "esam": lambda p, kw: ESAM(p, rho=0.05, beta=0.5, **kw),
+    "msam": lambda p, kw: MSAM(p, rho=0.3, **kw),
 }
 
 
@@ -102,6 +110,10 @@ TRAINER = {  # name: (rule, TrainConfig changes)
     "fp16_scaler": ("amp", dict(precision="fp16")), "clip": ("amp_n2_per_tensor", dict(grad_clip=1.0)),
     "subbatch_accumulate": ("amp_subbatch", dict(accumulate=2)), "erm_fp16": ("erm", dict(precision="fp16")),
     "rmp": ("rmp", {}), "onepass": ("amp_onepass", {}), "reuse": ("amp_reuse", {}),
+    "gsam_fp16": ("gsam", dict(precision="fp16")), "fsam_fp16": ("fsam", dict(precision="fp16")),
+    "looksam_accumulate": ("looksam", dict(accumulate=2)), "wsam_fp16": ("wsam", dict(precision="fp16")),
+    "bsam_fp16": ("bsam", dict(precision="fp16")), "esam": ("esam", {}),
+    "msam_clip": ("msam", dict(grad_clip=1.0)),
 }
 
 

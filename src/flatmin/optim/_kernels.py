@@ -243,3 +243,127 @@ def sam_ascent(*args, foreach: bool, **kwargs) -> None:
 def random_perturb(*args, foreach: bool, **kwargs) -> None:
     """Dispatch to the foreach or the single-tensor random perturbation."""
     (_multi_tensor_random_perturb if foreach else _single_tensor_random_perturb)(*args, **kwargs)
+
+
+# === the sharpness-aware family (flatmin.optim.family) ============================================
+# Kept apart from the kernels above: GSAM/LookSAM/WSAM/FriendlySAM combine two gradients, BSAM keeps
+# a precision vector. Same rule: a readable single-tensor reference and a foreach twin, no host read.
+
+
+def _single_tensor_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """Σ_i ⟨a_i, b_i⟩ over every tensor (one inner product of the whole model)."""
+    return torch.stack([(x * y).sum() for x, y in zip(a, b)]).sum()
+
+
+def _multi_tensor_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """Foreach twin of `_single_tensor_dot` (one product launch, one reduction)."""
+    return torch.cat([t.reshape(-1) for t in torch._foreach_mul(a, b)]).sum()
+
+
+def _single_tensor_axpby_(x: list[Tensor], y: list[Tensor], a: float | Tensor, b: float | Tensor) -> None:
+    """x ← a·x + b·y (a, b numbers or 0-d tensors): how two gradients are combined."""
+    for xi, yi in zip(x, y):
+        xi.mul_(a)
+        if isinstance(b, Tensor):
+            xi.add_(yi * b)
+        else:
+            xi.add_(yi, alpha=b)
+
+
+def _multi_tensor_axpby_(x: list[Tensor], y: list[Tensor], a: float | Tensor, b: float | Tensor) -> None:
+    """Foreach twin of `_single_tensor_axpby_`."""
+    torch._foreach_mul_(x, a)
+    if isinstance(b, Tensor):
+        torch._foreach_add_(x, torch._foreach_mul(y, b))
+    else:
+        torch._foreach_add_(x, y, alpha=b)
+
+
+def _single_tensor_bsam_noise(params: list[Tensor], precisions: list[Tensor], *, num_data: int,
+                              generator: torch.Generator | None) -> None:
+    """params ← θ + e, e ~ N(0, 1/(N·s)) element-wise (bSAM's noisy sample)."""
+    for p, s in zip(params, precisions):
+        n = torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator)
+        p.add_(n.mul_(s.mul(num_data).reciprocal_().sqrt_()))
+
+
+def _multi_tensor_bsam_noise(params: list[Tensor], precisions: list[Tensor], *, num_data: int,
+                             generator: torch.Generator | None) -> None:
+    """Foreach twin of `_single_tensor_bsam_noise` (same random numbers, same order)."""
+    ns = [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in params]
+    std = torch._foreach_mul(precisions, float(num_data))
+    torch._foreach_reciprocal_(std)
+    torch._foreach_sqrt_(std)
+    torch._foreach_mul_(ns, std)
+    torch._foreach_add_(params, ns)
+
+
+def _single_tensor_bsam_ascent(params: list[Tensor], grads: list[Tensor], thetas: list[Tensor],
+                               precisions: list[Tensor], scaled_grads: list[Tensor], *, rho: float,
+                               inv_scale: Tensor | float) -> None:
+    """gs ← √s·|g|; params ← θ + ρ·g/s (g the noisy-sample gradient, unscaled by ``inv_scale``)."""
+    for p, g, t, s, gs in zip(params, grads, thetas, precisions, scaled_grads):
+        g.mul_(inv_scale)
+        torch.mul(g.abs(), s.sqrt(), out=gs)
+        p.copy_(t).add_(g.mul_(rho).div_(s))
+
+
+def _multi_tensor_bsam_ascent(params: list[Tensor], grads: list[Tensor], thetas: list[Tensor],
+                              precisions: list[Tensor], scaled_grads: list[Tensor], *, rho: float,
+                              inv_scale: Tensor | float) -> None:
+    """Foreach twin of `_single_tensor_bsam_ascent`."""
+    torch._foreach_mul_(grads, inv_scale)
+    torch._foreach_copy_(scaled_grads,
+                         torch._foreach_mul(torch._foreach_abs(grads), torch._foreach_sqrt(precisions)))
+    torch._foreach_mul_(grads, rho)
+    torch._foreach_div_(grads, precisions)
+    torch._foreach_copy_(params, thetas)
+    torch._foreach_add_(params, grads)
+
+
+def _single_tensor_bsam_update(params: list[Tensor], grads: list[Tensor], means: list[Tensor],
+                               precisions: list[Tensor], scaled_grads: list[Tensor], *, lr: float,
+                               beta1: float, beta2: float, weight_decay: float, damping: float) -> None:
+    """gm ← β₁gm + (1−β₁)(g + δθ); θ ← θ − lr·gm/s; s ← β₂s + (1−β₂)(√s|g| + damping + δ)."""
+    for p, g, m, s, gs in zip(params, grads, means, precisions, scaled_grads):
+        m.mul_(beta1).add_(g.add(p, alpha=weight_decay), alpha=1 - beta1)
+        p.sub_(m.div(s).mul_(lr))
+        s.mul_(beta2).add_(gs.add(damping + weight_decay), alpha=1 - beta2)
+
+
+def _multi_tensor_bsam_update(params: list[Tensor], grads: list[Tensor], means: list[Tensor],
+                              precisions: list[Tensor], scaled_grads: list[Tensor], *, lr: float,
+                              beta1: float, beta2: float, weight_decay: float, damping: float) -> None:
+    """Foreach twin of `_single_tensor_bsam_update`."""
+    torch._foreach_mul_(means, beta1)
+    torch._foreach_add_(means, torch._foreach_add(grads, params, alpha=weight_decay), alpha=1 - beta1)
+    step = torch._foreach_div(means, precisions)
+    torch._foreach_mul_(step, lr)
+    torch._foreach_sub_(params, step)
+    torch._foreach_mul_(precisions, beta2)
+    torch._foreach_add_(precisions, torch._foreach_add(scaled_grads, damping + weight_decay), alpha=1 - beta2)
+
+
+def dot(a: list[Tensor], b: list[Tensor], foreach: bool) -> Tensor:
+    """Dispatch to the foreach or the single-tensor inner product."""
+    return (_multi_tensor_dot if foreach else _single_tensor_dot)(a, b)
+
+
+def axpby_(x: list[Tensor], y: list[Tensor], a: float | Tensor, b: float | Tensor, foreach: bool) -> None:
+    """Dispatch to the foreach or the single-tensor x ← a·x + b·y."""
+    (_multi_tensor_axpby_ if foreach else _single_tensor_axpby_)(x, y, a, b)
+
+
+def bsam_noise(*args, foreach: bool, **kwargs) -> None:
+    """Dispatch to the foreach or the single-tensor bSAM noise draw."""
+    (_multi_tensor_bsam_noise if foreach else _single_tensor_bsam_noise)(*args, **kwargs)
+
+
+def bsam_ascent(*args, foreach: bool, **kwargs) -> None:
+    """Dispatch to the foreach or the single-tensor bSAM ascent."""
+    (_multi_tensor_bsam_ascent if foreach else _single_tensor_bsam_ascent)(*args, **kwargs)
+
+
+def bsam_update(*args, foreach: bool, **kwargs) -> None:
+    """Dispatch to the foreach or the single-tensor bSAM update."""
+    (_multi_tensor_bsam_update if foreach else _single_tensor_bsam_update)(*args, **kwargs)

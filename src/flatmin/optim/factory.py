@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from flatmin.errors import UnknownNameError
 from flatmin.optim.efficient import build_amp
+from flatmin.optim.family import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
 from flatmin.optim.rmp import RMP
 from flatmin.optim.sam import SAM
 
@@ -43,6 +44,13 @@ def _plain(params: list[dict[str, Any]], base: type[Optimizer], **kw: Any) -> Op
     return base(params, **kw)
 
 
+def _bsam(params: list[dict[str, Any]], **kw: Any) -> Optimizer:
+    """bSAM brings its own (Adam-like) update: SGD's momentum defaults do not apply; N is required."""
+    if "num_data" not in kw:
+        raise ValueError("bsam needs num_data=N, the size of the training set (its posterior's scale)")
+    return BSAM(params, **{k: v for k, v in kw.items() if k not in ("momentum", "nesterov")})
+
+
 # One line per method: name -> builder. Method kwargs (epsilon, rho, radius, ...) go to the class.
 METHODS: dict[str, Builder] = {
     "erm": _plain,
@@ -54,6 +62,13 @@ METHODS: dict[str, Builder] = {
     "sam": lambda params, base, **kw: SAM(params, base, **kw),
     "asam": lambda params, base, **kw: SAM(params, base, adaptive=True, **kw),
     "rmp": lambda params, base, **kw: RMP(params, base, **kw),
+    "gsam": lambda params, base, **kw: GSAM(params, base, **kw),
+    "fsam": lambda params, base, **kw: FriendlySAM(params, base, **kw),
+    "looksam": lambda params, base, **kw: LookSAM(params, base, **kw),
+    "wsam": lambda params, base, **kw: WSAM(params, base, **kw),
+    "esam": lambda params, base, **kw: ESAM(params, base, **kw),
+    "msam": lambda params, base, **kw: MSAM(params, base, **kw),
+    "bsam": lambda params, base, **kw: _bsam(params, **kw),
 }
 
 

@@ -55,7 +55,15 @@ class TrainConfig:
     amp_variant: str = "exact"
     reuse_every: int = 1
     ascent_fraction: float = 1.0
-    rho: float | None = None  # SAM/ASAM radius
+    rho: float | None = None  # SAM/ASAM radius; also the radius of SAM's family (gsam, fsam, ..., msam)
+    gsam_alpha: float = 0.4  # GSAM α (Zhuang et al. 2022)
+    fsam_sigma: float = 1.0  # FriendlySAM σ and λ (Li et al. 2024)
+    fsam_lmbda: float = 0.9
+    looksam_k: int = 10  # LookSAM k and α (Liu et al. 2022)
+    looksam_alpha: float = 0.7
+    wsam_gamma: float = 0.9  # WSAM γ (Yue et al. 2023)
+    bsam_num_data: int | None = None  # bSAM N (None: the dataset preset, its training-set size)
+    esam_beta: float = 0.5  # ESAM's stochastic weight perturbation β (Du et al. 2022)
     # execution
     seed: int = 0
     device: str = "cpu"
@@ -104,6 +112,15 @@ CPU_PRESETS = {
     "spiral": dict(epsilon=0.05, inner_lr=1.0, ball="global", rho=0.05, asam_rho=0.5),
     "digits": dict(epsilon=0.1, inner_lr=0.1, ball="global", rho=0.1, asam_rho=0.5),  # not tuned
 }
+# SAM's family: a method's own radius where SAM's ρ does not carry over (MSAM steps along the
+# normalised momentum, the authors' default ρ = 0.3; bSAM's ε = ρ·g/s is scaled by the precision),
+# and bSAM's N = the training-set size after the validation split. Not tuned: tune with --tune rho=...
+FAMILY_PRESETS = {
+    "mnist1d": dict(msam_rho=0.3, bsam_rho=0.05, bsam_num_data=3600),
+    "spiral": dict(msam_rho=0.3, bsam_rho=0.05, bsam_num_data=540),
+    "digits": dict(msam_rho=0.3, bsam_rho=0.05, bsam_num_data=1294),
+    "*": dict(msam_rho=0.3, bsam_rho=0.05, bsam_num_data=45000),  # CIFAR's 50k less the 10% held out
+}
 # SAM/ASAM on the paper datasets: ρ = 0.05 (Foret et al.) and 0.5 for ASAM (Kwon et al., CIFAR-10).
 PAPER_RHO, PAPER_ASAM_RHO = 0.05, 0.5
 
@@ -125,9 +142,10 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
         preset = dict(epsilon=eps, inner_lr=zeta, ball="per_tensor", rho=PAPER_RHO, asam_rho=PAPER_ASAM_RHO)
     else:
         preset = dict(CPU_PRESETS.get(c.dataset, CPU_PRESETS["mnist1d"]))
-    asam_rho = preset.pop("asam_rho")
-    if c.method == "asam":  # ASAM's ρ lives on the |w|-scaled sphere: a preset of its own
-        preset["rho"] = asam_rho
+    preset.update(FAMILY_PRESETS.get(c.dataset, FAMILY_PRESETS["*"]))
+    own_rho = {k: preset.pop(k) for k in [k for k in preset if k.endswith("_rho")]}
+    if f"{c.method}_rho" in own_rho:  # ASAM's ρ lives on the |w|-scaled sphere, MSAM's, bSAM's: their own
+        preset["rho"] = own_rho[f"{c.method}_rho"]
     for key, value in preset.items():
         if getattr(c, key) is None:
             setattr(c, key, value)
@@ -141,7 +159,8 @@ def validate(c: TrainConfig) -> None:
         if not isinstance(getattr(c, key), int) or getattr(c, key) < 1:
             raise ConfigError(f"{key} must be a positive integer, got {getattr(c, key)!r}")
     for key in ("lr", "weight_decay", "momentum", "epsilon", "inner_lr", "rho", "rmp_radius",
-                "label_smoothing", "flood_level", "mixup_alpha", "adv_epsilon", "dropout"):
+                "label_smoothing", "flood_level", "mixup_alpha", "adv_epsilon", "dropout", "gsam_alpha",
+                "fsam_sigma", "looksam_alpha"):
         v = getattr(c, key)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"{key} must be a finite number >= 0, got {v!r}")
@@ -153,5 +172,7 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("dropout and label_smoothing must be < 1")
     if c.fsdp and c.ddp_local_ascent:
         raise ConfigError("fsdp and ddp_local_ascent exclude each other: per-rank ascent is a DDP option")
+    if not isinstance(c.looksam_k, int) or c.looksam_k < 1:
+        raise ConfigError(f"looksam_k must be a positive integer, got {c.looksam_k!r}")
     if c.grad_clip is not None and not c.grad_clip > 0:
         raise ConfigError(f"grad_clip must be > 0, got {c.grad_clip!r}")

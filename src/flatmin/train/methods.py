@@ -7,7 +7,7 @@ attacks), and what loss is minimised (label smoothing, flooding). The loop has n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from flatmin.errors import UnknownNameError
 from flatmin.optim import ERM, RMP, SAM, PerturbedOptimizer, build_amp, frozen_running_stats
 from flatmin.optim.driver import split_sizes
+from flatmin.optim.family import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
 from flatmin.train.config import TrainConfig
 
 
@@ -192,9 +193,45 @@ class AdaptiveSharpnessAware(SharpnessAware):
     name, adaptive = "asam", True
 
 
+class SamFamily(Method):
+    """A member of SAM's family (`flatmin.optim.family`): radius ``rho`` plus its own fields."""
+
+    def __init__(self, name: str, fields: tuple[str, ...],
+                 make: Callable[[Iterable, TrainConfig], PerturbedOptimizer]) -> None:
+        self.name, self.fields, self._make = name, ("rho", *fields), make
+
+    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
+        """The rule around the protocol's SGD (bSAM: its own update, see `bsam_kwargs`)."""
+        return self._make(params, cfg)
+
+
+def bsam_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """bSAM's update from the protocol: β₁ = momentum, δ = weight decay, lr = lr/(1 − momentum) — its
+    gradient mean is an average, not SGD's sum, so this gives SGD's steady step size at s = 1."""
+    return dict(num_data=cfg.bsam_num_data, lr=cfg.lr / (1 - cfg.momentum), betas=(cfg.momentum, 0.999),
+                weight_decay=cfg.weight_decay, rho=cfg.rho)
+
+
+FAMILY = (
+    SamFamily("gsam", ("gsam_alpha",), lambda p, c: GSAM(p, torch.optim.SGD, rho=c.rho, alpha=c.gsam_alpha,
+                                                           **sgd_kwargs(c))),
+    SamFamily("fsam", ("fsam_sigma", "fsam_lmbda"),
+              lambda p, c: FriendlySAM(p, torch.optim.SGD, rho=c.rho, sigma=c.fsam_sigma, lmbda=c.fsam_lmbda,
+                                       **sgd_kwargs(c))),
+    SamFamily("looksam", ("looksam_k", "looksam_alpha"),
+              lambda p, c: LookSAM(p, torch.optim.SGD, rho=c.rho, k=c.looksam_k, alpha=c.looksam_alpha,
+                                   **sgd_kwargs(c))),
+    SamFamily("wsam", ("wsam_gamma",), lambda p, c: WSAM(p, torch.optim.SGD, rho=c.rho, gamma=c.wsam_gamma,
+                                                           **sgd_kwargs(c))),
+    SamFamily("bsam", ("bsam_num_data",), lambda p, c: BSAM(p, **bsam_kwargs(c))),
+    SamFamily("esam", ("esam_beta",), lambda p, c: ESAM(p, torch.optim.SGD, rho=c.rho, beta=c.esam_beta,
+                                                          seed=c.seed, **sgd_kwargs(c))),
+    SamFamily("msam", (), lambda p, c: MSAM(p, torch.optim.SGD, rho=c.rho, **sgd_kwargs(c))),
+)
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method(), Dropout(), LabelSmoothing(), Flooding(), MixUp(), AdversarialTraining(),
-    RandomPerturbation(), AdversarialModelPerturbation(), SharpnessAware(), AdaptiveSharpnessAware(),
+    RandomPerturbation(), AdversarialModelPerturbation(), SharpnessAware(), AdaptiveSharpnessAware(), *FAMILY,
 )}
 
 

@@ -1,0 +1,189 @@
+"""What SAM's relatives share: ρ per group, SAM's normalised ascent, kept gradients, the two-call form.
+
+Each member of the family is a perturbation rule on `PerturbedOptimizer` (θ kept bit for bit, the
+guarded sync-free update, the driver's pass order). A rule whose update direction is not simply
+"the gradient at θ+Δ" keeps what it needs in buffers during `_ascend` and rewrites ``.grad`` in
+`_direction`, which runs inside `restore_and_step` just before the base update; ``_after_step``
+gets the device flag of a skipped step, so kept state is masked without a host read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from flatmin.optim import _kernels as K
+from flatmin.optim import driver
+from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
+from flatmin.optim.efficient import _by_index, _from_index, _mask_, finite_copy_
+
+__all__ = ["SharpnessRule", "check_unit", "finite_copy_", "_mask_"]
+
+
+def check_unit(name: str, value: Any, *, low_open: bool = False, high_open: bool = False) -> None:
+    """A number in [0, 1] (ends excluded where asked), with a message naming the argument."""
+    check_nonnegative(name, value)
+    if value > 1 or (low_open and value == 0) or (high_open and value == 1):
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {value!r}")
+
+
+class SharpnessRule(PerturbedOptimizer):
+    """SAM's ascent ρ·T²g/‖Tg‖ (global norm, per-group ρ) plus hooks for a rewritten update direction.
+
+    Two-call form (the popular collection's API)::
+
+        loss(w).backward();        opt.first_step(zero_grad=True)
+        loss(w + e).backward();    opt.second_step(zero_grad=True)
+
+    ``first_step`` on a step that makes no ascent pass (LookSAM between its exact steps) only
+    begins the step; the second pass is then taken at w itself.
+    """
+
+    def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer], defaults: dict[str, Any],
+                 base_kwargs: dict[str, Any], *, foreach: bool | None, check_finite: bool,
+                 nonfinite: str | None) -> None:
+        defaults = {"adaptive": False, **defaults}
+        defaults["adaptive"] = bool(defaults["adaptive"])
+        self.validate_group(defaults)
+        super().__init__(params, defaults, base_optimizer, base_kwargs, foreach=foreach,
+                         check_finite=check_finite, nonfinite=nonfinite)
+        self._kept: dict[Tensor, Tensor] = {}  # a gradient (or a direction) kept from one pass to the next
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        """ρ ≥ 0 and finite."""
+        check_nonnegative("rho", group["rho"])
+
+    def ascent_passes(self) -> int:
+        """One ascent pass, as SAM."""
+        return 1
+
+    def radius(self, group: dict[str, Any]) -> float | Tensor:
+        """The ascent radius of a group this step (GSAM may schedule it)."""
+        return group["rho"]
+
+    # -- the two-call form --------------------------------------------------------------------
+
+    _consume = True  # whether e(w) may be built in the gradients' storage
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to w + e(w) from the current gradients (nothing more on a step with no ascent)."""
+        if not self._begun:
+            self.begin_step()
+        if self._ascents < self.ascent_passes():
+            self._consume = zero_grad
+            try:
+                self.perturb()
+            finally:
+                self._consume = True
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Back to w exactly, then the base update with the rule's direction."""
+        self.restore_and_step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    # -- hooks around the update ---------------------------------------------------------------
+
+    def _direction(self, ratio: Tensor | float | None) -> None:
+        """Rewrite ``.grad`` (still at θ+Δ, θ not yet restored) into the update direction.
+
+        ``ratio``: final-pass loss scale over the ascent pass's (None: the same), by which a
+        gradient kept from the ascent pass is multiplied before it is combined with ``.grad``.
+        """
+
+    _ascent_scale: Tensor | float | None = None  # the loss scale of this step's ascent gradient
+
+    @torch.no_grad()
+    def perturb(self, grad_scale: Tensor | float | None = None) -> None:
+        """SAM's perturb, remembering the ascent gradient's loss scale for `_direction`."""
+        self._ascent_scale = grad_scale
+        super().perturb(grad_scale)
+
+    @torch.no_grad()
+    def restore_and_step(self, step: Callable[[], Any] | None = None, **kwargs: Any) -> None:
+        """The rule's direction, then the base class's restore and guarded update.
+
+        ``.grad`` is still scaled here when a GradScaler is passed (the driver unscales later) or
+        when the caller updates itself (``step``); otherwise it is already unscaled (Lightning's
+        precision plugin unscales before calling us) or was never scaled.
+        """
+        if self._begun and self._ascents >= self.ascent_passes():  # misuse is refused by super()
+            scaler = kwargs.get("scaler")
+            final = (driver.grad_scale(scaler) if scaler is not None and scaler.is_enabled()
+                     else self._ascent_scale if step is not None else None)
+            ascent = self._ascent_scale
+            ratio = None if final is ascent else (1.0 if final is None else final) / (
+                1.0 if ascent is None else ascent)
+            self._direction(ratio)
+        self._ascent_scale = None
+        super().restore_and_step(step, **kwargs)
+
+    def to_final_units(self, kept: list[Tensor], ratio: Tensor | float | None) -> None:
+        """Bring gradients kept from the ascent pass to the final pass's loss scale."""
+        if ratio is not None:
+            torch._foreach_mul_(kept, ratio)
+
+    # -- pieces the rules share ------------------------------------------------------------------
+
+    def grouped(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """(group, params, grads) for every group with a gradient this pass."""
+        out = []
+        for group in self.param_groups:
+            params, grads = self.params_with_grad(group)
+            if params:
+                out.append((group, params, grads))
+        return out
+
+    def sam_ascend(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
+                   scale: float = 1.0) -> None:
+        """θ ← θ + scale·ρ·T²g/‖Tg‖ with one norm over every group (θ saved first)."""
+        if not groups:
+            return
+        norms = [K.sam_norm(params, grads, group["adaptive"], self.foreach)
+                 for group, params, grads in groups]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        for group, params, grads in groups:
+            self.save_theta(params)
+            K.sam_ascent(params, grads, scale=scale * self.radius(group) / (norm + K.TINY),
+                         adaptive=group["adaptive"], inplace=self._consume, foreach=self.foreach)
+
+    def keep(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Copy gradients into buffers kept across steps (made on first use)."""
+        bufs = []
+        for p in params:
+            buf = self._kept.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                buf = self._kept[p] = torch.empty_like(p)
+            bufs.append(buf)
+        K.copy_(bufs, grads, self.foreach)
+        return bufs
+
+    def kept_of(self, params: list[Tensor]) -> list[Tensor]:
+        """The kept buffers of parameters (all must have one)."""
+        return [self._kept[p] for p in params]
+
+    def global_norm(self, tensors: list[Tensor]) -> Tensor:
+        """‖·‖ over a list of tensors as one vector."""
+        return torch.linalg.vector_norm(K._multi_tensor_norms(tensors) if self.foreach
+                                        else K._single_tensor_norms(tensors))
+
+    def held_buffers(self) -> list[Tensor]:
+        """θ copies, guard snapshots and the kept buffers."""
+        return super().held_buffers() + list(self._kept.values())
+
+    def kept_state(self) -> dict[int, Tensor]:
+        """The kept buffers keyed by parameter position (what a checkpoint stores)."""
+        return _by_index(self, self._kept)
+
+    def load_kept_state(self, saved: dict[int, Tensor]) -> None:
+        """Take back `kept_state`."""
+        self._kept = _from_index(self, saved)
