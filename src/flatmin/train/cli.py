@@ -15,7 +15,8 @@ from flatmin.train.methods import METHODS
 
 # CLI flag -> (config field, type, help). Flags left out keep the config's (or the preset's) value.
 OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "--dataset": ("dataset", str, "dataset name (mnist1d, spiral, digits, cifar10, cifar100, svhn, gtsrb)"),
+    "--dataset": ("dataset", str, "dataset name (mnist1d, spiral, digits, cifar10, cifar100, svhn, gtsrb, "
+                              "fashion-mnist, mnist, kmnist)"),
     "--model": ("model", str, "model name (default: the dataset's)"),
     "--method": ("method", str, f"one of {', '.join(METHODS)}"),
     "--epochs": ("epochs", int, "training epochs"),
@@ -52,6 +53,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
     for flag, (_, typ, help_) in OPTIONS.items():
         if flag not in skip:
             parser.add_argument(flag, type=typ, default=None, help=help_)
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="train on a seeded random subset of this many examples (after the val holdout)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     parser.add_argument("--download", action="store_true", default=None,
                         help="download missing dataset files (needs a network)")
@@ -66,6 +69,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("compile", "download", "ddp_local_ascent"):
         if getattr(args, flag, None):
             out[flag] = True
+    if getattr(args, "train_size", None) is not None:  # a data option, not a TrainConfig field
+        out["dataset_options"] = {"train_size": args.train_size}
     return out
 
 

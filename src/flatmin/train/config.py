@@ -100,6 +100,10 @@ CPU_PRESETS = {
     "mnist1d": dict(epsilon=0.1, inner_lr=0.1, ball="global", rho=0.1, asam_rho=0.1),
     "spiral": dict(epsilon=0.05, inner_lr=1.0, ball="global", rho=0.05, asam_rho=0.5),
     "digits": dict(epsilon=0.1, inner_lr=0.1, ball="global", rho=0.1, asam_rho=0.5),  # not tuned
+    # IDX data sets (cnn28*, CPU protocol of docs/fashion_mnist.md): centres of the --tune grids there
+    "fashion-mnist": dict(epsilon=0.1, inner_lr=0.1, ball="global", rho=0.05, asam_rho=0.5),
+    "mnist": dict(epsilon=0.1, inner_lr=0.1, ball="global", rho=0.05, asam_rho=0.5),  # not tuned
+    "kmnist": dict(epsilon=0.1, inner_lr=0.1, ball="global", rho=0.05, asam_rho=0.5),  # not tuned
 }
 # SAM/ASAM on the paper datasets: ρ = 0.05 (Foret et al.) and 0.5 for ASAM (Kwon et al., CIFAR-10).
 PAPER_RHO, PAPER_ASAM_RHO = 0.05, 0.5
