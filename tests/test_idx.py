@@ -232,3 +232,19 @@ def test_real_fashion_mnist_small_cnn_learns(tmp_path):
                       val_fraction=0, dataset_options={"train_size": 5_000})
     result = train(cfg, progress=False)
     assert result["test"]["error"] < 18.0
+
+
+def test_train_size_flag_becomes_a_data_option_and_part_of_the_run_key():
+    import argparse
+
+    from flatmin.experiments.runner import config_key
+    from flatmin.train.cli import add_config_arguments, config_overrides
+    from flatmin.train.config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    over = config_overrides(parser.parse_args(["--dataset", "fashion-mnist", "--train-size", "500"]))
+    assert over == {"dataset": "fashion-mnist", "dataset_options": {"train_size": 500}}
+    assert "dataset_options" not in config_overrides(parser.parse_args(["--dataset", "mnist"]))
+    small, full = TrainConfig(**over), TrainConfig(dataset="fashion-mnist")
+    assert config_key(small) != config_key(full)  # a subset run never reuses a full-data run
