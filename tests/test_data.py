@@ -25,7 +25,8 @@ def cache(tmp_path_factory):
 
 
 def test_registry_lists_every_dataset_with_its_metadata():
-    assert set(DATASETS) == {"cifar10", "cifar100", "svhn", "gtsrb", "mnist1d", "spiral", "digits"}
+    assert set(DATASETS) == {"cifar10", "cifar100", "svhn", "gtsrb", "mnist1d", "spiral", "digits",
+                             "fashion-mnist", "mnist", "kmnist"}
     assert DATASETS["cifar100"].num_classes == 100 and DATASETS["gtsrb"].num_classes == 43
     for name in ("cifar10", "cifar100", "svhn", "gtsrb"):
         d = DATASETS[name]

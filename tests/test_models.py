@@ -10,7 +10,7 @@ from flatmin.errors import UnknownNameError
 from flatmin.models import MODELS, create_model
 
 BIG = ("wrn28_10", "pyramidnet164_270")  # forward once, batch 1: the CI machine has 2 slow cores
-SMALL_INPUT = {"mlp": (1, 40), "cnn1d": (1, 40)}
+SMALL_INPUT = {"mlp": (1, 40), "cnn1d": (1, 40), "cnn28": (1, 28, 28), "cnn28_small": (1, 28, 28)}
 
 # Parameter counts for 10 / 100 classes and where the reference number comes from.
 PARAMS = {
@@ -24,6 +24,9 @@ PARAMS = {
     "pyramidnet110_48": (1_772_706, 1_778_556),  # osmr/imgclsmob; Han et al. report 1.7M
     "mlp": (15_210, 24_300),  # MNIST-1D MLPBase, hidden 100: 15,210
     "cnn1d": (5_210, 16_550),  # MNIST-1D ConvBase: 5,210
+    # 1·32·25+32 + 32·64·25+64 + 64·7·7·128+128 + 128·10+10 (and 16/32/64 for the small one)
+    "cnn28": (454_922, 466_532),
+    "cnn28_small": (114_314, 120_164),
 }
 # Rounded numbers as published (papers / reference implementations), 10 classes.
 PUBLISHED = {
@@ -35,6 +38,8 @@ PUBLISHED = {
     "pyramidnet110_48": 1.77e6,
     "mlp": 15_210,
     "cnn1d": 5_210,
+    "cnn28": 454_922,  # our own LeNet-style nets: the sums above, worked by hand
+    "cnn28_small": 114_314,
 }
 
 
@@ -124,6 +129,22 @@ def test_in_channels_one() -> None:
     # in_channels is taken from input_shape when not given
     model = create_model("wrn28_2", 10, input_shape=(1, 16, 16))
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["preactresnet18", "wrn28_2", "pyramidnet110_48", "cnn28"])
+def test_image_families_take_one_channel_28x28(name: str) -> None:
+    """Fashion-MNIST/MNIST/KMNIST inputs: in_channels comes from input_shape (1, 28, 28)."""
+    model = create_model(name, 10, input_shape=(1, 28, 28)).eval()
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 1
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_cnn28_sizes_its_linear_layer_from_the_input() -> None:
+    assert create_model("cnn28", 10, input_shape=(3, 32, 32))(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="channels"):
+        create_model("cnn28", 10, in_channels=3, input_shape=(1, 28, 28))
 
 
 def test_small_models_accept_their_datasets_shapes() -> None:

@@ -112,8 +112,8 @@ def path(value: str) -> Path:
 
 # CLI flag -> (config field, type, help). Flags left out keep the config's (or the preset's) value.
 OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "--dataset": ("dataset", text, "dataset name (mnist1d, spiral, digits, cifar10, cifar100, svhn, gtsrb) "
-                  "or your files: npz:PATH, folder:PATH, csv:PATH"),
+    "--dataset": ("dataset", text, "dataset name (mnist1d, spiral, digits, cifar10, cifar100, svhn, gtsrb, "
+                  "fashion-mnist, mnist, kmnist) or your files: npz:PATH, folder:PATH, csv:PATH"),
     "--model": ("model", text, "model name (default: the dataset's) or your factory module.path:function"),
     "--method": ("method", text, f"one of {', '.join(METHODS)}"),
     "--epochs": ("epochs", POSITIVE_INT, "training epochs"),
@@ -159,6 +159,8 @@ RULES.update(eval_batch_size=POSITIVE_INT, lr_gamma=SHARE)
 
 # Options of the user's own data (flatmin.data.user), passed to the reader as dataset_options.
 DATASET_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "--train-size": ("train_size", POSITIVE_INT, "train on a seeded random subset of this many examples "
+                     "(after the val holdout)"),
     "--image-size": ("image_size", POSITIVE_INT, "folder: data: resize every image to N x N"),
     "--label-column": ("label_column", text, "csv: data: the label column (default: label)"),
     "--layout": ("layout", text, "npz: data: nchw or nhwc for 4-D x (default: inferred)"),

@@ -8,6 +8,9 @@ The recipes follow the AMP authors' ``data_utils.py`` (paper §5.1–5.2):
   authors' code does (so in normalised space the hole holds ``-mean/std``, i.e. black);
 - autoaugment: standard + the CIFAR-10 (or SVHN) AutoAugment policy + cutout; for SVHN the
   authors drop the crop and keep only policy + cutout, and so do we.
+- the IDX data sets: Fashion-MNIST pads 4 (black fill, the background) and flips, the usual
+  recipe for it; MNIST and KMNIST pad 2 and do not flip (digits and characters are not
+  mirror-symmetric); ``cutout`` adds an 8-px hole (not tuned); no AutoAugment policy for them.
 Other dataset names (e.g. "digits") get normalisation only, whatever ``augment`` says.
 
 Random parameters are drawn on the generator's device (CPU when ``None``) and moved to the
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor
 
 from flatmin.data.autoaugment import FILL, auto_augment, params_device
-from flatmin.errors import UnknownNameError
+from flatmin.errors import FlatminError, UnknownNameError
 
 __all__ = [
     "AUGMENTATIONS",
@@ -38,9 +41,13 @@ __all__ = [
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "standard", "cutout", "autoaugment")
 
-_CROP_PADDING = {"cifar10": 4, "cifar100": 4, "svhn": 2, "gtsrb": 4}
-_FLIPS = frozenset({"cifar10", "cifar100"})  # digits and traffic signs are not mirror-symmetric
-_CUTOUT_SIZE = {"cifar10": 16, "cifar100": 8, "svhn": 20, "gtsrb": 8}
+_CROP_PADDING = {"cifar10": 4, "cifar100": 4, "svhn": 2, "gtsrb": 4,
+                 "fashion-mnist": 4, "mnist": 2, "kmnist": 2}
+# digits, characters and traffic signs are not mirror-symmetric; clothes are
+_FLIPS = frozenset({"cifar10", "cifar100", "fashion-mnist"})
+_CUTOUT_SIZE = {"cifar10": 16, "cifar100": 8, "svhn": 20, "gtsrb": 8,
+                "fashion-mnist": 8, "mnist": 8, "kmnist": 8}
+_BLACK_FILL = frozenset({"fashion-mnist", "mnist", "kmnist"})  # a black background: pad with it
 _POLICY = {"cifar10": "cifar10", "cifar100": "cifar10", "svhn": "svhn", "gtsrb": "cifar10"}
 
 
@@ -107,6 +114,7 @@ class BatchTransform:
     flip: bool = False
     policy: str | None = None
     cutout_size: int = 0
+    fill: float = FILL
 
     def __call__(self, x: Tensor, train: bool, generator: torch.Generator | None = None) -> Tensor:
         """Augment (only when ``train``) then normalise, in the authors' order."""
@@ -114,7 +122,7 @@ class BatchTransform:
             raise ValueError(f"expected a uint8 NCHW batch, got {x.dtype} {tuple(x.shape)}")
         if train:
             if self.padding:
-                x = random_crop(x, self.padding, generator, fill=FILL)
+                x = random_crop(x, self.padding, generator, fill=self.fill)
             if self.flip:
                 x = random_hflip(x, generator)
             if self.policy is not None:
@@ -133,6 +141,9 @@ def build_transform(
     stats = {"mean": tuple(float(v) for v in mean), "std": tuple(float(v) for v in std)}
     if augment == "none" or dataset not in _CROP_PADDING:
         return BatchTransform(**stats)
+    if augment == "autoaugment" and dataset not in _POLICY:
+        raise FlatminError(f"augment='autoaugment' has no policy for {dataset!r}; use none, "
+                           "standard or cutout")
     svhn_autoaugment = dataset == "svhn" and augment == "autoaugment"  # authors: no crop here
     return BatchTransform(
         **stats,
@@ -140,4 +151,5 @@ def build_transform(
         flip=dataset in _FLIPS,
         policy=_POLICY[dataset] if augment == "autoaugment" else None,
         cutout_size=_CUTOUT_SIZE[dataset] if augment in ("cutout", "autoaugment") else 0,
+        fill=0 if dataset in _BLACK_FILL else FILL,
     )

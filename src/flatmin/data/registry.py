@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatmin.data import files, synthetic
+from flatmin.data import files, idx, synthetic
 from flatmin.data.augment import build_transform
-from flatmin.data.download import default_data_dir, ensure_files
+from flatmin.data.download import IDX_MIRRORS, default_data_dir, ensure_files
 from flatmin.data.files import Arrays
 from flatmin.errors import FlatminError, UnknownNameError
 
@@ -76,6 +76,18 @@ def holdout(split: Split, val_fraction: float, seed: int) -> tuple[Split, Split 
     return Split(split.x[train], split.y[train]), Split(split.x[val], split.y[val])
 
 
+def subset(split: Split, size: int | None, seed: int) -> Split:
+    """A seeded random `size` examples of the training split, for CPU-sized runs on big data sets."""
+    if size is None:
+        return split
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= len(split):
+        raise FlatminError(f"train_size must be an integer in 1..{len(split)} (the training split "
+                           f"after the validation holdout), got {size!r}")
+    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed + 1))[:size]
+    keep = keep.sort().values
+    return Split(split.x[keep], split.y[keep])
+
+
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std of uint8 NCHW images in [0,1] units, exact, via 256-bin histograms."""
     v = torch.arange(256, dtype=torch.float64)
@@ -102,8 +114,8 @@ class Loader:
 
     def __call__(self, *, data_dir: str | Path | None = None, val_fraction: float = 0.1,
                  seed: int = 0, augment: str = "standard", download: bool = False,
-                 **kwargs) -> Dataset:
-        """Read, hold out val, and attach the transform; see `load_dataset`."""
+                 train_size: int | None = None, **kwargs) -> Dataset:
+        """Read, hold out val, subsample train if asked, attach the transform; see `load_dataset`."""
         if unknown := sorted(set(kwargs) - set(self.options)):
             raise FlatminError(f"dataset {self.name!r} takes no option(s) {', '.join(unknown)}; "
                                f"its options: {', '.join(self.options) or 'none'}")
@@ -111,6 +123,7 @@ class Loader:
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         x, y, xt, yt = self.read(data_dir=root, seed=seed, download=download, **kwargs)
         train, val = holdout(Split(x, y.long()), val_fraction, seed)
+        train = subset(train, train_size, seed)
         return with_transform(Dataset(self.name, train, val, Split(xt, yt.long()), self.num_classes,
                                       self.input_shape, self.default_model, dict(self.defaults)), augment)
 
@@ -146,6 +159,15 @@ def _spiral(*, seed: int, data_dir: Path, download: bool, **options: Any) -> Arr
 
 PAPER = {"epochs": 200, "lr": 0.1, "batch_size": 50, "weight_decay": 1e-4}  # paper §5.1
 _IMG, _CHECK = (3, 32, 32), ("verify",)
+# CPU-sized (cnn28, 2 cores): docs/fashion_mnist.md; a GPU run takes the paper's protocol instead.
+FASHION = {"epochs": 8, "lr": 0.05, "batch_size": 100, "weight_decay": 5e-4}
+
+
+def _idx(name: str) -> Loader:
+    """An MNIST-style data set: data_dir/NAME/, then a system package's folder, then the mirror."""
+    return Loader(name, _official(name, idx.read_idx_dataset), 10, (1, 28, 28), "cnn28",
+                  FASHION, _CHECK)
+
 
 DATASETS: dict[str, Loader] = {
     "cifar10": Loader("cifar10", _official("cifar10", files.read_cifar), 10, _IMG,
@@ -163,6 +185,7 @@ DATASETS: dict[str, Loader] = {
                      ("n_samples", "noise", "turns")),
     "digits": Loader("digits", lambda **_: synthetic.digits(), 10, (1, 8, 8), "mlp",
                      {"epochs": 30, "lr": 0.05, "batch_size": 50, "weight_decay": 1e-4}),
+    **{name: _idx(name) for name in IDX_MIRRORS},
 }
 
 
@@ -195,7 +218,12 @@ def canonical_name(name: str) -> str:
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, val_fraction: float = 0.1,
                  seed: int = 0, augment: str = "standard", download: bool = False,
-                 **kwargs) -> Dataset:
-    """Every dataset through one call, so the trainer and CLI never special-case a dataset."""
+                 train_size: int | None = None, **kwargs) -> Dataset:
+    """Every dataset through one call, so the trainer and CLI never special-case a dataset.
+
+    `train_size` keeps a seeded random subset of the training split after the validation
+    holdout (so validation keeps its full size); normalisation is computed on that subset.
+    """
+    size = {} if train_size is None else {"train_size": train_size}
     return get_loader(name)(data_dir=data_dir, val_fraction=val_fraction, seed=seed,
-                            augment=augment, download=download, **kwargs)
+                            augment=augment, download=download, **size, **kwargs)

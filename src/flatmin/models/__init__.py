@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from flatmin.errors import UnknownNameError
+from flatmin.models.lenet import cnn28, cnn28_small
 from flatmin.models.preact_resnet import preactresnet18
 from flatmin.models.pyramidnet import pyramidnet110_48, pyramidnet164_270
 from flatmin.models.small import cnn1d, mlp
@@ -25,6 +26,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "pyramidnet110_48": pyramidnet110_48,
     "mlp": mlp,
     "cnn1d": cnn1d,
+    "cnn28": cnn28,
+    "cnn28_small": cnn28_small,
 }
 
 _COMMON = ("num_classes", "in_channels", "dropout", "input_shape")
