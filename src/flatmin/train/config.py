@@ -147,6 +147,8 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
     else:
         preset = dict(CPU_PRESETS.get(c.dataset, CPU_PRESETS["mnist1d"]))
     preset.update(FAMILY_PRESETS.get(c.dataset, FAMILY_PRESETS["*"]))
+    if c.method != "bsam":  # N is bSAM's alone: other runs keep the field empty (and their saved configs)
+        preset.pop("bsam_num_data")
     own_rho = {k: preset.pop(k) for k in [k for k in preset if k.endswith("_rho")]}
     if f"{c.method}_rho" in own_rho:  # ASAM's ρ lives on the |w|-scaled sphere, MSAM's, bSAM's: their own
         preset["rho"] = own_rho[f"{c.method}_rho"]
