@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class Contender:
     times: list[float]
     passes: list[float]  # forward passes per step, per epoch
     forwards: int = 0
+    cpu_times: list[float] = field(default_factory=list)
+    steps: int = 0  # optimizer steps per epoch
 
 
 def _contender(cfg: Any, ds: Any, input_range: float) -> Contender:
@@ -72,17 +74,24 @@ def _sync(device: torch.device) -> None:
 
 def measure_model(base: Any, model: str, methods: list[str], epochs: int) -> list[Contender]:
     """Train every method on one model for 1 + epochs interleaved epochs; time all but the first."""
+    base = base.replace(model=model)
+    return measure_configs([base.replace(method=m) for m in methods], epochs)
+
+
+def measure_configs(configs: list[Any], epochs: int) -> list[Contender]:
+    """One contender per config (same data as the first), 1 + epochs interleaved epochs each; wall
+    and process-CPU time of every epoch but the first (CPU time ignores waits for a busy core)."""
     from flatmin.data import load_dataset
     from flatmin.train.loop import lr_at, run_epoch
 
-    base = base.replace(model=model, epochs=epochs + 1)
+    base = configs[0].replace(epochs=epochs + 1)
     ds = load_dataset(base.dataset, data_dir=base.data_dir, val_fraction=base.val_fraction, seed=base.seed,
                       augment=base.augment, download=base.download, **base.dataset_options)
     device = torch.device(base.device)
     ds.train.x, ds.train.y = ds.train.x.to(device), ds.train.y.to(device)
     sample = ds.transform(ds.train.x[:2048], False)
     input_range = float(sample.max() - sample.min())
-    contenders = [_contender(base.replace(method=m), ds, input_range) for m in methods]
+    contenders = [_contender(c.replace(epochs=epochs + 1), ds, input_range) for c in configs]
     steps = -(-len(ds.train) // contenders[0].ctx.cfg.batch_size)
     for epoch in range(epochs + 1):
         k = epoch % len(contenders)
@@ -91,12 +100,15 @@ def measure_model(base: Any, model: str, methods: list[str], epochs: int) -> lis
                 group["lr"] = lr_at(c.ctx.cfg, epoch)
             c.forwards = 0
             _sync(device)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             run_epoch(c.model, c.model, c.opt, ds, epoch, c.ctx, progress=False)
             _sync(device)
             if epoch > 0:
                 c.times.append(time.perf_counter() - t0)
+                c.cpu_times.append(time.process_time() - cpu0)
                 c.passes.append(c.forwards / steps)
+    for c in contenders:
+        c.steps = steps
     return contenders
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -97,9 +99,45 @@ def _init_pool_worker() -> None:
 
 def _train(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Worker body: train (or resume, or just read back) one run."""
+    from flatmin.train.checkpoint import CHECKPOINT
     from flatmin.train.loop import train
 
-    return train(TrainConfig.from_dict(config), run_dir, resume=True, progress=False)
+    cfg = TrainConfig.from_dict(config)
+    resolved(cfg)  # a process's first optimizer imports torch._dynamo (~1 s CPU): not the method's cost
+    resumed = (Path(run_dir) / CHECKPOINT).exists()  # then the cost covers only the last part
+    result = measured(train, cfg, run_dir, resume=True, progress=False)
+    result["cost"]["resumed"] = resumed
+    return result
+
+
+def usable_cores() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _run_delay() -> float | None:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat), else None."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def measured(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``fn``'s result plus ``cost``: CPU and wall seconds, the seconds spent waiting for a core
+    (wait_s; None off Linux) and the machine's load: wall time alone says more about the machine's
+    other jobs than about the method once runs wait for cores."""
+    load0, delay0, cpu0, wall0 = _load(), _run_delay(), time.process_time(), time.perf_counter()
+    result = fn(*args, **kwargs)
+    cpu, wall, delay = time.process_time() - cpu0, time.perf_counter() - wall0, _run_delay()
+    result["cost"] = {"cpu_s": cpu, "wall_s": wall, "load_start": load0, "load_end": _load(),
+                      "wait_s": delay - delay0 if delay is not None and delay0 is not None else None,
+                      "cores": usable_cores(), "threads": torch.get_num_threads()}
+    return result
 
 
 class _Inline:

@@ -91,19 +91,19 @@ def group_runs(rows: list[dict[str, Any]], selections: list[dict[str, Any]] = ()
     return kept, dropped
 
 
-def compare_table(groups: dict[str, list[dict[str, Any]]], baseline: str = "erm") -> str:
-    """One row per method spec: test error, NLL, ECE (mean ± std over seeds) and wall time vs ERM."""
-    base = groups.get(baseline)
-    base_t = statistics.fmean(r["train_time_s"] for r in base) if base else None
+def compare_table(groups: dict[str, list[dict[str, Any]]],
+                  extra: dict[str, dict[str, str]] | None = None) -> str:
+    """One row per method spec: test error, NLL, ECE (mean ± std over seeds), then ``extra``
+    columns ({header: {label: cell}}: differences to the baseline, cost), then val error."""
+    extra = extra or {}
     rows = []
     for label, runs in groups.items():
-        t = statistics.fmean(r["train_time_s"] for r in runs)
         rows.append([label, len(runs), pm([r["test"]["error"] for r in runs], 2),
                      pm([r["test"]["nll"] for r in runs], 3), pm([r["test"]["ece"] for r in runs], 3),
-                     f"{t / base_t:.2f}×" if base_t else "—", pm([r["val"]["error"] for r in runs
-                                                                 if r.get("val")], 2)])
-    return markdown(["method", "seeds", "test error (%)", "test NLL", "test ECE", "time / ERM",
-                     "val error (%)"], rows)
+                     *(col.get(label, "—") for col in extra.values()),
+                     pm([r["val"]["error"] for r in runs if r.get("val")], 2)])
+    return markdown(["method", "seeds", "test error (%)", "test NLL", "test ECE", *extra, "val error (%)"],
+                    rows)
 
 
 def _columns(groups: list[Group]) -> list[tuple[str, str, str]]:
