@@ -195,6 +195,26 @@ def compare(method: str, baseline: str, metric: str, a: dict[int, float], b: dic
                       verdict(ci, metric, n), detectable_difference(sd, n))
 
 
+def compare_unpaired(method: str, baseline: str, metric: str, a: Sequence[float],
+                     b: Sequence[float]) -> Comparison:
+    """Welch's interval and t-test when the seeds do not match (no pairing, no sign-flip p)."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    n = min(len(a), len(b))
+    if n < 2:
+        return Comparison(method, baseline, metric, n, ma - mb, (math.nan, math.nan), math.nan, math.nan,
+                          verdict((math.nan, math.nan), metric, n), math.nan)
+    va, vb = sa * sa / len(a), sb * sb / len(b)
+    se, d = math.sqrt(va + vb), ma - mb
+    if se == 0.0:
+        return Comparison(method, baseline, metric, n, d, (d, d), 1.0 if d == 0 else 0.0, math.nan,
+                          verdict((d, d), metric, n), 0.0)
+    df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+    half = t_ppf(1 - ALPHA / 2, df) * se
+    ci = (d - half, d + half)
+    return Comparison(method, baseline, metric, n, d, ci, min(1.0, 2 * t_sf(abs(d) / se, df)), math.nan,
+                      verdict(ci, metric, n), (t_ppf(1 - ALPHA / 2, df) + t_ppf(POWER, df)) * se)
+
+
 def adjust(comparisons: list[Comparison]) -> list[Comparison]:
     """Fill ``p_holm`` per metric across the methods compared (the family a reader scans at once)."""
     for metric in {c.metric for c in comparisons}:
