@@ -1,5 +1,7 @@
 """`flatmin compare`: ERM vs AMP vs SAM (or any methods and AMP variants) over seeds, in parallel
-processes, as a paper-style table (mean ± std of test error, NLL, ECE; time vs ERM) with figures.
+processes, as a paper-style table (mean ± std of test error, NLL, ECE; CPU cost per step vs the
+baseline) with figures, and paired verdicts: each spec vs ``--baseline`` seed by seed, "better" or
+"worse" only when the 95% CI of the paired difference excludes 0 (see `flatmin.stats`).
 
 Method specs: ``METHOD[:FIELD=VALUE,...]``, e.g. ``--methods erm,amp,amp:variant=onepass,sam:rho=0.1``
 (a ``FIELD=VALUE`` after a comma belongs to the spec before it). ``--variants onepass,reuse`` adds
