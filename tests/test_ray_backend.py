@@ -53,6 +53,7 @@ def _rows(db: Path) -> list[dict]:
     rows = Store(db).rows()
     for r in rows:
         r["metrics"].pop("train_time_s")
+        r["metrics"].pop("cost", None)  # CPU and wall seconds differ run to run
         for k in ("time_s", "finished_at", "run_dir"):
             r.pop(k)
     return rows

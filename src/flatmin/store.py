@@ -206,7 +206,7 @@ class Store:
         """Record a finished run and drop its claim in one transaction; False if already there."""
         cfg = result["config"]
         metrics = {k: result.get(k) for k in ("train", "val", "test", "best_val_epoch", "reliability",
-                                              "epochs_completed", "train_time_s")}
+                                              "epochs_completed", "train_time_s", "cost")}
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",

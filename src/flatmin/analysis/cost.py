@@ -11,93 +11,28 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from flatmin import options
 from flatmin.analysis._runs import add_threads_argument, print_table, use_threads
 from flatmin.data import load_dataset
 from flatmin.errors import FlatminError
-from flatmin.models import MODELS, create_model
+from flatmin.models import MODELS
 from flatmin.models.user import is_factory_spec
 from flatmin.options import add_config_arguments, check_config, config_overrides, out_dir
 from flatmin.plot import pyplot, save_figure, write_csv, write_json
 from flatmin.train import TrainConfig
-from flatmin.train.config import resolve
-from flatmin.train.distributed import current
-from flatmin.train.loop import StepContext, lr_at, run_epoch
 from flatmin.train.methods import get_method
-
-
-@dataclass
-class Contender:
-    """One method's model, optimizer and step context, trained an epoch at a time."""
-    method: str
-    model: nn.Module
-    opt: torch.optim.Optimizer
-    ctx: Any  # flatmin.train.loop.StepContext
-    times: list[float]
-    passes: list[float]  # forward passes per step, per epoch
-    forwards: int = 0
-
-
-def _contender(cfg: Any, ds: Any, input_range: float) -> Contender:
-    """Build what `flatmin.train.train` builds for one method, minus files and evaluation."""
-    method = get_method(cfg.method)
-    cfg = resolve(cfg, ds.defaults, ds.default_model)
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=ds.num_classes, in_channels=ds.input_shape[0],
-                         input_shape=ds.input_shape, dropout=cfg.dropout if method.dropout else 0.0)
-    model.to(device)
-    opt = method.build_optimizer(model.parameters(), cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    ctx = StepContext(cfg, method, scaler, device, input_range, current(device))
-    c = Contender(cfg.method, model, opt, ctx, [], [])
-
-    def count(module: nn.Module, inputs: Any) -> None:
-        c.forwards += 1
-
-    model.register_forward_pre_hook(count)
-    return c
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work so the clock measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from flatmin.train.timing import Contender, measure_configs
 
 
 def measure_model(base: Any, model: str, methods: list[str], epochs: int) -> list[Contender]:
     """Train every method on one model for 1 + epochs interleaved epochs; time all but the first."""
-    base = base.replace(model=model, epochs=epochs + 1)
-    ds = load_dataset(base.dataset, data_dir=base.data_dir, val_fraction=base.val_fraction, seed=base.seed,
-                      augment=base.augment, download=base.download, **base.dataset_options)
-    device = torch.device(base.device)
-    ds.train.x, ds.train.y = ds.train.x.to(device), ds.train.y.to(device)
-    sample = ds.transform(ds.train.x[:2048], False)
-    input_range = float(sample.max() - sample.min())
-    contenders = [_contender(base.replace(method=m), ds, input_range) for m in methods]
-    steps = -(-len(ds.train) // contenders[0].ctx.cfg.batch_size)
-    for epoch in range(epochs + 1):
-        k = epoch % len(contenders)
-        for c in contenders[k:] + contenders[:k]:
-            for group in c.opt.param_groups:
-                group["lr"] = lr_at(c.ctx.cfg, epoch)
-            c.forwards = 0
-            _sync(device)
-            t0 = time.perf_counter()
-            run_epoch(c.model, c.model, c.opt, ds, epoch, c.ctx, progress=False)
-            _sync(device)
-            if epoch > 0:
-                c.times.append(time.perf_counter() - t0)
-                c.passes.append(c.forwards / steps)
-    return contenders
+    base = base.replace(model=model)
+    return measure_configs([base.replace(method=m) for m in methods], epochs)
 
 
 def cost_rows(base: Any, models: list[str], methods: list[str], epochs: int) -> list[dict[str, Any]]:

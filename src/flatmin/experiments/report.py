@@ -9,7 +9,16 @@ from pathlib import Path
 from flatmin import options
 from flatmin.errors import FlatminError
 from flatmin.experiments import figures
-from flatmin.experiments.tables import erm_amp_pairs, group_runs, mean_std, table1, table2, tuning_table
+from flatmin.experiments.paired import ci_cell
+from flatmin.experiments.tables import (
+    MARK_LEGEND,
+    erm_amp_pairs,
+    group_runs,
+    table1,
+    table2,
+    tuning_table,
+    versus,
+)
 from flatmin.options import out_dir
 from flatmin.store import Store
 
@@ -30,7 +39,7 @@ def render(store: Store, figures_dir: Path | None = None) -> str:
     parts = [f"# Results from {store.path} ({len(rows)} runs)\n",
              "Final-epoch test metrics, mean ± std over seeds (n = seeds).\n",
              "## Table 1: test error (%)\n", table1(groups, "error", 2),
-             "\n## Table 1: test NLL\n", table1(groups, "nll", 3)]
+             "\n## Table 1: test NLL\n", table1(groups, "nll", 3), "\n" + MARK_LEGEND]
     if t2 := table2(groups):
         parts += ["\n## Table 2: ERM vs AMP per augmentation and model\n", t2]
     if sels:
@@ -46,14 +55,12 @@ def render(store: Store, figures_dir: Path | None = None) -> str:
 
 
 def verdicts(groups: list) -> str:
-    """Per cell: did AMP beat ERM on mean test error and NLL? Says so when it did not."""
+    """Per cell: AMP − ERM on test error and NLL with its 95% CI; 'better' only when it excludes 0."""
     lines = []
     for cell, erm, amp in erm_amp_pairs(groups):
-        d = {m: mean_std(amp.values("test", m))[0] - mean_std(erm.values("test", m))[0]
-             for m in ("error", "nll")}
-        words = {m: "better" if d[m] < 0 else "AMP does NOT beat ERM" for m in d}
-        lines.append(f"- {' / '.join(cell)}, {amp.label} vs {erm.label}: test error {d['error']:+.2f} points "
-                     f"({words['error']}), NLL {d['nll']:+.3f} ({words['nll']})")
+        c = {m: versus(amp, erm, m) for m in ("error", "nll")}
+        lines.append(f"- {' / '.join(cell)}, {amp.label} vs {erm.label}: test error {ci_cell(c['error'])} "
+                     f"points ({c['error'].verdict}), NLL {ci_cell(c['nll'])} ({c['nll'].verdict})")
     return "\n".join(lines) + "\n" if lines else "(no cell with both ERM and AMP)\n"
 
 

@@ -16,7 +16,7 @@ import torch
 
 from flatmin.data.registry import canonical_name, get_loader
 from flatmin.experiments.backends import Backend, Ledger
-from flatmin.experiments.backends.base import Task
+from flatmin.experiments.backends.base import Task, measured, usable_cores  # noqa: F401 (re-exported)
 from flatmin.experiments.backends.local import LocalBackend
 from flatmin.options import check_config
 from flatmin.store import Store

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from flatmin import stats
+from flatmin.experiments.paired import ci_cell
 from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS
+from flatmin.stats import Comparison, mean_std
 
 # Fields that name a table cell, not a setting (seeds are averaged over).
 IDENTITY = ("seed", "dataset", "model", "augment", "method", "device", "data_dir", "download",
@@ -17,11 +19,6 @@ PAPER_ORDER = ("erm", "dropout", "label_smoothing", "flooding", "mixup", "adv_tr
 NAMES = {"erm": "ERM", "dropout": "Dropout", "label_smoothing": "Label smoothing", "flooding": "Flooding",
          "mixup": "MixUp", "adv_training": "Adv. training", "rmp": "RMP", "amp": "AMP", "sam": "SAM",
          "asam": "ASAM"}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation over seeds (0 for one seed)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def pm(values: list[float], digits: int) -> str:
@@ -62,6 +59,44 @@ class Group:
     def values(self, split: str, metric: str) -> list[float]:
         return [r["metrics"][split][metric] for r in self.runs if r["metrics"].get(split)]
 
+    def by_seed(self, split: str, metric: str) -> dict[int, float]:
+        return {r["seed"]: r["metrics"][split][metric] for r in self.runs if r["metrics"].get(split)}
+
+
+def versus(group: Group, erm: Group, metric: str) -> Comparison:
+    """``group`` vs ``erm`` on a test metric: paired on the common seeds when at least two match,
+    else Welch's unpaired interval."""
+    a, b = group.by_seed("test", metric), erm.by_seed("test", metric)
+    if len(set(a) & set(b)) >= 2:
+        return stats.compare(group.label, erm.label, metric, a, b)
+    return stats.compare_unpaired(group.label, erm.label, metric, list(a.values()), list(b.values()))
+
+
+def versus_erm(groups: list[Group], metric: str) -> dict[int, Comparison]:
+    """id(group) -> its comparison with the ERM group of its column, Holm-adjusted per column."""
+    out: dict[int, Comparison] = {}
+    for col in {(g.dataset, g.model, g.augment) for g in groups}:
+        here = [g for g in groups if (g.dataset, g.model, g.augment) == col]
+        erm = next((g for g in here if g.method == "erm"), None)
+        if erm is not None:
+            others = [g for g in here if g is not erm]
+            for g, c in zip(others, stats.adjust([versus(g, erm, metric) for g in others])):
+                out[id(g)] = c
+    return out
+
+
+def mark(c: Comparison | None) -> str:
+    """' better' / ' worse' (with '*' when Holm over the column's methods does not keep it), or ''."""
+    if c is None or c.verdict not in ("better", "worse"):
+        return ""
+    return f" {c.verdict}" + ("" if c.p_holm < stats.ALPHA else "*")
+
+
+MARK_LEGEND = ("'better'/'worse': the 95% CI of the difference to ERM in the same column excludes 0 "
+               "(paired by seed on the common seeds; Welch where fewer than two seeds match); * not "
+               "significant after Holm's adjustment over the column's methods; unmarked: no detectable "
+               "difference at n seeds.\n")
+
 
 def group_runs(rows: list[dict[str, Any]], selections: list[dict[str, Any]] = ()) -> tuple[list[Group],
                                                                                            list[Group]]:
@@ -91,19 +126,19 @@ def group_runs(rows: list[dict[str, Any]], selections: list[dict[str, Any]] = ()
     return kept, dropped
 
 
-def compare_table(groups: dict[str, list[dict[str, Any]]], baseline: str = "erm") -> str:
-    """One row per method spec: test error, NLL, ECE (mean ± std over seeds) and wall time vs ERM."""
-    base = groups.get(baseline)
-    base_t = statistics.fmean(r["train_time_s"] for r in base) if base else None
+def compare_table(groups: dict[str, list[dict[str, Any]]],
+                  extra: dict[str, dict[str, str]] | None = None) -> str:
+    """One row per method spec: test error, NLL, ECE (mean ± std over seeds), then ``extra``
+    columns ({header: {label: cell}}: differences to the baseline, cost), then val error."""
+    extra = extra or {}
     rows = []
     for label, runs in groups.items():
-        t = statistics.fmean(r["train_time_s"] for r in runs)
         rows.append([label, len(runs), pm([r["test"]["error"] for r in runs], 2),
                      pm([r["test"]["nll"] for r in runs], 3), pm([r["test"]["ece"] for r in runs], 3),
-                     f"{t / base_t:.2f}×" if base_t else "—", pm([r["val"]["error"] for r in runs
-                                                                 if r.get("val")], 2)])
-    return markdown(["method", "seeds", "test error (%)", "test NLL", "test ECE", "time / ERM",
-                     "val error (%)"], rows)
+                     *(col.get(label, "—") for col in extra.values()),
+                     pm([r["val"]["error"] for r in runs if r.get("val")], 2)])
+    return markdown(["method", "seeds", "test error (%)", "test NLL", "test ECE", *extra, "val error (%)"],
+                    rows)
 
 
 def _columns(groups: list[Group]) -> list[tuple[str, str, str]]:
@@ -124,8 +159,10 @@ def table1(groups: list[Group], metric: str, digits: int) -> str:
     cols = _columns(groups)
     labels = list(dict.fromkeys(g.label for g in groups))
     cell = {(g.label, (g.dataset, g.model, g.augment)): g for g in groups}
+    vs = versus_erm(groups, metric)
+
     def fmt(g: Group | None) -> str:
-        return f"{pm(g.values('test', metric), digits)} (n={len(g.runs)})" if g else "—"
+        return f"{pm(g.values('test', metric), digits)} (n={len(g.runs)}){mark(vs.get(id(g)))}" if g else "—"
 
     rows = [[label] + [fmt(cell.get((label, c))) for c in cols] for label in labels]
     return markdown(["method"] + [_col_name(c, cols) for c in cols], rows)
@@ -140,11 +177,15 @@ def erm_amp_pairs(groups: list[Group]) -> list[tuple[tuple[str, str, str], Group
 
 def table2(groups: list[Group]) -> str:
     """Table 2: augmentation × model, ERM vs AMP test error and NLL (empty without both methods)."""
+    def diff(e: Group, a: Group, metric: str) -> str:
+        c = versus(a, e, metric)
+        return f"{ci_cell(c)} {c.verdict}"
+
     rows = [[*c, e.label, a.label, pm(e.values("test", "error"), 2), pm(a.values("test", "error"), 2),
-             pm(e.values("test", "nll"), 3), pm(a.values("test", "nll"), 3)]
-            for c, e, a in erm_amp_pairs(groups)]
+             diff(e, a, "error"), pm(e.values("test", "nll"), 3), pm(a.values("test", "nll"), 3),
+             diff(e, a, "nll")] for c, e, a in erm_amp_pairs(groups)]
     headers = ["dataset", "augmentation", "model", "ERM row", "AMP row", "ERM error (%)", "AMP error (%)",
-               "ERM NLL", "AMP NLL"]
+               "error diff [95% CI]", "ERM NLL", "AMP NLL", "NLL diff [95% CI]"]
     return markdown(headers, rows) if rows else ""
 
 

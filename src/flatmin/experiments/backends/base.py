@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from flatmin.train.checkpoint import CHECKPOINT
 from flatmin.train.config import TrainConfig
 from flatmin.train.loop import train
+from flatmin.train.methods import get_method
 
 
 @dataclass
@@ -44,8 +50,46 @@ class Backend(Protocol):
 
 
 def train_run(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Worker body of every backend: train (or resume, or just read back) one run."""
-    return train(TrainConfig.from_dict(config), run_dir, resume=True, progress=False)
+    """Worker body of every backend: train (or resume, or just read back) one run, with its cost."""
+    cfg = TrainConfig.from_dict(config)
+    # a process's first optimizer imports torch._dynamo (~1 s CPU): paid before the clock, not the method's
+    get_method(cfg.method).build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    resumed = (Path(run_dir) / CHECKPOINT).exists()  # then the cost covers only the last part
+    result = measured(train, cfg, run_dir, resume=True, progress=False)
+    result["cost"]["resumed"] = resumed
+    return result
+
+
+def usable_cores() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _run_delay() -> float | None:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat), else None."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def measured(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``fn``'s result plus ``cost``: CPU and wall seconds, the seconds spent waiting for a core
+    (wait_s; None off Linux) and the machine's load: wall time alone says more about the machine's
+    other jobs than about the method once runs wait for cores."""
+    load0, delay0, cpu0, wall0 = _load(), _run_delay(), time.process_time(), time.perf_counter()
+    result = fn(*args, **kwargs)
+    cpu, wall, delay = time.process_time() - cpu0, time.perf_counter() - wall0, _run_delay()
+    result["cost"] = {"cpu_s": cpu, "wall_s": wall, "load_start": load0, "load_end": _load(),
+                      "wait_s": delay - delay0 if delay is not None and delay0 is not None else None,
+                      "cores": usable_cores(), "threads": torch.get_num_threads()}
+    return result
+
+
 
 
 def describe(err: BaseException) -> str:
