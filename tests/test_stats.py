@@ -14,8 +14,8 @@ from flatmin import stats
 from flatmin.cli import main
 from flatmin.experiments import paired
 from flatmin.experiments.runner import measured
-from flatmin.store import Store
 from flatmin.experiments.tables import group_runs, table1
+from flatmin.store import Store
 from flatmin.train import TrainConfig
 
 sp = pytest.importorskip("scipy.stats")
