@@ -202,3 +202,16 @@ def test_the_protocol_is_the_state_machine(rule, calls):
             assert all(torch.equal(a, b) for a, b in zip(snapshot(model), before))
     opt.restore()
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model), theta))
+
+
+@pytest.mark.parametrize("name", ["gsam", "fsam", "wsam", "esam"])
+def test_the_family_refuses_a_second_first_step_too(name):
+    from flatmin.optim import create_optimizer
+
+    model = tiny()
+    opt = create_optimizer(model, name, lr=0.1)
+    backward(model, opt)
+    opt.first_step(zero_grad=True)
+    backward(model, opt)
+    with pytest.raises(RuntimeError, match="second_step"):
+        opt.first_step()

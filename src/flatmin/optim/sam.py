@@ -21,6 +21,21 @@ from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
 from flatmin.optim.sharded import local, norm_reducer
 
 
+def first_step(opt: PerturbedOptimizer, zero_grad: bool) -> None:
+    """The popular SAM API's first half for any rule with a ``_consume`` flag: one ascent (a second
+    one in the same step is refused), nothing on a step whose rule makes none (LookSAM's reuse)."""
+    if not opt._begun:
+        opt.begin_step()
+    if opt.ascent_passes():
+        opt._consume = zero_grad
+        try:
+            opt.perturb()
+        finally:
+            opt._consume = True
+    if zero_grad:
+        opt.zero_grad(set_to_none=True)
+
+
 class SAM(PerturbedOptimizer):
     """SAM/ASAM around any base optimizer; θ is restored bit for bit after the perturbed pass.
 
@@ -56,13 +71,7 @@ class SAM(PerturbedOptimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to w + e(w) using the current gradients (the ascent half)."""
-        self._consume = zero_grad
-        try:
-            self.perturb()
-        finally:
-            self._consume = True
-        if zero_grad:
-            self.zero_grad(set_to_none=True)
+        first_step(self, zero_grad)
 
     _consume = True  # whether e(w) may be built in the gradients' storage
 

@@ -20,6 +20,7 @@ from flatmin.optim import _kernels as K
 from flatmin.optim import driver
 from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
 from flatmin.optim.efficient import _by_index, _from_index, _mask_, finite_copy_
+from flatmin.optim.sam import first_step
 
 __all__ = ["SharpnessRule", "check_unit", "finite_copy_", "_mask_"]
 
@@ -73,16 +74,7 @@ class SharpnessRule(PerturbedOptimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to w + e(w) from the current gradients (nothing more on a step with no ascent)."""
-        if not self._begun:
-            self.begin_step()
-        if self._ascents < self.ascent_passes():
-            self._consume = zero_grad
-            try:
-                self.perturb()
-            finally:
-                self._consume = True
-        if zero_grad:
-            self.zero_grad(set_to_none=True)
+        first_step(self, zero_grad)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
