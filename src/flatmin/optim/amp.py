@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative
+from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative, kept_buffer
 from flatmin.optim.sharded import local, norm_reducer
 
 
@@ -132,10 +132,4 @@ class AMP(PerturbedOptimizer):
 
     def _delta_buffers(self, params: list[Tensor]) -> list[Tensor]:
         """Persistent Δ storage for N > 1 (zeroed at the first iteration of each step)."""
-        out = []
-        for p in params:
-            buf = self._delta.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                buf = self._delta[p] = torch.zeros_like(p)
-            out.append(buf)
-        return out
+        return [kept_buffer(self._delta, p, zero=True) for p in params]

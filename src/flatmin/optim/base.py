@@ -46,6 +46,15 @@ def check_ball(ball: Any) -> None:
         raise ValueError(f"ball must be one of {BALLS}, got {ball!r}")
 
 
+def kept_buffer(store: dict[Tensor, Tensor], p: Tensor, zero: bool = False) -> Tensor:
+    """``store[p]``: a buffer like p kept across steps, (re)made when p's shape, dtype or device changes."""
+    buf = store.get(p)
+    if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+        make = torch.zeros_like if zero else torch.empty_like
+        buf = store[p] = make(p, memory_format=torch.preserve_format)
+    return buf
+
+
 class PerturbedOptimizer(Optimizer):
     """Base of the perturbation rules; subclasses define `ascent_passes` and `_ascend` (or `_begin`).
 
@@ -116,10 +125,7 @@ class PerturbedOptimizer(Optimizer):
 
     def _theta_buffer(self, p: Tensor) -> Tensor:
         """The buffer that holds p's θ (made on first use, kept across steps)."""
-        buf = self._theta.get(p)
-        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = self._theta[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-        return buf
+        return kept_buffer(self._theta, p)
 
     def thetas_of(self, params: list[Tensor]) -> list[Tensor]:
         """The saved θ buffers of already-saved parameters."""

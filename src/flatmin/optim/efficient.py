@@ -35,7 +35,7 @@ from torch import Tensor
 from flatmin.errors import UnknownNameError
 from flatmin.optim import _kernels as K
 from flatmin.optim.amp import AMP
-from flatmin.optim.base import PerturbedOptimizer
+from flatmin.optim.base import PerturbedOptimizer, kept_buffer
 from flatmin.optim.sharded import local, norm_reducer
 
 # --- kernels and helpers -------------------------------------------------------------------------
@@ -214,11 +214,7 @@ class OnePassAMP(AMP):
         kept = []
         for group in self.param_groups:
             params, grads = self.params_with_grad(group) if group["inner_iter"] else ([], [])
-            bufs = []
-            for p in params:
-                if p not in self._grads or self._grads[p].shape != p.shape:
-                    self._grads[p] = torch.empty_like(p)
-                bufs.append(self._grads[p])
+            bufs = [kept_buffer(self._grads, p) for p in params]
             finite_copy_(local(bufs), local(grads))
             kept += bufs
         _mask_(local(kept), found)

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim import driver
-from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
+from flatmin.optim.base import PerturbedOptimizer, check_nonnegative, kept_buffer
 from flatmin.optim.efficient import _by_index, _from_index, _mask_, finite_copy_
 from flatmin.optim.sam import first_step
 
@@ -135,6 +135,13 @@ class SharpnessRule(PerturbedOptimizer):
                 out.append((group, params, grads))
         return out
 
+    def _ascend(self, grad_scale: object = None) -> None:
+        """Keep g (the rule rewrites the update from it), then SAM's ascent (a loss scale cancels)."""
+        groups = self.grouped()
+        for _, params, grads in groups:
+            self.keep(params, grads)
+        self.sam_ascend(groups)
+
     def sam_ascend(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
                    scale: float = 1.0) -> None:
         """θ ← θ + scale·ρ·T²g/‖Tg‖ with one norm over every group (θ saved first)."""
@@ -150,12 +157,7 @@ class SharpnessRule(PerturbedOptimizer):
 
     def keep(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Copy gradients into buffers kept across steps (made on first use)."""
-        bufs = []
-        for p in params:
-            buf = self._kept.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                buf = self._kept[p] = torch.empty_like(p)
-            bufs.append(buf)
+        bufs = [kept_buffer(self._kept, p) for p in params]
         K.copy_(bufs, grads, self.foreach)
         return bufs
 

@@ -72,13 +72,6 @@ class GSAM(SharpnessRule):
             return rho
         return rho_min + (rho - rho_min) * (group["lr"] - lr_min) / (lr_max - lr_min)  # lr may be a tensor
 
-    def _ascend(self, grad_scale: object = None) -> None:
-        """Keep g, then SAM's ascent (a loss scale cancels: d is linear in the gradients)."""
-        groups = self.grouped()
-        for _, params, grads in groups:
-            self.keep(params, grads)
-        self.sam_ascend(groups)
-
     def _direction(self, ratio: Tensor | float | None) -> None:
         """.grad ← g_p − α·g_⊥ = (1 + α·c)·g_p − α·g,  c = cos·‖g‖/(‖g_p‖ + 1e-12)."""
         groups = [(group, params, grads) for group, params, grads in self.grouped()

@@ -79,13 +79,6 @@ class LookSAM(SharpnessRule):
         """One ascent pass on an exact step, none between."""
         return 1 if self._exact else 0
 
-    def _ascend(self, grad_scale: object = None) -> None:
-        """Keep g, then SAM's ascent."""
-        groups = self.grouped()
-        for _, params, grads in groups:
-            self.keep(params, grads)
-        self.sam_ascend(groups)
-
     def _direction(self, ratio: Tensor | float | None) -> None:
         """Exact step: g_v ← g_s − c·g in g's buffer (.grad stays g_s); else .grad ← g + α‖g‖/‖g_v‖·g_v."""
         groups = [

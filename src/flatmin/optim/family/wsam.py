@@ -53,13 +53,6 @@ class WSAM(SharpnessRule):
         """α = γ/(1−γ)."""
         return group["gamma"] / (1 - group["gamma"])
 
-    def _ascend(self, grad_scale: Tensor | float | None = None) -> None:
-        """Keep g, then SAM's ascent."""
-        groups = self.grouped()
-        for _, params, grads in groups:
-            self.keep(params, grads)
-        self.sam_ascend(groups)
-
     def _direction(self, ratio: Tensor | float | None) -> None:
         """Coupled: .grad ← α·g_s + (1−α)·g. Decoupled: kept ← g_s − g, .grad ← g."""
         self._pending = []
