@@ -56,6 +56,17 @@ def test_same_seed_same_numbers_and_other_seed_differs():
     assert a["test"]["nll"] != c["test"]["nll"]
 
 
+def test_eval_every_skips_evaluations_but_changes_no_number(tmp_path):
+    every = train(TrainConfig(method="sam", seed=2, **SPIRAL), out=tmp_path / "a", progress=False)
+    sparse = train(TrainConfig(method="sam", seed=2, eval_every=3, **SPIRAL), out=tmp_path / "b",
+                   progress=False)
+    for split in ("train", "val", "test"):
+        assert sparse[split] == every[split]
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "val_error" in r] == [3, 4]  # every 3rd and the last
+    assert sparse["best_val_epoch"]["epoch"] in (3, 4)
+
+
 def test_outputs_and_provenance(tmp_path):
     result = train(TrainConfig(method="sam", **SPIRAL), tmp_path, progress=False)
     saved = json.loads((tmp_path / "metrics.json").read_text())

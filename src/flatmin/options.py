@@ -123,6 +123,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--weight-decay": ("weight_decay", NONNEGATIVE, "weight decay"),
     "--grad-clip": ("grad_clip", POSITIVE, "clip the gradient norm (the authors use 50)"),
     "--accumulate": ("accumulate", POSITIVE_INT, "micro-batches per gradient pass (accumulation; 1)"),
+    "--eval-every": ("eval_every", POSITIVE_INT, "evaluate val/test every k epochs and after the last (1)"),
     "--augment": ("augment", text, "none, standard, cutout or autoaugment (image datasets)"),
     "--val-fraction": ("val_fraction", FRACTION, "share of the training set held out (0.1)"),
     "--data-dir": ("data_dir", text, "where the dataset files are (default: the user cache)"),

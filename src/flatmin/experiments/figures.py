@@ -45,7 +45,8 @@ def training_curves(logs: dict[str, list[list[dict[str, Any]]]], path: Path) -> 
     for ax, key, title in zip(axes, ("train_loss", "val_error", "test_error"),
                               ("train loss", "validation error (%)", "test error (%)")):
         for i, (label, runs) in enumerate(logs.items()):
-            runs = [r for r in runs if r and key in r[0]]
+            runs = [[rec for rec in r if key in rec] for r in runs]  # --eval-every leaves epochs out
+            runs = [r for r in runs if r]
             if not runs:
                 continue
             n = min(len(r) for r in runs)

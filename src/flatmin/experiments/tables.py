@@ -13,7 +13,7 @@ from flatmin.stats import Comparison, mean_std
 
 # Fields that name a table cell, not a setting (seeds are averaged over).
 IDENTITY = ("seed", "dataset", "model", "augment", "method", "device", "data_dir", "download",
-            "eval_batch_size")
+            "eval_batch_size", "eval_every")
 PAPER_ORDER = ("erm", "dropout", "label_smoothing", "flooding", "mixup", "adv_training", "rmp", "amp",
                "sam", "asam")
 NAMES = {"erm": "ERM", "dropout": "Dropout", "label_smoothing": "Label smoothing", "flooding": "Flooding",

@@ -70,6 +70,7 @@ class TrainConfig:
     precision: str = "32"
     compile: bool = False
     eval_batch_size: int = 1000
+    eval_every: int = 1  # evaluate val/test every k epochs and after the last (evaluation costs CPU, not results)
     ddp_local_ascent: bool = False  # under DDP: per-rank ascent gradient (no all-reduce)
     tensorboard: bool = False  # also write TensorBoard events (flatmin.logging); not part of a result
     fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2)
@@ -161,7 +162,7 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
 
 def validate(c: TrainConfig) -> None:
     """Bad values get a ValueError naming the field."""
-    for key in ("epochs", "batch_size", "eval_batch_size", "accumulate"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "accumulate"):
         if not isinstance(getattr(c, key), int) or getattr(c, key) < 1:
             raise ConfigError(f"{key} must be a positive integer, got {getattr(c, key)!r}")
     for key in ("lr", "weight_decay", "momentum", "epsilon", "inner_lr", "rho", "rmp_radius",

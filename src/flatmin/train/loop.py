@@ -185,6 +185,11 @@ def run_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, ds: 
             "grad_norm": float(sums[2]) / len(steps) / ctx.dist.world_size}
 
 
+def _evaluates(cfg: TrainConfig, epoch: int) -> bool:
+    """Val/test every ``eval_every`` epochs and after the last: evaluation changes no weight."""
+    return (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+
+
 def _poll(opt: PerturbedOptimizer, cfg: TrainConfig, epoch: int, i: int) -> None:
     """Read the optimizer's device-side skip counter; a skipped (non-finite) step stops the run."""
     try:
@@ -290,7 +295,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
             record = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
             record.update(run_epoch(net, model, opt, ds, epoch, ctx, progress, step_logger))
             record["epoch_time_s"] = time.perf_counter() - te
-            for name, split in (("val", ds.val), ("test", ds.test)):
+            for name, split in (("val", ds.val), ("test", ds.test)) if _evaluates(cfg, epoch) else ():
                 if split is not None and dist.evaluates:  # θ is the same on every rank (FSDP: all evaluate)
                     m = evaluate(model, split, ds, ctx)
                     record.update({f"{name}_{k}": m[k] for k in ("error", "nll", "ece")})
@@ -349,7 +354,7 @@ def _finish(model: nn.Module, ds: Dataset, ctx: StepContext, history: list[dict[
     result["val"] = evaluate(model, ds.val, ds, ctx) if ds.val is not None else None
     result["train"] = evaluate(model, ds.train, ds, ctx)
     if ds.val is not None and history:
-        best = min(history, key=lambda h: (h["val_error"], h["val_nll"]))
+        best = min((h for h in history if "val_error" in h), key=lambda h: (h["val_error"], h["val_nll"]))
         result["best_val_epoch"] = {
             "epoch": best["epoch"], "chosen_on": "val",
             "val": {k: best[f"val_{k}"] for k in ("error", "nll", "ece")},
