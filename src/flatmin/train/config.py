@@ -70,7 +70,7 @@ class TrainConfig:
     precision: str = "32"
     compile: bool = False
     eval_batch_size: int = 1000
-    eval_every: int = 1  # evaluate val/test every k epochs and after the last (evaluation costs CPU, not results)
+    eval_every: int = 1  # evaluate val/test every k epochs and after the last (costs CPU, changes no weight)
     ddp_local_ascent: bool = False  # under DDP: per-rank ascent gradient (no all-reduce)
     tensorboard: bool = False  # also write TensorBoard events (flatmin.logging); not part of a result
     fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2)
