@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from flatmin.models import create_model
 from flatmin.optim import ERM, RMP, SAM, Pass, build_amp, drive
-from flatmin.optim.driver import head_size
+from flatmin.optim.driver import head_size, sub_batch
 from flatmin.optim.family import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
 
 SHAPES = {"cnn1d": (1, 40), "mlp": (1, 40)}  # others: CIFAR-shaped (3, 32, 32)
@@ -78,16 +78,23 @@ def protocol_step(model: nn.Module, opt, x: Tensor, y: Tensor, clock: Clock) -> 
     fb_before = clock.fb
 
     def grad_pass(p: Pass) -> Tensor:
-        n = head_size(len(x), p.fraction)
+        part = sub_batch(head_size(len(x), p.fraction), p.split, p.splits)
+        xs, ys = (x[part], y[part]) if p.select is None else (x[p.select], y[p.select])
         opt.zero_grad(set_to_none=True)
-        clock.run("fb", lambda: fwd_bwd(model, x[:n], y[:n]))
+        clock.run("fb", lambda: fwd_bwd(model, xs, ys))
         return torch.zeros(())
 
+    def probe(_: object) -> tuple[Tensor, Tensor]:  # ESAM's selection: a forward at θ+ε (θ's loss reused)
+        out: list[Tensor] = []
+        clock.run("fb", lambda: out.append(F.cross_entropy(model(x), y, reduction="none").detach()))
+        return out[0] * 0, out[0]
+
+    run = lambda: drive(opt, grad_pass, probe=probe, sub_batches=len(x))  # noqa: E731
     if not clock.split:
-        return len(drive(opt, grad_pass))
+        return len(run())
     sync(clock.device)
     t = time.perf_counter()
-    passes = len(drive(opt, grad_pass))
+    passes = len(run())
     sync(clock.device)
     clock.opt += time.perf_counter() - t - (clock.fb - fb_before)  # the driver's own work
     return passes
@@ -149,7 +156,9 @@ def methods(model: nn.Module, k: int, f: float) -> dict[str, tuple[Callable, tor
         "looksam": (protocol_step, lambda p: LookSAM(p, rho=0.05, k=k, **SGD)),
         "wsam": (protocol_step, lambda p: WSAM(p, rho=0.05, **SGD)),
         "bsam": (protocol_step, lambda p: BSAM(p, num_data=50000, lr=0.5, weight_decay=SGD["weight_decay"])),
-        "esam": (protocol_step, lambda p: ESAM(p, rho=0.05, beta=0.5, **SGD)),
+        "esam": (protocol_step, lambda p: ESAM(p, rho=0.05, beta=0.5, **SGD)),  # SWP only (γ = 1)
+        "esam_sds": (protocol_step, lambda p: ESAM(p, rho=0.05, beta=0.5, gamma=0.5, **SGD)),  # the authors'
+        "sam_m4": (protocol_step, lambda p: SAM(p, rho=0.05, splits=4, **SGD)),  # m-sharpness, m = B/4
         "msam": (protocol_step, lambda p: MSAM(p, rho=0.3, **SGD)),
     }
     out = {}

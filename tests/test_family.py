@@ -482,7 +482,6 @@ BAD = [
     (WSAM, dict(gamma=-0.1), "gamma"),
     (ESAM, dict(beta=0.0), "beta"),
     (ESAM, dict(beta=1.5), "beta"),
-    (ESAM, dict(gamma=0.5), "gamma"),
     (MSAM, dict(rho=-0.3), "rho"),
     (GSAM, dict(lr=-1.0), "learning rate"),
 ]

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from flatmin import AMP, BSAM, ESAM, GSAM, MSAM, RMP, SAM, WSAM, FriendlySAM, LookSAM
 from flatmin.optim import ERM, build_amp
+from flatmin.optim.driver import sub_batch
 from flatmin.optim.syncs import count_syncs
 from flatmin.train import TrainConfig
 from flatmin.train.distributed import SingleProcess
@@ -39,6 +40,8 @@ RULES = {
     "wsam_coupled": lambda p, kw: WSAM(p, rho=0.05, decouple=False, **kw),
     "bsam": lambda p, kw: BSAM(p, num_data=100, lr=0.05),  # its own update: no base optimizer
     "esam": lambda p, kw: ESAM(p, rho=0.05, beta=0.5, **kw),
+    "esam_sds": lambda p, kw: ESAM(p, rho=0.05, beta=0.5, gamma=0.5, **kw),
+    "sam_splits": lambda p, kw: SAM(p, rho=0.05, splits=3, **kw),
     "msam": lambda p, kw: MSAM(p, rho=0.3, **kw),
 }
 
@@ -58,15 +61,16 @@ def assert_no_sync(step, k: int = K) -> None:
 
 
 @pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("rule", [r for r in RULES if r != "esam_sds"])  # selection: no closure (refused)
 def test_step_closure(rule, base):
     model = tiny()
     opt = RULES[rule](model.parameters(), dict(BASES[base]))
 
-    def closure(ascent=False):
+    def closure(ascent=False, split=0, splits=1):
         opt.zero_grad()
         n = opt.ascent_size(len(X)) if ascent else len(X)
-        loss = F.cross_entropy(model(X[:n]), Y[:n])
+        part = sub_batch(n, split, splits)
+        loss = F.cross_entropy(model(X[part]), Y[part])
         loss.backward()
         return loss
 
@@ -92,6 +96,22 @@ def test_two_call_form(rule):
     assert_no_sync(step)
 
 
+def test_esam_two_call_form_with_selection():
+    model = tiny()
+    opt = RULES["esam_sds"](model.parameters(), dict(BASES["sgd"]))
+
+    def step():
+        before = F.cross_entropy(model(X), Y, reduction="none")
+        before.mean().backward()
+        opt.first_step(zero_grad=True)
+        with torch.no_grad():
+            idx = opt.select(before.detach(), F.cross_entropy(model(X), Y, reduction="none"))
+        F.cross_entropy(model(X[idx]), Y[idx]).backward()
+        opt.second_step(zero_grad=True)
+
+    assert_no_sync(step)
+
+
 def test_sam_first_second_step():
     model = tiny()
     opt = SAM(model.parameters(), rho=0.05, lr=0.1)
@@ -113,7 +133,8 @@ TRAINER = {  # name: (rule, TrainConfig changes)
     "gsam_fp16": ("gsam", dict(precision="fp16")), "fsam_fp16": ("fsam", dict(precision="fp16")),
     "looksam_accumulate": ("looksam", dict(accumulate=2)), "wsam_fp16": ("wsam", dict(precision="fp16")),
     "bsam_fp16": ("bsam", dict(precision="fp16")), "esam": ("esam", {}),
-    "msam_clip": ("msam", dict(grad_clip=1.0)),
+    "msam_clip": ("msam", dict(grad_clip=1.0)), "sam_splits_accumulate": ("sam_splits", dict(accumulate=2)),
+    "esam_sds_fp16": ("esam_sds", dict(precision="fp16")),
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatmin.errors import FlatminError, NonFiniteLossError, UnknownNameError
+from flatmin.errors import ConfigError, FlatminError, NonFiniteLossError, UnknownNameError
 from flatmin.optim import AMP
 from flatmin.train import METHODS, TrainConfig, load_run, train
 from flatmin.train.loop import StepContext, train_step
@@ -264,3 +264,22 @@ def test_resume_of_a_checkpoint_with_another_architecture_is_one_message(tmp_pat
     ckpt.save_checkpoint(tmp_path / ckpt.CHECKPOINT, saved)
     with pytest.raises(FlatminError, match="checkpoint does not fit"):
         train(cfg, tmp_path, resume=True, progress=False)
+
+
+SPIRAL22 = {**SPIRAL, "batch_size": 22, "epochs": 3}
+
+
+def test_msharp_and_esam_selection_train_and_are_recorded(tmp_path):
+    """m-sharpness and ESAM's data selection (tests/test_sharpness_data.py has their math). 180
+    training examples in batches of 22: the last batch (4) has fewer examples than splits (8)."""
+    msharp = train(TrainConfig(method="sam", sam_splits=8, **SPIRAL22), out=tmp_path / "m", progress=False)
+    sam = train(TrainConfig(method="sam", **SPIRAL22), progress=False)
+    sds = train(TrainConfig(method="esam", esam_gamma=0.5, **SPIRAL22), progress=False)
+    swp = train(TrainConfig(method="esam", esam_gamma=1.0, **SPIRAL22), progress=False)
+    assert msharp["config"]["sam_splits"] == 8 and sds["config"]["esam_gamma"] == 0.5
+    assert msharp["test"]["nll"] != sam["test"]["nll"] and sds["test"]["nll"] != swp["test"]["nll"]
+    untrained = train(TrainConfig(method="erm", **{**SPIRAL22, "lr": 0.0, "epochs": 1}), progress=False)
+    for r in (msharp, sds):
+        assert r["train"]["nll"] < untrained["train"]["nll"] - 0.03
+    with pytest.raises(ConfigError, match="sam_splits"):
+        train(TrainConfig(method="sam", sam_splits=0, **SPIRAL22), progress=False)

@@ -133,6 +133,8 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--ball": ("ball", text, "AMP/RMP: global (the paper) or per_tensor (the authors' code)"),
     "--amp-variant": ("amp_variant", text, "AMP: exact, reuse, subbatch or onepass"),
     "--reuse-every": ("reuse_every", POSITIVE_INT, "AMP reuse variant: new perturbation every k steps"),
+    "--sam-splits": ("sam_splits", POSITIVE_INT, "SAM/ASAM m-sharpness: sub-batches, own ascent each (1)"),
+    "--esam-gamma": ("esam_gamma", SHARE, "ESAM: share of the batch kept by data selection (0.5; 1: none)"),
     "--ascent-fraction": ("ascent_fraction", SHARE, "AMP subbatch variant: share of the batch for ascent"),
     "--rho": ("rho", NONNEGATIVE, "SAM/ASAM radius ρ (also gsam, fsam, looksam, wsam, bsam, esam, msam)"),
     "--gsam-alpha": ("gsam_alpha", NONNEGATIVE, "GSAM: weight α of the surrogate-gap direction (0.4)"),

@@ -87,6 +87,8 @@ class PerturbedOptimizer(Optimizer):
         self._saved: list[tuple[list[Tensor], list[Tensor]]] = []  # (params, θ copies) per group
         self._begun = False  # a step is under way (begin_step .. restore_and_step)
         self._ascents = 0  # ascent passes taken in the current step
+        self._split_sum: dict[Tensor, Tensor] = {}  # m-sharpness: finished sub-batches' final gradients
+        self._splits_done = 0  # sub-batches finished in the current step
 
     # -- parameter groups ----------------------------------------------------------------------
 
@@ -137,7 +139,7 @@ class PerturbedOptimizer(Optimizer):
         for params, thetas in self._saved:
             K.copy_(local(params), local(thetas), self.foreach)
         self._saved.clear()
-        self._begun, self._ascents = False, 0
+        self._begun, self._ascents, self._splits_done = False, 0, 0
 
     def perturbation_norm(self) -> Tensor:
         """‖Δ‖ = ‖(θ+Δ) − θ‖ over what is perturbed now (0 when nothing is): Theorem 2's radius."""
@@ -149,7 +151,7 @@ class PerturbedOptimizer(Optimizer):
 
     def held_buffers(self) -> list[Tensor]:
         """Every buffer kept across steps: θ copies, the guard's snapshots; subclasses add Δ."""
-        return list(self._theta.values()) + self.guard.buffers()
+        return list(self._theta.values()) + list(self._split_sum.values()) + self.guard.buffers()
 
     # -- the rule (what subclasses define) ---------------------------------------------------------
 
@@ -170,6 +172,18 @@ class PerturbedOptimizer(Optimizer):
     def batch_fraction(self, ascent: bool) -> float:
         """The share of the batch a pass uses (sub-batch ascent rules lower it for ascent passes)."""
         return 1.0
+
+    def ascent_splits(self) -> int:
+        """Sub-batches with an ascent of their own per step (m-sharpness; 1: the whole batch)."""
+        return 1
+
+    def select_share(self) -> float:
+        """The share of the batch the final pass keeps (ESAM's data selection; 1: all of it)."""
+        return 1.0
+
+    def select(self, loss_before: Tensor, loss_after: Tensor) -> Tensor:
+        """Indices of the examples the final pass uses, from per-example losses at θ and θ+Δ."""
+        return torch.arange(loss_before.numel(), device=loss_before.device)
 
     @property
     def ascent_fraction(self) -> float:
@@ -207,6 +221,40 @@ class PerturbedOptimizer(Optimizer):
         self._ascents += 1
 
     @torch.no_grad()
+    def next_split(self) -> None:
+        """m-sharpness: put the finished sub-batch's final gradient aside, θ back, the next one ascends."""
+        if not self._begun or self._ascents < self.ascent_passes():
+            raise RuntimeError(f"{type(self).__name__}.next_split() before this sub-batch's ascent and final "
+                               "pass: call it between a final backward and the next sub-batch's ascent")
+        for params, thetas in self._saved:
+            K.copy_(local(params), local(thetas), self.foreach)
+        self._saved.clear()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not self._splits_done:
+            self._split_sum = {p: kept_buffer(self._split_sum, p) for p in params}
+            K.copy_(local(list(self._split_sum.values())), local([p.grad for p in params]), self.foreach)
+        else:
+            for p in params:  # a tensor first reached in this sub-batch starts from zero
+                if p not in self._split_sum:
+                    self._split_sum[p] = torch.zeros_like(p)
+            torch._foreach_add_(local([self._split_sum[p] for p in params]), local([p.grad for p in params]))
+        self._splits_done += 1
+        self._ascents = 0
+        self.zero_grad(set_to_none=True)
+
+    def _fold_splits(self) -> None:
+        """The mean of the sub-batches' final gradients into ``.grad`` (the last one is there already)."""
+        if not self._splits_done:
+            return
+        for p, kept in self._split_sum.items():
+            if p.grad is None:
+                p.grad = kept.clone()
+            else:
+                p.grad.add_(kept)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        torch._foreach_div_(local(grads), float(self._splits_done + 1))
+
+    @torch.no_grad()
     def restore_and_step(self, step: Callable[[], Any] | None = None, *, losses: Iterable[Any] = (),
                          scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None,
                          reduce_flag: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -225,6 +273,7 @@ class PerturbedOptimizer(Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}.restore_and_step() after {self._ascents} of {self.ascent_passes()} "
                 "ascent pass(es): call perturb() after each ascent backward first")
+        self._fold_splits()
         before = {p: t for params, thetas in self._saved for p, t in zip(params, thetas)}
         self.restore()
         if step is not None:
@@ -287,7 +336,7 @@ class PerturbedOptimizer(Optimizer):
                 f"{type(self).__name__}.step() needs a closure that zeroes grads, runs forward and "
                 "backward and returns the loss; without one, use the two-call form (see the class docs)"
             )
-        results = driver.drive(self, driver.closure_pass(closure, self))
+        results = driver.drive(self, driver.closure_pass(closure, self), sub_batches=True)
         return driver.detached(results[0])
 
     # -- non-finite steps ------------------------------------------------------------------------

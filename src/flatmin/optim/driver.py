@@ -19,6 +19,16 @@ closure (`closure_pass`) or a loss function over micro-batches (`accumulate`) �
 - ``finish``: a caller whose framework must run the final pass and update itself (Lightning's
   precision plugin) takes over from there.
 
+Two rules need the data, not only gradients, and so are driven only by callers that can cut
+their batch (``sub_batches=True``, the trainer) or score examples (``probe``):
+
+- m-sharpness (``opt.ascent_splits() = G > 1``, `SAM(splits=G)`): the order above runs once per
+  contiguous sub-batch (``Pass.split`` of ``Pass.splits``), each with its own ascent from θ; the
+  sub-batches' final gradients are averaged (`PerturbedOptimizer.next_split`) into one update;
+- sharpness-sensitive data selection (``opt.select_share() < 1``, `ESAM(gamma=γ)`): after the
+  ascent, ``probe(first_result)`` returns the per-example losses at θ and at θ+ε, the rule picks
+  the examples whose loss rose most, and the final pass uses only those (``Pass.select``).
+
 Nothing here reads a tensor on the host: a step driven here makes no host–device sync.
 """
 
@@ -43,6 +53,9 @@ class Pass:
     kind: str  # "ascent" or "final"
     index: int  # 0-based position in the step
     fraction: float = 1.0  # share of the batch it uses (sub-batch ascent)
+    split: int = 0  # m-sharpness: which of the ``splits`` contiguous sub-batches it uses (split_sizes)
+    splits: int = 1
+    select: Tensor | None = None  # ESAM's data selection: indices of the examples the final pass uses
 
     @property
     def ascent(self) -> bool:
@@ -84,29 +97,40 @@ def drive(opt: Any, grad_pass: GradPass, *, model: nn.Module | None = None,
           scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None,
           on_pass: Callable[[Pass, Any], None] | None = None,
           reduce_flag: Callable[[Tensor], Tensor] | None = None,
-          finish: Callable[[], Any] | None = None) -> list[Any]:
-    """One step of a perturbation rule ``opt``; returns every pass's result, in order."""
+          finish: Callable[[], Any] | None = None,
+          probe: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
+          sub_batches: int | bool = False) -> list[Any]:
+    """One step of a perturbation rule ``opt``; returns every pass's result, in order.
+
+    ``sub_batches``: True when ``grad_pass`` honours ``Pass.split``; a number (the batch size) also
+    caps the sub-batches at one example each.
+    """
+    splits, share = _needs(opt, finish, probe, sub_batches)
     results: list[Any] = []
     try:
         opt.begin_step()
-        n = opt.ascent_passes()
-        for i in range(n):
-            p = Pass("ascent", i, opt.batch_fraction(True))
-            with _bn_guard(model, freeze=i > 0):
+        for s in range(splits):
+            if s:
+                opt.next_split()
+            n = opt.ascent_passes()
+            for i in range(n):
+                p = Pass("ascent", len(results), opt.batch_fraction(True), s, splits)
+                with _bn_guard(model, freeze=i > 0):  # each (sub-)batch's first pass is at θ
+                    results.append(grad_pass(p))
+                if on_pass is not None:
+                    on_pass(p, results[-1])
+                opt.perturb(grad_scale(scaler))
+                opt.zero_grad(set_to_none=True)
+            if finish is not None:
+                with _bn_guard(model, freeze=n > 0):
+                    results.append(finish())
+                return results
+            with _bn_guard(model, freeze=n > 0 or s > 0):
+                select = opt.select(*probe(results[0])) if share < 1 else None
+                p = Pass("final", len(results), opt.batch_fraction(False), s, splits, select)
                 results.append(grad_pass(p))
             if on_pass is not None:
                 on_pass(p, results[-1])
-            opt.perturb(grad_scale(scaler))
-            opt.zero_grad(set_to_none=True)
-        if finish is not None:
-            with _bn_guard(model, freeze=n > 0):
-                results.append(finish())
-            return results
-        p = Pass("final", n, opt.batch_fraction(False))
-        with _bn_guard(model, freeze=n > 0):
-            results.append(grad_pass(p))
-        if on_pass is not None:
-            on_pass(p, results[-1])
     except BaseException:
         opt.restore()  # θ back whatever happened; the step is abandoned
         raise
@@ -115,16 +139,38 @@ def drive(opt: Any, grad_pass: GradPass, *, model: nn.Module | None = None,
     return results
 
 
+def _needs(opt: Any, finish: Any, probe: Any, sub_batches: int | bool) -> tuple[int, float]:
+    """The rule's sub-batches and selected share, refused where this caller cannot provide them."""
+    splits = opt.ascent_splits() if hasattr(opt, "ascent_splits") else 1
+    share = opt.select_share() if hasattr(opt, "select_share") else 1.0
+    name = type(opt).__name__
+    if splits > 1 and (not sub_batches or finish is not None):
+        raise ValueError(f"{name}(splits={splits}) takes one ascent per sub-batch (m-sharpness), which this "
+                         "caller cannot cut its batch into: use the trainer, step(closure) with a closure "
+                         "taking split= and splits=, or drive(..., sub_batches=True)")
+    if splits > 1 and sub_batches is not True:
+        splits = min(splits, int(sub_batches))
+    if share < 1 and (probe is None or finish is not None):
+        raise ValueError(f"{name}(gamma={share}) selects the examples of its final pass from per-example "
+                         "losses, which this caller does not provide: use the trainer, the two-call form "
+                         "with opt.select(loss_before, loss_after), or drive(..., probe=...)")
+    return splits, share
+
+
 def closure_pass(closure: Callable[..., Any], opt: Any) -> GradPass:
     """A pass from a ``step(closure)`` closure (it zeroes, runs forward and backward itself).
 
-    A rule that uses part of the batch for its ascent calls ``closure(ascent=True/False)``.
+    A rule that uses part of the batch for its ascent calls ``closure(ascent=True/False)``; m-sharpness
+    calls ``closure(split=s, splits=G)``: the mean loss of sub-batch s of G (`sub_batch`).
     """
     sliced = opt.batch_fraction(True) < 1 or opt.batch_fraction(False) < 1
 
     def run(p: Pass) -> Any:
+        kwargs: dict[str, Any] = {"ascent": p.ascent} if sliced else {}
+        if p.splits > 1:
+            kwargs.update(split=p.split, splits=p.splits)
         with torch.enable_grad():
-            result = closure(ascent=p.ascent) if sliced else closure()
+            result = closure(**kwargs)
         if result is None:
             name = getattr(closure, "__qualname__", repr(closure))
             raise TypeError(f"the closure {name} returned None; it must return the loss (or (outputs, loss)) "
@@ -166,3 +212,10 @@ def split_sizes(n: int, k: int) -> list[int]:
     """K contiguous micro-batch sizes of a batch of n, differing by at most one (empty ones dropped)."""
     k = max(1, min(k, n))
     return [len(c) for c in torch.arange(n).tensor_split(k)]
+
+
+def sub_batch(n: int, split: int, splits: int) -> slice:
+    """The examples of sub-batch ``split`` of ``splits`` (contiguous, as the trainer cuts them)."""
+    sizes = split_sizes(n, splits)
+    start = sum(sizes[:split])
+    return slice(start, start + sizes[split])

@@ -39,6 +39,12 @@ def first_step(opt: PerturbedOptimizer, zero_grad: bool) -> None:
 class SAM(PerturbedOptimizer):
     """SAM/ASAM around any base optimizer; θ is restored bit for bit after the perturbed pass.
 
+    ``splits = G > 1`` is m-sharpness (Foret et al. §4.1, m = B/G): the batch is cut into G
+    contiguous sub-batches, each takes its own ascent from w and its own gradient at w + e_k(w), and
+    the update uses their mean (the authors' per-device ascent, then ``pmean``). ``step(closure)``
+    then calls ``closure(split=k, splits=G)``, which returns the mean loss of sub-batch k
+    (`flatmin.optim.driver.sub_batch` gives its slice); the two-call form has no sub-batches.
+
     ``step(closure)`` calls the closure twice (at w, then at w + e(w)) and returns the first
     result, detached; a non-finite loss restores w, skips the update on the device and
     :class:`flatmin.errors.NonFiniteLossError` at the next ``poll()``. For loops without a closure::
@@ -54,6 +60,7 @@ class SAM(PerturbedOptimizer):
         rho: float = 0.05,
         adaptive: bool = False,
         *,
+        splits: int = 1,
         foreach: bool | None = None,
         check_finite: bool = True,
         nonfinite: str | None = None,
@@ -61,8 +68,16 @@ class SAM(PerturbedOptimizer):
     ) -> None:
         defaults = dict(rho=rho, adaptive=bool(adaptive))
         self.validate_group(defaults)
+        if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+            raise ValueError(f"splits must be a positive integer (sub-batches with their own ascent), "
+                             f"got {splits!r}")
         super().__init__(params, defaults, base_optimizer, base_kwargs,
                          foreach=foreach, check_finite=check_finite, nonfinite=nonfinite)
+        self.splits = splits
+
+    def ascent_splits(self) -> int:
+        """m-sharpness: each of ``splits`` sub-batches ascends from θ on its own gradient."""
+        return self.splits
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """ρ ≥ 0 and finite."""

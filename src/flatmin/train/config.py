@@ -56,6 +56,7 @@ class TrainConfig:
     reuse_every: int = 1
     ascent_fraction: float = 1.0
     rho: float | None = None  # SAM/ASAM radius; also the radius of SAM's family (gsam, fsam, ..., msam)
+    sam_splits: int = 1  # SAM/ASAM m-sharpness: sub-batches with their own ascent (m = batch / splits)
     gsam_alpha: float = 0.4  # GSAM α (Zhuang et al. 2022)
     fsam_sigma: float = 1.0  # FriendlySAM σ and λ (Li et al. 2024)
     fsam_lmbda: float = 0.9
@@ -64,6 +65,7 @@ class TrainConfig:
     wsam_gamma: float = 0.9  # WSAM γ (Yue et al. 2023)
     bsam_num_data: int | None = None  # bSAM N (None: the dataset preset, its training-set size)
     esam_beta: float = 0.5  # ESAM's stochastic weight perturbation β (Du et al. 2022)
+    esam_gamma: float = 0.5  # ESAM's data selection γ: share of the batch in the final pass (authors' 0.5)
     # execution
     seed: int = 0
     device: str = "cpu"
@@ -162,7 +164,7 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
 
 def validate(c: TrainConfig) -> None:
     """Bad values get a ValueError naming the field."""
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "accumulate"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "accumulate", "sam_splits"):
         if not isinstance(getattr(c, key), int) or getattr(c, key) < 1:
             raise ConfigError(f"{key} must be a positive integer, got {getattr(c, key)!r}")
     for key in ("lr", "weight_decay", "momentum", "epsilon", "inner_lr", "rho", "rmp_radius",

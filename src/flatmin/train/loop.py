@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from flatmin.data import Dataset, Split, load_dataset
@@ -26,7 +27,7 @@ from flatmin.logging import LOG, RunLogger, read_epochs
 from flatmin.metrics import MetricAccumulator
 from flatmin.models import create_model
 from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive
-from flatmin.optim.driver import grad_scale, head_size
+from flatmin.optim.driver import grad_scale, head_size, split_sizes
 from flatmin.optim.sharded import local, norm_reducer
 from flatmin.provenance import device_name, git_commit, versions
 from flatmin.train import checkpoint as ckpt
@@ -104,6 +105,8 @@ def train_step(net: nn.Module, model: nn.Module, opt: PerturbedOptimizer, batch:
 
     def grad_pass(p: Pass) -> tuple[Tensor, Tensor]:
         part = batch if p.fraction >= 1 else batch.head(head_size(len(batch.x), p.fraction))
+        part = part.split(p.splits)[p.split] if p.splits > 1 else part  # m-sharpness: one sub-batch
+        part = part.take(p.select) if p.select is not None else part  # ESAM: the selected examples
         micro = part.split(ctx.cfg.accumulate)
         weights = [len(m.x) / len(part.x) for m in micro]
         with ctx.dist.ascent_context(net) if p.ascent else contextlib.nullcontext():
@@ -111,18 +114,32 @@ def train_step(net: nn.Module, model: nn.Module, opt: PerturbedOptimizer, batch:
                                       no_sync=ctx.dist.no_sync(net))
         return torch.cat(logits), loss if weight == 1 else loss / weight
 
+    def probe(first: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-example cross-entropy at θ (the first pass's logits) and at θ+ε (a forward, no graph)."""
+        with torch.no_grad(), ctx.autocast():
+            after = F.cross_entropy(_full(net(batch.x)).float(), batch.y, reduction="none")
+        return F.cross_entropy(_full(first[0]).float(), batch.y, reduction="none"), after
+
+    at_theta: list[tuple[Tensor, Tensor]] = []  # m-sharpness: each sub-batch's pass at θ
+
     def on_pass(p: Pass, result: tuple[Tensor, Tensor]) -> None:
         if p.index == 0:  # ‖∇J‖ of the step's first pass (at θ, unless the rule perturbs first)
             seen["gnorm"] = grad_norm(model, grad_scale(ctx.scaler))
-        if p.fraction >= 1 and "reported" not in seen:
+        if p.splits > 1 and p.ascent:
+            at_theta.append(result)
+        elif p.fraction >= 1 and p.select is None and "reported" not in seen:
             seen["reported"] = result
         if stats is not None and not p.ascent:  # at θ+Δ, before θ is restored
             stats["delta_norm"] = opt.perturbation_norm()
-            if seen["reported"] is not result:
+            if "reported" in seen and seen["reported"] is not result and p.select is None:
                 stats["loss_gap"] = result[1] - seen["reported"][1]
 
     drive(opt, grad_pass, model=model, scaler=ctx.scaler, max_grad_norm=ctx.cfg.grad_clip, on_pass=on_pass,
-          reduce_flag=ctx.dist.reduce_flag)
+          reduce_flag=ctx.dist.reduce_flag, probe=probe, sub_batches=len(batch.x))
+    if at_theta:  # the batch at θ, put together from its sub-batches
+        sizes = split_sizes(len(batch.x), len(at_theta))
+        seen["reported"] = (torch.cat([r[0] for r in at_theta]),
+                            sum(r[1] * (n / len(batch.x)) for r, n in zip(at_theta, sizes)))
     logits, loss = seen["reported"]
     return loss, logits, seen["gnorm"]
 

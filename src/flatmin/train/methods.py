@@ -40,6 +40,11 @@ class Batch:
         cut = lambda t: t if t is None or t.dim() == 0 else t[start:stop]  # noqa: E731
         return Batch(self.x[start:stop], self.y[start:stop], cut(self.y2), self.lam)
 
+    def take(self, index: Tensor) -> Batch:
+        """The examples at ``index`` (ESAM's data selection; a device tensor, so no host sync)."""
+        cut = lambda t: t if t is None or t.dim() == 0 else t.index_select(0, index)  # noqa: E731
+        return Batch(cut(self.x), cut(self.y), cut(self.y2), self.lam)
+
     def split(self, k: int) -> list[Batch]:
         """K contiguous micro-batches (gradient accumulation), sizes differing by at most one."""
         if k == 1:
@@ -180,11 +185,12 @@ class AdversarialModelPerturbation(Method):
 class SharpnessAware(Method):
     """SAM (Foret et al. 2021) with radius ρ."""
 
-    name, adaptive, fields = "sam", False, ("rho",)
+    name, adaptive, fields = "sam", False, ("rho", "sam_splits")
 
     def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
         """`flatmin.SAM` around the protocol's SGD."""
-        return SAM(params, torch.optim.SGD, rho=cfg.rho, adaptive=self.adaptive, **sgd_kwargs(cfg))
+        return SAM(params, torch.optim.SGD, rho=cfg.rho, adaptive=self.adaptive, splits=cfg.sam_splits,
+                   **sgd_kwargs(cfg))
 
 
 class AdaptiveSharpnessAware(SharpnessAware):
@@ -224,8 +230,9 @@ FAMILY = (
     SamFamily("wsam", ("wsam_gamma",), lambda p, c: WSAM(p, torch.optim.SGD, rho=c.rho, gamma=c.wsam_gamma,
                                                            **sgd_kwargs(c))),
     SamFamily("bsam", ("bsam_num_data",), lambda p, c: BSAM(p, **bsam_kwargs(c))),
-    SamFamily("esam", ("esam_beta",), lambda p, c: ESAM(p, torch.optim.SGD, rho=c.rho, beta=c.esam_beta,
-                                                          seed=c.seed, **sgd_kwargs(c))),
+    SamFamily("esam", ("esam_beta", "esam_gamma"),
+              lambda p, c: ESAM(p, torch.optim.SGD, rho=c.rho, beta=c.esam_beta, gamma=c.esam_gamma,
+                                seed=c.seed, **sgd_kwargs(c))),
     SamFamily("msam", (), lambda p, c: MSAM(p, torch.optim.SGD, rho=c.rho, **sgd_kwargs(c))),
 )
 

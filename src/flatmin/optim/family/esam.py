@@ -1,5 +1,5 @@
 """ESAM — Efficient SAM (Du, Yan, Feng, Zhou, Zhen, Goh & Tan, ICLR 2022): stochastic weight
-perturbation (SWP) is here; sharpness-sensitive data selection (SDS) is NOT.
+perturbation (SWP) and sharpness-sensitive data selection (SDS).
 
 SWP, as in the authors' code (dydjw9/Efficient_SAM, ``ESAM.second_step``): after each update every
 parameter tensor independently sits out the next step's ascent pass with probability 1 − β
@@ -12,12 +12,20 @@ the draw is checkpointed. Between steps the skipped tensors have ``requires_grad
 optimizers or check gradients before the first step, or call ``release()`` to switch them back on.
 The authors use 1e-7 as the norm guard; here 1e-12 as every flatmin rule (so β = 1 ≡ SAM bit for bit).
 
-SDS (the authors' ``gamma``): the second pass uses only the γ-fraction of the batch whose
-per-example loss rose most under ε. That needs per-example losses at θ and at θ+ε *before* the final
-pass is run, and the step driver passes a pass only its share of the batch (a head, `batch_fraction`),
-not a selection made from another pass's per-example losses; so only ``gamma=1`` (no selection) is
-accepted. Under DDP the tensors a rank skips must be the same on every rank (same seed) and the
-model must tolerate parameters without gradients in the ascent pass.
+SDS (the authors' ``gamma``, their ``ESAM.step``): the final pass uses only the examples whose
+loss rose most under ε, ``instance_sharpness = l_after − l_before`` with l_before from the ascent
+pass at θ and l_after from a gradient-free forward at θ+ε. Here `select` keeps the ⌊γ·B⌋ sharpest
+examples by ``torch.topk`` (a fixed count, so no host sync). The authors take the ⌊γ·B⌋-th largest
+value as a cutoff and keep the examples *strictly* above it — ⌊γ·B⌋ − 1 of them without ties, the
+paper's γ·B only to within one — and switch selection off for γ ≥ 0.99; their gradient-free forward
+runs in train mode and so moves BatchNorm's running statistics at θ+ε, which the driver does not
+allow (every pass but the step's first leaves them alone). The per-example losses come from the
+caller: the trainer (plain cross-entropy), `driver.drive(probe=...)`, or, in the two-call form,
+``idx = opt.select(l_before, l_after)`` between ``first_step`` and the final backward on ``x[idx]``;
+``step(closure)`` cannot provide them and refuses ``gamma < 1``.
+
+Under DDP the tensors a rank skips must be the same on every rank (same seed) and the model must
+tolerate parameters without gradients in the ascent pass.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from flatmin.optim.family._common import SharpnessRule, check_unit
 
 
 class ESAM(SharpnessRule):
-    """SAM with stochastic weight perturbation: each tensor joins the ascent with probability β."""
+    """SAM with stochastic weight perturbation (each tensor joins the ascent with probability β) and
+    sharpness-sensitive data selection (the final pass on the γ share of the batch made sharpest by ε)."""
 
     def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer] = torch.optim.SGD,
                  rho: float = 0.05, beta: float = 1.0, gamma: float = 1.0, adaptive: bool = False, *,
@@ -42,14 +51,21 @@ class ESAM(SharpnessRule):
                  nonfinite: str | None = None, **base_kwargs: Any) -> None:
         check_unit("beta", beta, low_open=True)
         check_unit("gamma", gamma, low_open=True)
-        if gamma != 1:
-            raise ValueError(f"gamma={gamma!r}: ESAM's sharpness-sensitive data selection needs per-example "
-                             "losses the step driver does not pass; only gamma=1 (no selection) is available")
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive), base_kwargs,
                          foreach=foreach, check_finite=check_finite, nonfinite=nonfinite)
         self.beta, self.gamma = float(beta), float(gamma)
         self._rng = random.Random(seed)
         self._off: list[Tensor] = []  # tensors sitting out the next ascent pass
+
+    def select_share(self) -> float:
+        """γ: the share of the batch the final pass keeps."""
+        return self.gamma
+
+    def select(self, loss_before: Tensor, loss_after: Tensor) -> Tensor:
+        """The ⌊γ·B⌋ (at least one) examples whose loss rose most under ε: where the sharpness is."""
+        n = loss_before.numel()
+        k = max(1, min(n, int(n * self.gamma)))
+        return torch.topk((loss_after - loss_before).reshape(-1).float(), k).indices
 
     def _ascend(self, grad_scale: object = None) -> None:
         """Every tensor back on; ε = (ρ/β)·T²g/‖Tg‖ over the tensors that took part."""
