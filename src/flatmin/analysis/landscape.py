@@ -122,16 +122,26 @@ def plot_1d(rows: list[dict], path: Path) -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = list(dict.fromkeys(r["name"] for r in rows))
-    for k, name in enumerate(names):
+    groups = list(dict.fromkeys(_method_of(n) for n in names))  # a method's seeds share a colour
+    labelled: set[tuple[str, str]] = set()
+    for name in names:
+        group = _method_of(name)
         for split in dict.fromkeys(r["split"] for r in rows):
             sel = [r for r in rows if r["name"] == name and r["split"] == split]
-            style = dict(color=f"C{k}", ls="-" if split == "train" else "--", label=f"{name}, {split}")
+            label = None if (group, split) in labelled else f"{group}, {split}"
+            labelled.add((group, split))
+            style = dict(color=f"C{groups.index(group)}", ls="-" if split == "train" else "--", label=label)
             for ax, key in zip(axes, ("loss", "accuracy")):
                 ax.plot([r["alpha"] for r in sel], [r[key] for r in sel], **style)
     for ax, key in zip(axes, ("loss", "accuracy")):
         ax.set(xlabel="α (θ + α·δ, δ filter-normalised)", ylabel=key)
     axes[0].legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _method_of(name: str) -> str:
+    """'amp (seed 2)' → 'amp': runs of one method over seeds are drawn alike."""
+    return name.rsplit(" (seed ", 1)[0]
 
 
 def plot_2d(rows: list[dict], name: str, path: Path) -> Path:

@@ -112,11 +112,12 @@ class Plan:
 
 
 def plan(bases: list[TrainConfig], sweeps: list[dict[str, list[Any]]], seeds: list[int],
-         root: str | Path) -> Plan:
-    """Every candidate of every base config's sweep, on the tuning seeds."""
+         root: str | Path, labels: list[str] | None = None) -> Plan:
+    """Every candidate of every base config's sweep, on the tuning seeds (runs logged under ``labels``)."""
+    labels = labels or [b.method for b in bases]
     grids = [candidates(b.method, sw) for b, sw in zip(bases, sweeps)]
-    tasks = [[[make_task(b.replace(seed=s, **c), b.method, root) for s in seeds] for c in cands]
-             for b, cands in zip(bases, grids)]
+    tasks = [[[make_task(b.replace(seed=s, **c), label, root) for s in seeds] for c in cands]
+             for b, cands, label in zip(bases, grids, labels)]
     return Plan(bases, grids, tasks, list(seeds))
 
 
@@ -137,7 +138,7 @@ def choose(p: Plan, store: Store, metric: str = "error",
         cell = {"method": b.method, "dataset": b.dataset, "model": per_base[0][0].config.model,
                 "augment": b.augment}
         store.save_selection(cell, best["values"], metric, scores)
-        log(f"{b.method} on {b.dataset}: chose {_fmt(best['values'])} (mean val {metric} "
+        log(f"{per_base[0][0].label} on {b.dataset}: chose {_fmt(best['values'])} (mean val {metric} "
             f"{best['score']:.4g} over seeds {p.seeds})")
         chosen.append(best["values"])
     return chosen
@@ -161,7 +162,7 @@ def tune_and_run(bases: list[TrainConfig], labels: list[str], sweeps: list[dict[
 
     Bases with nothing to tune train alongside the tuning runs, so the cores stay busy.
     """
-    p = plan(bases, sweeps, tune_seeds, root)
+    p = plan(bases, sweeps, tune_seeds, root, labels)
 
     def final(i: int, values: dict[str, Any]) -> list[Task]:
         return [make_task(bases[i].replace(seed=s, **values), labels[i], root) for s in seeds]
