@@ -106,6 +106,27 @@ def test_msharp_differs_from_sam_and_step_closure_is_the_trainer():
     assert any(not torch.allclose(a, b) for a, b in zip(params(trainer), params(plain)))
 
 
+def test_msharp_two_call_form_with_next_split_is_the_trainer():
+    """The popular API per sub-batch: first_step, final backward, next_split(); second_step ends it."""
+    cls, kw = BASES["adam"]
+    model = tiny_model()
+    opt = SAM(model.parameters(), cls, rho=0.1, splits=3, **kw)
+    for x, y in data(6):
+        for k in range(3):
+            if k:
+                opt.next_split()
+            part = sub_batch(len(x), k, 3)
+            F.cross_entropy(model(x[part]), y[part]).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(x[part]), y[part]).backward()
+        opt.second_step(zero_grad=True)
+    trainer = by_trainer(lambda p: SAM(p, cls, rho=0.1, splits=3, **kw))
+    for a, b in zip(params(model), params(trainer)):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="next_split"):
+        opt.next_split()  # no sub-batch under way
+
+
 def test_msharp_with_one_example_per_split_and_micro_batches():
     """More sub-batches than examples: one example each; micro-batches inside a sub-batch change nothing."""
     cls, kw = BASES["sgd_momentum_wd"]

@@ -105,6 +105,11 @@ class Plan:
     grids: list[list[dict[str, Any]]]
     tasks: list[list[list[Task]]]
     seeds: list[int]
+    labels: list[str] | None = None  # each base's spec label (for the log; default: its method)
+
+    def label(self, i: int) -> str:
+        """How base i is named in the log: its spec's label (``amp:ball=per_tensor``), else its method."""
+        return self.labels[i] if self.labels else self.bases[i].method
 
     def runs(self) -> list[Task]:
         """The runs to train (bases with a single candidate need no tuning)."""
@@ -118,7 +123,7 @@ def plan(bases: list[TrainConfig], sweeps: list[dict[str, list[Any]]], seeds: li
     grids = [candidates(b.method, sw) for b, sw in zip(bases, sweeps)]
     tasks = [[[make_task(b.replace(seed=s, **c), label, root) for s in seeds] for c in cands]
              for b, cands, label in zip(bases, grids, labels)]
-    return Plan(bases, grids, tasks, list(seeds))
+    return Plan(bases, grids, tasks, list(seeds), labels)
 
 
 def choose(p: Plan, store: Store, metric: str = "error",
@@ -128,7 +133,7 @@ def choose(p: Plan, store: Store, metric: str = "error",
         raise FlatminError(f"tuning metric must be one of {', '.join(METRICS)}, got {metric!r}")
     done = {r["key"]: r["metrics"] for r in store.rows()}
     chosen = []
-    for b, cands, per_base in zip(p.bases, p.grids, p.tasks):
+    for i, (b, cands, per_base) in enumerate(zip(p.bases, p.grids, p.tasks)):
         if len(cands) <= 1:
             chosen.append(cands[0] if cands else {})
             continue
@@ -138,7 +143,7 @@ def choose(p: Plan, store: Store, metric: str = "error",
         cell = {"method": b.method, "dataset": b.dataset, "model": per_base[0][0].config.model,
                 "augment": b.augment}
         store.save_selection(cell, best["values"], metric, scores)
-        log(f"{per_base[0][0].label} on {b.dataset}: chose {_fmt(best['values'])} (mean val {metric} "
+        log(f"{p.label(i)} on {b.dataset}: chose {_fmt(best['values'])} (mean val {metric} "
             f"{best['score']:.4g} over seeds {p.seeds})")
         chosen.append(best["values"])
     return chosen

@@ -43,7 +43,8 @@ class SAM(PerturbedOptimizer):
     contiguous sub-batches, each takes its own ascent from w and its own gradient at w + e_k(w), and
     the update uses their mean (the authors' per-device ascent, then ``pmean``). ``step(closure)``
     then calls ``closure(split=k, splits=G)``, which returns the mean loss of sub-batch k
-    (`flatmin.optim.driver.sub_batch` gives its slice); the two-call form has no sub-batches.
+    (`flatmin.optim.driver.sub_batch` gives its slice); in the two-call form, call ``next_split()``
+    between one sub-batch's final backward and the next one's ``first_step``.
 
     ``step(closure)`` calls the closure twice (at w, then at w + e(w)) and returns the first
     result, detached; a non-finite loss restores w, skips the update on the device and

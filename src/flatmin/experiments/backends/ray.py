@@ -145,9 +145,15 @@ class RayBackend:
             raise
         finally:
             if in_flight:  # and wait for them to stop, so that a re-run never meets one still training
-                for ref in in_flight:
+                # Runs that finished meanwhile are stored, not cancelled: Ray 2.60 aborts the driver
+                # ("Tried to complete task that was not pending") when a cancel meets a task's reply.
+                done, running = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
+                for ref in done:
+                    self._report(ref, in_flight.pop(ref), ledger)
+                for ref in running:
                     ray.cancel(ref)
-                ray.wait(list(in_flight), num_returns=len(in_flight), timeout=CANCEL_WAIT_S)
+                if running:
+                    ray.wait(running, num_returns=len(running), timeout=CANCEL_WAIT_S)
             bar.close()
 
     @staticmethod
