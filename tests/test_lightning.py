@@ -14,7 +14,8 @@ L = pytest.importorskip("lightning", reason="the lightning extra is not installe
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from flatmin.integrations.lightning import PerturbedModule, PerturbedStep  # noqa: E402
-from flatmin.optim import AMP, BSAM, GSAM, RMP, SAM, WSAM, frozen_running_stats  # noqa: E402
+from flatmin.optim import AMP, BSAM, ESAM, GSAM, RMP, SAM, WSAM, frozen_running_stats  # noqa: E402
+from flatmin.optim.driver import sub_batch  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 STEPS = 12
@@ -216,3 +217,100 @@ def test_accumulating_under_16_mixed_scales_the_rerun_batches_too():
     assert trainer.precision_plugin.scaler.get_scale() == 2.0**16  # no overflow, no back-off
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(halves.state_dict()[k], v, rtol=0, atol=5e-3)
+
+
+class Split(Tiny):
+    """Trains on the part of the batch the current pass uses (m-sharpness, ESAM's selection)."""
+
+    def __init__(self, make, bn: bool = True) -> None:
+        super().__init__("sam", bn)
+        self.make = make
+
+    def training_step(self, batch, batch_idx):
+        self.passes[self.perturbation_pass] += 1
+        x, y = self.perturbed_batch(batch)
+        return F.cross_entropy(self(x).float(), y)
+
+    def per_example_loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x).float(), y, reduction="none")
+
+    def configure_optimizers(self):
+        return PerturbedStep(self.make(self.parameters()))
+
+
+def _msharp(p):
+    return SAM(p, torch.optim.SGD, rho=0.1, splits=3, lr=0.1, momentum=0.9)
+
+
+def _esam(p):
+    return ESAM(p, torch.optim.SGD, rho=0.1, beta=1.0, gamma=0.5, lr=0.1, momentum=0.9)
+
+
+def test_msharp_at_32_true_is_the_two_call_loop_bit_for_bit():
+    """Three sub-batches of 16 = 6+5+5, each its own ascent from θ; BN statistics move at θ only."""
+    torch.manual_seed(0)
+    module = Split(_msharp)
+    reference = Split(_msharp)
+    reference.load_state_dict(module.state_dict())
+    fit(module, "32-true")
+    assert module.passes == {"ascent": 3 * STEPS, "final": 3 * STEPS}
+    opt = _msharp(reference.parameters())
+    reference.train()
+    for step, (x, y) in enumerate(loader()):
+        if step == STEPS:
+            break
+        opt.zero_grad()
+        for k in range(3):
+            if k:
+                opt.next_split()
+            part = sub_batch(len(x), k, 3)
+            F.cross_entropy(reference(x[part]), y[part]).backward()
+            opt.first_step(zero_grad=True)
+            with frozen_running_stats(reference):
+                F.cross_entropy(reference(x[part]), y[part]).backward()
+        opt.second_step(zero_grad=True)
+    for (name, a), b in zip(module.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_esam_selection_at_32_true_is_the_two_call_loop():
+    torch.manual_seed(0)
+    module = Split(_esam, bn=False)
+    reference = Split(_esam, bn=False)
+    reference.load_state_dict(module.state_dict())
+    fit(module, "32-true")
+    opt = _esam(reference.parameters())
+    for step, (x, y) in enumerate(loader()):
+        if step == STEPS:
+            break
+        before = F.cross_entropy(reference(x), y, reduction="none")
+        before.mean().backward()
+        opt.first_step(zero_grad=True)
+        with torch.no_grad():
+            idx = opt.select(before.detach(), F.cross_entropy(reference(x), y, reduction="none"))
+        F.cross_entropy(reference(x[idx]), y[idx]).backward()
+        opt.second_step(zero_grad=True)
+    for a, b in zip(module.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("make", [_msharp, _esam], ids=["msharp", "esam_sds"])
+def test_data_rules_train_at_every_precision(make, precision):
+    torch.manual_seed(0)
+    module = Split(make)
+    before = full_loss(module)
+    trainer = fit(module, precision)
+    if precision == "16-mixed":
+        assert trainer.precision_plugin.scaler.get_scale() == 2.0**16  # no overflow, no back-off
+    assert not trainer.optimizers[0].perturbed.perturbed and trainer.global_step == STEPS
+    assert full_loss(module) < before - 0.05
+
+
+def test_esam_selection_without_per_example_loss_is_one_message():
+    class NoLoss(Split):
+        per_example_loss = None
+
+    with pytest.raises(ValueError, match="per_example_loss"):
+        fit(NoLoss(_esam), "32-true", steps=1)

@@ -48,6 +48,7 @@ from lightning.pytorch.trainer import call
 
 from flatmin.integrations._step import OptimizerView
 from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive, frozen_running_stats
+from flatmin.optim.driver import sub_batch
 
 
 class PerturbedStep(OptimizerView):
@@ -81,9 +82,34 @@ def _plus(a: Any, b: Any) -> Any:
 
 
 class PerturbedModule:
-    """LightningModule mixin: runs a `PerturbedStep` optimizer's ascent passes before Lightning's step."""
+    """LightningModule mixin: runs a `PerturbedStep` optimizer's ascent passes before Lightning's step.
+
+    Rules that need the data: with m-sharpness (`SAM(splits=G)`) and ESAM's data selection
+    (`ESAM(gamma<1)`), ``training_step`` trains on ``self.perturbed_batch(batch)`` — the sub-batch
+    and the selected examples of the current pass (the whole batch otherwise) — and, for ESAM's
+    selection, the module defines ``per_example_loss(batch) -> Tensor`` (no reduction): it is
+    evaluated at θ and at θ+ε (two gradient-free forwards) to pick the examples.
+    """
 
     perturbation_pass: str = "final"
+    perturbation_split: tuple[int, int] = (0, 1)  # (sub-batch, of how many) of the current pass
+    perturbation_select: torch.Tensor | None = None  # ESAM: the examples of the current final pass
+
+    def perturbed_batch(self, batch: Any) -> Any:
+        """The part of ``batch`` the current pass uses: its sub-batch, then its selected examples."""
+        split, splits = self.perturbation_split
+        select = self.perturbation_select
+
+        def cut(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                t = t[sub_batch(len(t), split, splits)] if splits > 1 else t
+                return t if select is None else t.index_select(0, select.to(t.device))
+            if isinstance(t, (tuple, list)):
+                return type(t)(cut(v) for v in t)
+            if isinstance(t, dict):
+                return {k: cut(v) for k, v in t.items()}
+            return t
+        return cut(batch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         """Keep the batches of the accumulation window: every pass of the step re-runs them."""
@@ -132,9 +158,16 @@ class PerturbedModule:
         raw = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> the torch optimizer
         if not isinstance(raw, PerturbedStep) or optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # type: ignore[misc]
+        window = self.__dict__.get("_perturbed_window", [])
+        current = window[-1][0] if window else None
         earlier = self._earlier_batches(batch_idx)
         opt = raw.perturbed
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
+        data_rule = opt.ascent_splits() > 1 or opt.select_share() < 1
+        if data_rule and earlier:
+            raise ValueError(f"{type(opt).__name__}: m-sharpness and data selection with "
+                             "accumulate_grad_batches > 1 are not supported in Lightning; use the trainer")
+        seen: dict[str, torch.Tensor] = {}
 
         def window_pass(first: bool) -> Any:
             # Lightning's own passes left the earlier batches' gradient at θ in .grad: it is this
@@ -143,15 +176,45 @@ class PerturbedModule:
                 return self._rerun(earlier, opt, scaler)
             return None
 
-        def ascent(p: Pass) -> Any:
-            self.perturbation_pass = "ascent"
+        def at(p: Pass) -> None:
+            self.perturbation_pass, self.perturbation_split = p.kind, (p.split, p.splits)
+            self.perturbation_select = p.select
+
+        def grad_pass(p: Pass) -> Any:
+            at(p)
+            if p.index == 0 and opt.select_share() < 1:  # ESAM: per-example losses at θ
+                seen["before"] = self._per_example(current)
+            if not p.ascent:  # m-sharpness: an earlier sub-batch's final pass
+                return optimizer_closure()
             return _plus(window_pass(p.index == 0), optimizer_closure())
 
-        def final() -> Any:
-            self.perturbation_pass = "final"
-            window_pass(opt.ascent_passes() == 0)
-            return optimizer.step(closure=optimizer_closure)  # Lightning's precision-aware step
+        def probe(_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return seen["before"], self._per_example(current)  # at θ+ε
 
-        drive(opt, ascent, model=self, scaler=scaler, finish=final)  # type: ignore[arg-type]
+        def final(p: Pass) -> Any:
+            at(p)
+            window_pass(opt.ascent_passes() == 0)
+
+            def closure() -> Any:  # the sub-batches' mean before the precision plugin unscales
+                result = optimizer_closure()
+                opt.fold_splits()
+                return result
+            return optimizer.step(closure=closure)  # Lightning's precision-aware step
+
+        try:
+            drive(opt, grad_pass, model=self, scaler=scaler, finish=final,  # type: ignore[arg-type]
+                  probe=probe if opt.select_share() < 1 else None, sub_batches=True)
+        finally:
+            self.perturbation_split, self.perturbation_select = (0, 1), None
         opt.restore()  # a step skipped by Lightning's scaler (inf/NaN) leaves θ+Δ behind: put θ back
         return None
+
+    @torch.no_grad()
+    def _per_example(self, batch: Any) -> torch.Tensor:
+        """The module's per-example losses on the whole batch (BatchNorm statistics left alone)."""
+        fn = getattr(self, "per_example_loss", None)
+        if fn is None:
+            raise ValueError("ESAM's data selection (gamma < 1) in Lightning needs the module's "
+                             "per_example_loss(batch) -> Tensor (one loss per example, no reduction)")
+        with frozen_running_stats(self):  # type: ignore[arg-type]
+            return fn(batch).detach().float().reshape(-1)

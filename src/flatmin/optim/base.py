@@ -242,8 +242,9 @@ class PerturbedOptimizer(Optimizer):
         self._ascents = 0
         self.zero_grad(set_to_none=True)
 
-    def _fold_splits(self) -> None:
-        """The mean of the sub-batches' final gradients into ``.grad`` (the last one is there already)."""
+    def fold_splits(self) -> None:
+        """The mean of the sub-batches' final gradients into ``.grad`` (the last one is there already);
+        `restore_and_step` does it, a framework that unscales first calls it after the last backward."""
         if not self._splits_done:
             return
         for p, kept in self._split_sum.items():
@@ -253,6 +254,7 @@ class PerturbedOptimizer(Optimizer):
                 p.grad.add_(kept)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         torch._foreach_div_(local(grads), float(self._splits_done + 1))
+        self._splits_done = 0
 
     @torch.no_grad()
     def restore_and_step(self, step: Callable[[], Any] | None = None, *, losses: Iterable[Any] = (),
@@ -273,7 +275,7 @@ class PerturbedOptimizer(Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}.restore_and_step() after {self._ascents} of {self.ascent_passes()} "
                 "ascent pass(es): call perturb() after each ascent backward first")
-        self._fold_splits()
+        self.fold_splits()
         before = {p: t for params, thetas in self._saved for p, t in zip(params, thetas)}
         self.restore()
         if step is not None:

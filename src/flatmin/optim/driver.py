@@ -16,8 +16,8 @@ closure (`closure_pass`) or a loss function over micro-batches (`accumulate`) �
   step on K micro-batches is the step on the whole batch;
 - ``max_grad_norm``: clipping just before the base update, on the final gradient;
 - ``on_pass``: called after each pass's gradient is complete (logging ‖∇J(θ)‖, say);
-- ``finish``: a caller whose framework must run the final pass and update itself (Lightning's
-  precision plugin) takes over from there.
+- ``finish(pass)``: a caller whose framework must run the final pass and update itself (Lightning's
+  precision plugin) takes over from there (with m-sharpness: the last sub-batch's final pass).
 
 Two rules need the data, not only gradients, and so are driven only by callers that can cut
 their batch (``sub_batches=True``, the trainer) or score examples (``probe``):
@@ -97,7 +97,7 @@ def drive(opt: Any, grad_pass: GradPass, *, model: nn.Module | None = None,
           scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None,
           on_pass: Callable[[Pass, Any], None] | None = None,
           reduce_flag: Callable[[Tensor], Tensor] | None = None,
-          finish: Callable[[], Any] | None = None,
+          finish: Callable[[Pass], Any] | None = None,
           probe: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
           sub_batches: int | bool = False) -> list[Any]:
     """One step of a perturbation rule ``opt``; returns every pass's result, in order.
@@ -121,13 +121,12 @@ def drive(opt: Any, grad_pass: GradPass, *, model: nn.Module | None = None,
                     on_pass(p, results[-1])
                 opt.perturb(grad_scale(scaler))
                 opt.zero_grad(set_to_none=True)
-            if finish is not None:
-                with _bn_guard(model, freeze=n > 0):
-                    results.append(finish())
-                return results
             with _bn_guard(model, freeze=n > 0 or s > 0):
                 select = opt.select(*probe(results[0])) if share < 1 else None
                 p = Pass("final", len(results), opt.batch_fraction(False), s, splits, select)
+                if finish is not None and s == splits - 1:  # the framework's own last pass and update
+                    results.append(finish(p))
+                    return results
                 results.append(grad_pass(p))
             if on_pass is not None:
                 on_pass(p, results[-1])
@@ -144,13 +143,13 @@ def _needs(opt: Any, finish: Any, probe: Any, sub_batches: int | bool) -> tuple[
     splits = opt.ascent_splits() if hasattr(opt, "ascent_splits") else 1
     share = opt.select_share() if hasattr(opt, "select_share") else 1.0
     name = type(opt).__name__
-    if splits > 1 and (not sub_batches or finish is not None):
+    if splits > 1 and not sub_batches:
         raise ValueError(f"{name}(splits={splits}) takes one ascent per sub-batch (m-sharpness), which this "
                          "caller cannot cut its batch into: use the trainer, step(closure) with a closure "
                          "taking split= and splits=, or drive(..., sub_batches=True)")
     if splits > 1 and sub_batches is not True:
         splits = min(splits, int(sub_batches))
-    if share < 1 and (probe is None or finish is not None):
+    if share < 1 and probe is None:
         raise ValueError(f"{name}(gamma={share}) selects the examples of its final pass from per-example "
                          "losses, which this caller does not provide: use the trainer, the two-call form "
                          "with opt.select(loss_before, loss_after), or drive(..., probe=...)")

@@ -20,7 +20,8 @@ value as a cutoff and keep the examples *strictly* above it — ⌊γ·B⌋ − 
 paper's γ·B only to within one — and switch selection off for γ ≥ 0.99; their gradient-free forward
 runs in train mode and so moves BatchNorm's running statistics at θ+ε, which the driver does not
 allow (every pass but the step's first leaves them alone). The per-example losses come from the
-caller: the trainer (plain cross-entropy), `driver.drive(probe=...)`, or, in the two-call form,
+caller: the trainer (plain cross-entropy), Lightning (the module's ``per_example_loss``),
+`driver.drive(probe=...)`, or, in the two-call form,
 ``idx = opt.select(l_before, l_after)`` between ``first_step`` and the final backward on ``x[idx]``;
 ``step(closure)`` cannot provide them and refuses ``gamma < 1``.
 
