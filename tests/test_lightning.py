@@ -12,10 +12,10 @@ from torch.nn import functional as F
 L = pytest.importorskip("lightning", reason="the lightning extra is not installed")
 
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+from tests._two_call import esam_step, msharp_step  # noqa: E402
 
 from flatmin.integrations.lightning import PerturbedModule, PerturbedStep  # noqa: E402
 from flatmin.optim import AMP, BSAM, ESAM, GSAM, RMP, SAM, WSAM, frozen_running_stats  # noqa: E402
-from flatmin.optim.driver import sub_batch  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 STEPS = 12
@@ -261,15 +261,7 @@ def test_msharp_at_32_true_is_the_two_call_loop_bit_for_bit():
         if step == STEPS:
             break
         opt.zero_grad()
-        for k in range(3):
-            if k:
-                opt.next_split()
-            part = sub_batch(len(x), k, 3)
-            F.cross_entropy(reference(x[part]), y[part]).backward()
-            opt.first_step(zero_grad=True)
-            with frozen_running_stats(reference):
-                F.cross_entropy(reference(x[part]), y[part]).backward()
-        opt.second_step(zero_grad=True)
+        msharp_step(reference, opt, x, y, 3, freeze=frozen_running_stats)
     for (name, a), b in zip(module.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -284,13 +276,7 @@ def test_esam_selection_at_32_true_is_the_two_call_loop():
     for step, (x, y) in enumerate(loader()):
         if step == STEPS:
             break
-        before = F.cross_entropy(reference(x), y, reduction="none")
-        before.mean().backward()
-        opt.first_step(zero_grad=True)
-        with torch.no_grad():
-            idx = opt.select(before.detach(), F.cross_entropy(reference(x), y, reduction="none"))
-        F.cross_entropy(reference(x[idx]), y[idx]).backward()
-        opt.second_step(zero_grad=True)
+        esam_step(reference, opt, x, y)
     for a, b in zip(module.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 

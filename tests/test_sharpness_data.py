@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from tests._two_call import esam_step, msharp_step
 from tests.test_driver import ctx_for, data, params
 from tests.test_family import TINY, Loop, _float64, norm, tiny_model  # noqa: F401 (the fixture runs here)
 from torch.nn import functional as F
@@ -112,14 +113,7 @@ def test_msharp_two_call_form_with_next_split_is_the_trainer():
     model = tiny_model()
     opt = SAM(model.parameters(), cls, rho=0.1, splits=3, **kw)
     for x, y in data(6):
-        for k in range(3):
-            if k:
-                opt.next_split()
-            part = sub_batch(len(x), k, 3)
-            F.cross_entropy(model(x[part]), y[part]).backward()
-            opt.first_step(zero_grad=True)
-            F.cross_entropy(model(x[part]), y[part]).backward()
-        opt.second_step(zero_grad=True)
+        msharp_step(model, opt, x, y, 3)
     trainer = by_trainer(lambda p: SAM(p, cls, rho=0.1, splits=3, **kw))
     for a, b in zip(params(model), params(trainer)):
         assert torch.equal(a, b)
@@ -156,14 +150,7 @@ def test_esam_two_call_form_with_select_is_the_trainer():
     model = tiny_model()
     opt = ESAM(model.parameters(), cls, rho=0.2, beta=0.6, gamma=0.5, seed=3, **kw)
     for x, y in data(6):
-        before = F.cross_entropy(model(x), y, reduction="none")
-        before.mean().backward()
-        opt.first_step(zero_grad=True)
-        with torch.no_grad():
-            idx = opt.select(before.detach(), F.cross_entropy(model(x), y, reduction="none"))
-        assert len(idx) == 6
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.second_step(zero_grad=True)
+        assert len(esam_step(model, opt, x, y)) == 6
     trainer = by_trainer(lambda p: ESAM(p, cls, rho=0.2, beta=0.6, gamma=0.5, seed=3, **kw))
     for a, b in zip(params(model), params(trainer)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests._two_call import esam_step
 from torch import nn
 from torch.nn import functional as F
 
@@ -100,16 +101,7 @@ def test_esam_two_call_form_with_selection():
     model = tiny()
     opt = RULES["esam_sds"](model.parameters(), dict(BASES["sgd"]))
 
-    def step():
-        before = F.cross_entropy(model(X), Y, reduction="none")
-        before.mean().backward()
-        opt.first_step(zero_grad=True)
-        with torch.no_grad():
-            idx = opt.select(before.detach(), F.cross_entropy(model(X), Y, reduction="none"))
-        F.cross_entropy(model(X[idx]), Y[idx]).backward()
-        opt.second_step(zero_grad=True)
-
-    assert_no_sync(step)
+    assert_no_sync(lambda: esam_step(model, opt, X, Y))
 
 
 def test_sam_first_second_step():
