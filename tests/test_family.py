@@ -8,7 +8,8 @@ import random
 
 import pytest
 import torch
-from torch import nn
+from tests.test_amp import _float64, batches, tiny_model  # noqa: F401 (the fixture runs here)
+from tests.test_efficient import closure_for, run
 from torch.nn import functional as F
 
 from flatmin import BSAM, ESAM, GSAM, MSAM, SAM, WSAM, FriendlySAM, LookSAM
@@ -16,46 +17,10 @@ from flatmin import BSAM, ESAM, GSAM, MSAM, SAM, WSAM, FriendlySAM, LookSAM
 TINY = 1e-12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-
-
-def batches(n_steps: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(n_steps)
-    ]
-
-
 BASES = {
     "sgd_nesterov_wd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-3)),
     "adam": (torch.optim.Adam, dict(lr=0.01, weight_decay=1e-3)),
 }
-
-
-def closure_for(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
-def run(model, opt, data):
-    for x, y in data:
-        opt.step(closure_for(model, opt, x, y))
-    return model
 
 
 class Loop:

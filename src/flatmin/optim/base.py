@@ -133,12 +133,16 @@ class PerturbedOptimizer(Optimizer):
         """The saved θ buffers of already-saved parameters."""
         return [self._theta[p] for p in params]
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Put θ back bit for bit and end the step; harmless when nothing is under way."""
+    def _put_back(self) -> None:
+        """θ back bit for bit from its copies (the step itself goes on)."""
         for params, thetas in self._saved:
             K.copy_(local(params), local(thetas), self.foreach)
         self._saved.clear()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put θ back bit for bit and end the step; harmless when nothing is under way."""
+        self._put_back()
         self._begun, self._ascents, self._splits_done = False, 0, 0
 
     def perturbation_norm(self) -> Tensor:
@@ -226,9 +230,7 @@ class PerturbedOptimizer(Optimizer):
         if not self._begun or self._ascents < self.ascent_passes():
             raise RuntimeError(f"{type(self).__name__}.next_split() before this sub-batch's ascent and final "
                                "pass: call it between a final backward and the next sub-batch's ascent")
-        for params, thetas in self._saved:
-            K.copy_(local(params), local(thetas), self.foreach)
-        self._saved.clear()
+        self._put_back()
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not self._splits_done:
             self._split_sum = {p: kept_buffer(self._split_sum, p) for p in params}
@@ -247,11 +249,12 @@ class PerturbedOptimizer(Optimizer):
         `restore_and_step` does it, a framework that unscales first calls it after the last backward."""
         if not self._splits_done:
             return
-        for p, kept in self._split_sum.items():
+        summed = [p for p in self._split_sum if p.grad is not None]
+        if summed:
+            torch._foreach_add_(local([p.grad for p in summed]), local([self._split_sum[p] for p in summed]))
+        for p in self._split_sum:  # a tensor the last sub-batch did not reach (rare): its sum alone
             if p.grad is None:
-                p.grad = kept.clone()
-            else:
-                p.grad.add_(kept)
+                p.grad = self._split_sum[p].clone()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         torch._foreach_div_(local(grads), float(self._splits_done + 1))
         self._splits_done = 0
