@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from flatmin.models import create_model
 from flatmin.optim import ERM, RMP, SAM, Pass, build_amp, drive
 from flatmin.optim.driver import head_size, sub_batch
-from flatmin.optim.family import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
+from flatmin.optim.rules import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
 
 SHAPES = {"cnn1d": (1, 40), "mlp": (1, 40)}  # others: CIFAR-shaped (3, 32, 32)
 SGD = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -150,7 +150,7 @@ def methods(model: nn.Module, k: int, f: float) -> dict[str, tuple[Callable, tor
         "amp_subbatch": (protocol_step, lambda p: build_amp(p, "subbatch", ascent_fraction=f, **amp)),
         "amp_onepass": (protocol_step, lambda p: build_amp(p, "onepass", **amp)),
         "authors_amp": (authors_amp_step, lambda p: torch.optim.SGD(p, **SGD)),
-        # SAM's family (flatmin.optim.family); LookSAM's k is --reuse-every (amortised like amp_reuse)
+        # SAM's family (flatmin.optim.rules); LookSAM's k is --reuse-every (amortised like amp_reuse)
         "gsam": (protocol_step, lambda p: GSAM(p, rho=0.05, **SGD)),
         "fsam": (protocol_step, lambda p: FriendlySAM(p, rho=0.05, **SGD)),
         "looksam": (protocol_step, lambda p: LookSAM(p, rho=0.05, k=k, **SGD)),

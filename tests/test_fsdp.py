@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from flatmin.errors import ConfigError
 from flatmin.optim import AMP, RMP, SAM
 from flatmin.optim.driver import closure_pass, drive
-from flatmin.optim.efficient import OnePassAMP, ReuseAMP, SubBatchAMP
+from flatmin.optim.rules.amp_variants import OnePassAMP, ReuseAMP, SubBatchAMP
 from flatmin.optim.sharded import full_state, is_sharded, shard_optimizer_state
 from flatmin.optim.syncs import count_syncs
 from flatmin.train import TrainConfig, train

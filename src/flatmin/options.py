@@ -9,67 +9,26 @@ grid file or a resumed configuration: finite, of the right kind, in range. `chec
 from __future__ import annotations
 
 import argparse
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flatmin.checks import (  # noqa: F401 (re-exported: the option types)
+    COUNT,
+    FINITE,
+    FRACTION,
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SHARE,
+    Number,
+)
 from flatmin.data.registry import canonical_name
 from flatmin.errors import ConfigError, FlatminError
 from flatmin.train.config import PRECISIONS, TrainConfig
 from flatmin.train.methods import METHODS
-
-
-@dataclass(frozen=True)
-class Number:
-    """A finite int or float in [lo, hi] (either end open or absent)."""
-
-    kind: type = float
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def describe(self) -> str:
-        """Say the rule in words, for the message that rejects a value."""
-        what = "an integer" if self.kind is int else "a finite number"
-        if self.lo is not None and self.hi is not None:
-            return (f"{what} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
-                    f"{')' if self.hi_open else ']'}")
-        if self.lo is not None:
-            return f"{what} {'>' if self.lo_open else '>='} {self.lo:g}"
-        return what
-
-    def check(self, value: Any, name: str) -> int | float:
-        """The value if it obeys the rule, else a ConfigError naming ``name``."""
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            self.kind is float or isinstance(value, int)) and math.isfinite(value)
-        if ok and self.lo is not None:
-            ok = value > self.lo if self.lo_open else value >= self.lo
-        if ok and self.hi is not None:
-            ok = value < self.hi if self.hi_open else value <= self.hi
-        if not ok:
-            raise ConfigError(f"{name} must be {self.describe()}, got {value!r}")
-        return self.kind(value)
-
-    def __call__(self, text: str) -> int | float:
-        """argparse ``type=``: parse, then check; the message says what was expected."""
-        try:
-            return self.check(self.kind(text), "value")
-        except (ValueError, ConfigError):
-            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
-
-
-POSITIVE_INT = Number(int, 1)  # batch sizes, epochs, iterations, counts
-COUNT = Number(int, 0)  # seeds
-FINITE = Number(float)
-NONNEGATIVE = Number(float, 0)  # radii, decay, step sizes of a perturbation
-POSITIVE = Number(float, 0, lo_open=True)  # learning rates, spans, sharpness radii
-FRACTION = Number(float, 0, 1, hi_open=True)  # a share held out or dropped
-SHARE = Number(float, 0, 1, lo_open=True)  # a share used: (0, 1]
 
 
 def check_device(text: str) -> str:

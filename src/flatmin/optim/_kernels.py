@@ -245,7 +245,7 @@ def random_perturb(*args, foreach: bool, **kwargs) -> None:
     (_multi_tensor_random_perturb if foreach else _single_tensor_random_perturb)(*args, **kwargs)
 
 
-# === the sharpness-aware family (flatmin.optim.family) ============================================
+# === the sharpness-aware family (flatmin.optim.rules) ============================================
 # Kept apart from the kernels above: GSAM/LookSAM/WSAM/FriendlySAM combine two gradients, BSAM keeps
 # a precision vector. Same rule: a readable single-tensor reference and a foreach twin, no host read.
 

@@ -18,10 +18,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from flatmin.errors import UnknownNameError
-from flatmin.optim.efficient import build_amp
-from flatmin.optim.family import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
-from flatmin.optim.rmp import RMP
-from flatmin.optim.sam import SAM
+from flatmin.optim.rules import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
+from flatmin.optim.rules.amp_variants import build_amp
+from flatmin.optim.rules.rmp import RMP
+from flatmin.optim.rules.sam import SAM
 
 BASES: dict[str, type[Optimizer]] = {
     "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam,

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from flatmin.errors import UnknownNameError
 from flatmin.optim import ERM, RMP, SAM, PerturbedOptimizer, build_amp, frozen_running_stats
 from flatmin.optim.driver import split_sizes
-from flatmin.optim.family import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
+from flatmin.optim.rules import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
 from flatmin.train.config import TrainConfig
 
 
@@ -200,7 +200,7 @@ class AdaptiveSharpnessAware(SharpnessAware):
 
 
 class SamFamily(Method):
-    """A member of SAM's family (`flatmin.optim.family`): radius ``rho`` plus its own fields."""
+    """A member of SAM's family (`flatmin.optim.rules`): radius ``rho`` plus its own fields."""
 
     def __init__(self, name: str, fields: tuple[str, ...],
                  make: Callable[[Iterable, TrainConfig], PerturbedOptimizer]) -> None:

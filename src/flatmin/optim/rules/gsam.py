@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import check_nonnegative
-from flatmin.optim.family._common import SharpnessRule
+from flatmin.optim.rules._common import SharpnessRule
 
 
 class GSAM(SharpnessRule):

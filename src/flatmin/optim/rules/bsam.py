@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
-from flatmin.optim.family._common import check_unit
+from flatmin.optim.rules._common import check_unit
 
 
 class VariationalUpdate(Optimizer):

@@ -19,8 +19,8 @@ from torch.optim import Optimizer
 from flatmin.optim import _kernels as K
 from flatmin.optim import driver
 from flatmin.optim.base import PerturbedOptimizer, check_nonnegative, kept_buffer
-from flatmin.optim.efficient import _by_index, _from_index, _mask_, finite_copy_
-from flatmin.optim.sam import first_step
+from flatmin.optim.rules.amp_variants import _by_index, _from_index, _mask_, finite_copy_
+from flatmin.optim.rules.sam import first_step
 
 __all__ = ["SharpnessRule", "check_unit", "finite_copy_", "_mask_"]
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin.optim.family._common import SharpnessRule, check_unit
+from flatmin.optim.rules._common import SharpnessRule, check_unit
 
 
 class ESAM(SharpnessRule):

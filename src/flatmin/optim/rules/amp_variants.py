@@ -34,8 +34,8 @@ from torch import Tensor
 
 from flatmin.errors import UnknownNameError
 from flatmin.optim import _kernels as K
-from flatmin.optim.amp import AMP
 from flatmin.optim.base import PerturbedOptimizer, kept_buffer
+from flatmin.optim.rules.amp import AMP
 from flatmin.optim.sharded import local, norm_reducer
 
 # --- kernels and helpers -------------------------------------------------------------------------

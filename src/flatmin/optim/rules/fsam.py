@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import check_nonnegative
-from flatmin.optim.family._common import SharpnessRule, _mask_, check_unit, finite_copy_
+from flatmin.optim.rules._common import SharpnessRule, _mask_, check_unit, finite_copy_
 
 
 class FriendlySAM(SharpnessRule):

@@ -20,7 +20,7 @@ Sharded parameters (FSDP2's ``fully_shard``): the same arithmetic on each rank's
 finished by one all-reduce each (`flatmin.optim.sharded`); θ and Δ are sharded like the parameters.
 
 Cheaper approximations (perturbation reuse, sub-batch ascent, one pass) live in
-`flatmin.optim.efficient`, built by name with `flatmin.optim.build_amp`.
+`flatmin.optim.rules.amp_variants`, built by name with `flatmin.optim.build_amp`.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import check_nonnegative
-from flatmin.optim.family._common import SharpnessRule, _mask_, finite_copy_
+from flatmin.optim.rules._common import SharpnessRule, _mask_, finite_copy_
 
 
 class LookSAM(SharpnessRule):

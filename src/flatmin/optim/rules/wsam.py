@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim.family._common import SharpnessRule, check_unit, finite_copy_
+from flatmin.optim.rules._common import SharpnessRule, check_unit, finite_copy_
 
 
 class WSAM(SharpnessRule):
