@@ -11,7 +11,7 @@ from torch import nn
 import flatmin
 from flatmin.errors import UnknownNameError
 from flatmin.optim import AMP, RMP, SAM, OnePassAMP, ReuseAMP, SubBatchAMP
-from flatmin.optim.factory import METHODS, param_groups
+from flatmin.optim.factory import names, param_groups
 
 
 class Net(nn.Module):
@@ -121,7 +121,7 @@ def test_any_optimizer_class_as_base_and_errors_list_the_valid_names():
         flatmin.create_optimizer(Net(), "amp", base=3)
     with pytest.raises(ValueError, match="rho"):
         flatmin.create_optimizer(Net(), "sam", lr=0.1, rho=-1.0)
-    assert set(METHODS) >= {"amp", "sam", "asam", "rmp", "amp-onepass", "amp-reuse", "amp-subbatch", "erm",
+    assert set(names()) >= {"amp", "sam", "asam", "rmp", "amp-onepass", "amp-reuse", "amp-subbatch", "erm",
                             "gsam", "fsam", "looksam", "wsam", "bsam", "esam", "msam"}
     assert isinstance(flatmin.create_optimizer(Net(), "gsam", lr=0.1, alpha=0.2), flatmin.GSAM)
     with pytest.raises(ValueError, match="num_data"):

@@ -59,3 +59,54 @@ NONNEGATIVE = Number(float, 0)  # radii, decay, step sizes of a perturbation
 POSITIVE = Number(float, 0, lo_open=True)  # learning rates, spans, sharpness radii
 FRACTION = Number(float, 0, 1, hi_open=True)  # a share held out or dropped
 SHARE = Number(float, 0, 1, lo_open=True)  # a share used: (0, 1]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a few named values (a ball, a variant): the rule for a string option."""
+
+    values: tuple[str, ...]
+
+    def describe(self) -> str:
+        """Say the rule in words."""
+        return "one of " + ", ".join(self.values)
+
+    def check(self, value: Any, name: str) -> str:
+        """The value if it is one of the choices, else a ConfigError naming ``name``."""
+        if value not in self.values:
+            raise ConfigError(f"{name} must be {self.describe()}, got {value!r}")
+        return value
+
+    def __call__(self, text: str) -> str:
+        """argparse ``type=``."""
+        try:
+            return self.check(text.strip(), "value")
+        except ConfigError:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """True or False (a switch of a rule, such as WSAM's ``decouple``)."""
+
+    def describe(self) -> str:
+        """Say the rule in words."""
+        return "true or false"
+
+    def check(self, value: Any, name: str) -> bool:
+        """The value if it is a bool, else a ConfigError naming ``name``."""
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+
+    def __call__(self, text: str) -> bool:
+        """argparse ``type=``: true/false, yes/no, 1/0."""
+        low = text.strip().lower()
+        if low in ("true", "yes", "1"):
+            return True
+        if low in ("false", "no", "0"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+UNIT = Number(float, 0, 1)  # a weight or decay in [0, 1]

@@ -23,10 +23,13 @@ from flatmin.checks import (  # noqa: F401 (re-exported: the option types)
     POSITIVE,
     POSITIVE_INT,
     SHARE,
+    Choice,
+    Flag,
     Number,
 )
 from flatmin.data.registry import canonical_name
 from flatmin.errors import ConfigError, FlatminError
+from flatmin.optim import registry
 from flatmin.train.config import PRECISIONS, TrainConfig
 from flatmin.train.methods import METHODS
 
@@ -69,6 +72,17 @@ def path(value: str) -> Path:
     return Path(text(value))
 
 
+def rule_options() -> dict[str, tuple[str, Any, str]]:
+    """The rules' flags, generated from `flatmin.optim.registry` (a shared field's help names its users)."""
+    users = registry.field_users()
+    out = {}
+    for name, h in registry.config_fields().items():
+        who = users[name]
+        help_ = h.help if len(who) == 1 else f"{h.help} ({', '.join(who)})"
+        out[h.flag] = (name, h.rule, help_.replace("%", "%%"))
+    return out
+
+
 # CLI flag -> (config field, type, help). Flags left out keep the config's (or the preset's) value.
 OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--dataset": ("dataset", text, "dataset name (mnist1d, spiral, digits, cifar10, cifar100, svhn, gtsrb, "
@@ -86,25 +100,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--augment": ("augment", text, "none, standard, cutout or autoaugment (image datasets)"),
     "--val-fraction": ("val_fraction", FRACTION, "share of the training set held out (0.1)"),
     "--data-dir": ("data_dir", text, "where the dataset files are (default: the user cache)"),
-    "--epsilon": ("epsilon", NONNEGATIVE, "AMP: radius ε of the perturbation ball"),
-    "--inner-lr": ("inner_lr", NONNEGATIVE, "AMP: inner learning rate ζ"),
-    "--inner-iter": ("inner_iter", POSITIVE_INT, "AMP: inner iterations N"),
-    "--ball": ("ball", text, "AMP/RMP: global (the paper) or per_tensor (the authors' code)"),
-    "--amp-variant": ("amp_variant", text, "AMP: exact, reuse, subbatch or onepass"),
-    "--reuse-every": ("reuse_every", POSITIVE_INT, "AMP reuse variant: new perturbation every k steps"),
-    "--sam-splits": ("sam_splits", POSITIVE_INT, "SAM/ASAM m-sharpness: sub-batches, own ascent each (1)"),
-    "--esam-gamma": ("esam_gamma", SHARE, "ESAM: share of the batch kept by data selection (0.5; 1: none)"),
-    "--ascent-fraction": ("ascent_fraction", SHARE, "AMP subbatch variant: share of the batch for ascent"),
-    "--rho": ("rho", NONNEGATIVE, "SAM/ASAM radius ρ (also gsam, fsam, looksam, wsam, bsam, esam, msam)"),
-    "--gsam-alpha": ("gsam_alpha", NONNEGATIVE, "GSAM: weight α of the surrogate-gap direction (0.4)"),
-    "--fsam-sigma": ("fsam_sigma", NONNEGATIVE, "FriendlySAM: share σ of the gradient EMA removed (1.0)"),
-    "--fsam-lmbda": ("fsam_lmbda", FRACTION, "FriendlySAM: EMA decay λ (0.9)"),
-    "--looksam-k": ("looksam_k", POSITIVE_INT, "LookSAM: exact SAM step every k steps (10)"),
-    "--looksam-alpha": ("looksam_alpha", NONNEGATIVE, "LookSAM: weight α of the reused direction (0.7)"),
-    "--wsam-gamma": ("wsam_gamma", FRACTION, "WSAM: sharpness weight γ in [0, 1) (0.9)"),
-    "--bsam-num-data": ("bsam_num_data", POSITIVE_INT, "bSAM: training-set size N (default: the dataset's)"),
-    "--esam-beta": ("esam_beta", SHARE, "ESAM: share β of tensors perturbed per step (0.5)"),
-    "--rmp-radius": ("rmp_radius", NONNEGATIVE, "RMP radius r (0.1)"),
+    **rule_options(),
     "--dropout": ("dropout", FRACTION, "dropout method: share of units dropped (0.1)"),
     "--label-smoothing": ("label_smoothing", FRACTION, "label_smoothing method: coefficient (0.2)"),
     "--flood-level": ("flood_level", NONNEGATIVE, "flooding method: level b (0.02)"),
@@ -115,7 +111,8 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--precision": ("precision", text, f"one of {', '.join(PRECISIONS)}"),
 }
 # config field -> its rule, for values that do not come from the command line (grid files, resumes).
-RULES: dict[str, Any] = {field: typ for field, typ, _ in OPTIONS.values() if isinstance(typ, Number)}
+RULES: dict[str, Any] = {field: typ for field, typ, _ in OPTIONS.values()
+                         if isinstance(typ, (Number, Choice, Flag))}
 RULES.update(eval_batch_size=POSITIVE_INT, lr_gamma=SHARE)
 
 

@@ -65,7 +65,7 @@ def parse_specs(text: str, variants: str | None = None) -> list[Spec]:
             key, sep, value = pair.partition("=")
             if not sep:
                 raise FlatminError(f"method spec {pair!r}: expected FIELD=VALUE")
-            field = tuning.field_name(key)
+            field = tuning.field_name(key, method)
             fields[field] = tuning.parse_value(field, value.strip())
         specs.append(Spec(",".join(g), method.strip(), fields))
     if not specs:

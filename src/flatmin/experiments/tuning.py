@@ -18,6 +18,7 @@ from typing import Any
 from flatmin.errors import FlatminError
 from flatmin.experiments.backends import Backend
 from flatmin.experiments.runner import METHOD_FIELDS, Task, execute, make_task
+from flatmin.optim import registry
 from flatmin.options import OPTIONS
 from flatmin.store import Store
 from flatmin.train.config import TrainConfig
@@ -39,9 +40,13 @@ def shown_fields(config: dict[str, Any]) -> dict[str, Any]:
     return own
 
 
-def field_name(name: str) -> str:
-    """A config field from a user's key (aliases, dashes); unknown names list the valid ones."""
-    name = ALIASES.get(name.strip().replace("-", "_"), name.strip().replace("-", "_"))
+def field_name(name: str, method: str | None = None) -> str:
+    """A config field from a user's key: the method's own keyword (``gsam:alpha`` is gsam_alpha, as
+    the registry declares), an alias or a field name, dashes or not; unknown names list the valid ones."""
+    key = name.strip().replace("-", "_")
+    if method is not None and (own := registry.resolve_key(method.strip(), key)) is not None:
+        return own
+    name = ALIASES.get(key, key)
     if name not in TrainConfig.__dataclass_fields__:
         raise FlatminError(f"unknown config field {name!r}; aliases: {', '.join(sorted(ALIASES))}")
     return name

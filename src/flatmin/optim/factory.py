@@ -10,7 +10,7 @@ they are used as they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,10 +18,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from flatmin.errors import UnknownNameError
-from flatmin.optim.rules import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
-from flatmin.optim.rules.amp_variants import build_amp
-from flatmin.optim.rules.rmp import RMP
-from flatmin.optim.rules.sam import SAM
+from flatmin.optim import registry
 
 BASES: dict[str, type[Optimizer]] = {
     "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
@@ -31,45 +28,10 @@ BASE_DEFAULTS: dict[str, dict[str, Any]] = {"sgd": {"momentum": 0.9, "nesterov":
 NORMS = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                           nn.LocalResponseNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
-Builder = Callable[..., Optimizer]  # (params, base class, **base kwargs and method kwargs)
 
-
-def _amp(variant: str) -> Builder:
-    """AMP or one of its efficient variants, by `build_amp`'s name."""
-    return lambda params, base, **kw: build_amp(params, variant, base_optimizer=base, **kw)
-
-
-def _plain(params: list[dict[str, Any]], base: type[Optimizer], **kw: Any) -> Optimizer:
-    """No perturbation: the base optimizer itself, with the same parameter groups."""
-    return base(params, **kw)
-
-
-def _bsam(params: list[dict[str, Any]], **kw: Any) -> Optimizer:
-    """bSAM brings its own (Adam-like) update: SGD's momentum defaults do not apply; N is required."""
-    if "num_data" not in kw:
-        raise ValueError("bsam needs num_data=N, the size of the training set (its posterior's scale)")
-    return BSAM(params, **{k: v for k, v in kw.items() if k not in ("momentum", "nesterov")})
-
-
-# One line per method: name -> builder. Method kwargs (epsilon, rho, radius, ...) go to the class.
-METHODS: dict[str, Builder] = {
-    "erm": _plain,
-    "none": _plain,
-    "amp": _amp("exact"),
-    "amp-onepass": _amp("onepass"),
-    "amp-reuse": _amp("reuse"),
-    "amp-subbatch": _amp("subbatch"),
-    "sam": lambda params, base, **kw: SAM(params, base, **kw),
-    "asam": lambda params, base, **kw: SAM(params, base, adaptive=True, **kw),
-    "rmp": lambda params, base, **kw: RMP(params, base, **kw),
-    "gsam": lambda params, base, **kw: GSAM(params, base, **kw),
-    "fsam": lambda params, base, **kw: FriendlySAM(params, base, **kw),
-    "looksam": lambda params, base, **kw: LookSAM(params, base, **kw),
-    "wsam": lambda params, base, **kw: WSAM(params, base, **kw),
-    "esam": lambda params, base, **kw: ESAM(params, base, **kw),
-    "msam": lambda params, base, **kw: MSAM(params, base, **kw),
-    "bsam": lambda params, base, **kw: _bsam(params, **kw),
-}
+def names() -> list[str]:
+    """Every name create_optimizer takes: the registry's rules and their aliases."""
+    return list(registry.names())
 
 
 def param_groups(model_or_params: nn.Module | Iterable, weight_decay: float,
@@ -107,9 +69,11 @@ def create_optimizer(model_or_params: nn.Module | Iterable, name: str = "amp", *
     ``method_kwargs`` are the method's (AMP: epsilon, inner_lr, inner_iter, ball, reuse_every,
     ascent_fraction; SAM/ASAM: rho; RMP: radius) plus any of the base optimizer's (momentum, betas).
     """
+    found = registry.names()
     key = name.lower()
-    if key not in METHODS:
-        raise UnknownNameError("optimizer", name, list(METHODS))
+    if key not in found:
+        raise UnknownNameError("optimizer", name, list(found))
+    info, fixed = found[key]
     if isinstance(base, str):
         if base.lower() not in BASES:
             raise UnknownNameError("base optimizer", base, list(BASES))
@@ -124,4 +88,6 @@ def create_optimizer(model_or_params: nn.Module | Iterable, name: str = "amp", *
     if lr is not None:
         kwargs["lr"] = lr
     groups = param_groups(model_or_params, weight_decay, no_decay_bias_and_norm)
-    return METHODS[key](groups, base, weight_decay=weight_decay, **kwargs)
+    if info.plain_in_factory:  # no perturbation: the base optimizer itself, with the same groups
+        return base(groups, weight_decay=weight_decay, **kwargs)
+    return info.build(groups, base, weight_decay=weight_decay, **fixed, **kwargs)

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flatmin.errors import ConfigError
+from flatmin.optim import registry
 
 PRECISIONS = ("32", "bf16", "fp16")
 
 
 @dataclass
-class TrainConfig:
-    """Everything that determines a run; saved with every result and checkpoint."""
+class _Protocol:
+    """The protocol, data, Table 1's non-optimizer methods and execution: the fields no rule declares."""
 
     dataset: str = "mnist1d"
     model: str | None = None
@@ -47,25 +48,6 @@ class TrainConfig:
     flood_level: float = 0.02
     mixup_alpha: float = 1.0
     adv_epsilon: float = 1.0  # FGSM step in pixel levels (of 255) of the input range
-    rmp_radius: float = 0.1
-    epsilon: float | None = None  # AMP ball radius ε
-    inner_lr: float | None = None  # AMP ζ
-    inner_iter: int = 1  # AMP N
-    ball: str | None = None  # "global" (the paper's text) or "per_tensor" (the authors' code)
-    amp_variant: str = "exact"
-    reuse_every: int = 1
-    ascent_fraction: float = 1.0
-    rho: float | None = None  # SAM/ASAM radius; also the radius of SAM's family (gsam, fsam, ..., msam)
-    sam_splits: int = 1  # SAM/ASAM m-sharpness: sub-batches with their own ascent (m = batch / splits)
-    gsam_alpha: float = 0.4  # GSAM α (Zhuang et al. 2022)
-    fsam_sigma: float = 1.0  # FriendlySAM σ and λ (Li et al. 2024)
-    fsam_lmbda: float = 0.9
-    looksam_k: int = 10  # LookSAM k and α (Liu et al. 2022)
-    looksam_alpha: float = 0.7
-    wsam_gamma: float = 0.9  # WSAM γ (Yue et al. 2023)
-    bsam_num_data: int | None = None  # bSAM N (None: the dataset preset, its training-set size)
-    esam_beta: float = 0.5  # ESAM's stochastic weight perturbation β (Du et al. 2022)
-    esam_gamma: float = 0.5  # ESAM's data selection γ: share of the batch in the final pass (authors' 0.5)
     # execution
     seed: int = 0
     device: str = "cpu"
@@ -84,7 +66,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any]) -> _Protocol:
         """Inverse of `to_dict`; unknown keys are an error, missing ones take defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         if unknown := sorted(set(d) - names):
@@ -94,9 +76,22 @@ class TrainConfig:
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)
 
-    def replace(self, **changes: Any) -> TrainConfig:
+    def replace(self, **changes: Any) -> _Protocol:
         """A copy with some fields changed (grids and sweeps)."""
         return dataclasses.replace(self, **changes)
+
+
+def _rule_fields() -> list[tuple[str, Any, Any]]:
+    """The rules' config fields (ε, ρ, gsam_alpha, ...), each with the default its registry entry gives."""
+    return [(name, Any, field(default=h.trainer_default)) for name, h in registry.config_fields().items()]
+
+
+# Everything that determines a run; saved with every result and checkpoint. The rules' own fields come
+# from `flatmin.optim.registry` (a rule registered in its own file gets its fields here without an edit).
+TrainConfig = dataclasses.make_dataclass("TrainConfig", _rule_fields(), bases=(_Protocol,))
+TrainConfig.__module__, TrainConfig.__qualname__ = __name__, "TrainConfig"
+TrainConfig.__doc__ = "Everything that determines a run; saved with every result and checkpoint."
+RULE_FIELDS = tuple(registry.config_fields())
 
 
 # Paper presets for AMP (§5.1–5.2): (model, augment) -> ε, ζ; N = 1 and the authors' per-tensor ball.
@@ -164,12 +159,11 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
 
 def validate(c: TrainConfig) -> None:
     """Bad values get a ValueError naming the field."""
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "accumulate", "sam_splits"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "accumulate"):
         if not isinstance(getattr(c, key), int) or getattr(c, key) < 1:
             raise ConfigError(f"{key} must be a positive integer, got {getattr(c, key)!r}")
-    for key in ("lr", "weight_decay", "momentum", "epsilon", "inner_lr", "rho", "rmp_radius",
-                "label_smoothing", "flood_level", "mixup_alpha", "adv_epsilon", "dropout", "gsam_alpha",
-                "fsam_sigma", "looksam_alpha"):
+    for key in ("lr", "weight_decay", "momentum", "label_smoothing", "flood_level", "mixup_alpha",
+                "adv_epsilon", "dropout"):
         v = getattr(c, key)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"{key} must be a finite number >= 0, got {v!r}")
@@ -179,9 +173,15 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     if c.dropout >= 1 or c.label_smoothing >= 1:
         raise ConfigError("dropout and label_smoothing must be < 1")
+    rule = registry.rules().get(c.method)
+    if c.fsdp and rule is not None and not rule.sharded:
+        raise ConfigError(f"--fsdp: {c.method} cannot run on sharded parameters (its registry entry says "
+                          "so); use DDP (drop --fsdp)")
     if c.fsdp and c.ddp_local_ascent:
         raise ConfigError("fsdp and ddp_local_ascent exclude each other: per-rank ascent is a DDP option")
-    if not isinstance(c.looksam_k, int) or c.looksam_k < 1:
-        raise ConfigError(f"looksam_k must be a positive integer, got {c.looksam_k!r}")
+    for name, h in registry.config_fields().items():  # the rules' fields, by the registry's rules
+        value = getattr(c, name)
+        if value is not None or h.trainer_default is not None:
+            h.rule.check(value, name)
     if c.grad_clip is not None and not c.grad_clip > 0:
         raise ConfigError(f"grad_clip must be > 0, got {c.grad_clip!r}")

@@ -1,4 +1,5 @@
-"""The methods of Table 1, each a small object the one training loop consults.
+"""The methods of Table 1, each a small object the one training loop consults; every perturbation
+rule of `flatmin.optim.registry` is one (`RuleMethod`), with no line here per rule.
 
 A method says three things: which optimizer drives the update (plain SGD, or a perturbation
 optimizer from `flatmin.optim`), how a batch is prepared (MixUp mixes, adversarial training
@@ -7,7 +8,7 @@ attacks), and what loss is minimised (label smoothing, flooding). The loop has n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flatmin.errors import UnknownNameError
-from flatmin.optim import ERM, RMP, SAM, PerturbedOptimizer, build_amp, frozen_running_stats
+from flatmin.optim import PerturbedOptimizer, frozen_running_stats, registry
 from flatmin.optim.driver import split_sizes
-from flatmin.optim.rules import BSAM, ESAM, GSAM, MSAM, WSAM, FriendlySAM, LookSAM
+from flatmin.optim.registry import RuleInfo
+from flatmin.optim.rules.erm import ERM
 from flatmin.train.config import TrainConfig
 
 
@@ -152,93 +154,31 @@ class AdversarialTraining(Method):
         return Batch((x + step * grad.sign()).detach(), batch.y)
 
 
-class RandomPerturbation(Method):
-    """RMP (§5.1): a random model perturbation of radius r = 0.1 before each gradient."""
+class RuleMethod(Method):
+    """A perturbation rule from `flatmin.optim.registry`, around the protocol's SGD (or its own update):
+    its config fields, its optimizer and what it reads from the config all come from its `RuleInfo`."""
 
-    name, fields = "rmp", ("rmp_radius", "ball")
-
-    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
-        """`flatmin.RMP` around the protocol's SGD."""
-        return RMP(params, torch.optim.SGD, radius=cfg.rmp_radius, ball=cfg.ball, **sgd_kwargs(cfg))
-
-
-class AdversarialModelPerturbation(Method):
-    """AMP (Algorithm 1) with ε, ζ, N, the ball and the efficient variant from the config."""
-
-    name = "amp"
-    fields = ("epsilon", "inner_lr", "inner_iter", "ball", "amp_variant", "reuse_every", "ascent_fraction")
-    variant_fields = {"reuse_every": ("reuse",), "ascent_fraction": ("subbatch", "reuse")}
+    def __init__(self, info: RuleInfo) -> None:
+        self.info, self.name, self.fields = info, info.name, info.fields_for()
 
     def fields_for(self, cfg: TrainConfig) -> tuple[str, ...]:
-        """AMP's fields, less the efficient-variant knobs this run's variant does not read."""
-        return tuple(f for f in self.fields
-                     if f not in self.variant_fields or cfg.amp_variant in self.variant_fields[f])
+        """The rule's fields, less those its setting does not read (AMP's reuse_every without reuse)."""
+        return self.info.fields_for(cfg.to_dict())
 
     def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
-        """`flatmin.AMP` around the protocol's SGD."""
-        return build_amp(params, cfg.amp_variant, reuse_every=cfg.reuse_every,
-                         ascent_fraction=cfg.ascent_fraction, epsilon=cfg.epsilon, inner_lr=cfg.inner_lr,
-                         inner_iter=cfg.inner_iter, base_optimizer=torch.optim.SGD, ball=cfg.ball,
-                         **sgd_kwargs(cfg))
+        """The rule with the config's values, around SGD with the protocol's momentum and decay."""
+        used = set(self.fields_for(cfg))
+        kwargs = {h.name: getattr(cfg, h.field) for h in self.info.trainer_hypers if h.field in used}
+        if self.info.from_config is not None:
+            kwargs.update(self.info.from_config(cfg))
+        if self.info.own_update:  # bSAM: its own update, its step size and decay from the protocol
+            return self.info.build(params, None, **kwargs, **self.info.protocol(cfg))
+        return self.info.build(params, torch.optim.SGD, **kwargs, **sgd_kwargs(cfg))
 
-
-class SharpnessAware(Method):
-    """SAM (Foret et al. 2021) with radius ρ."""
-
-    name, adaptive, fields = "sam", False, ("rho", "sam_splits")
-
-    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
-        """`flatmin.SAM` around the protocol's SGD."""
-        return SAM(params, torch.optim.SGD, rho=cfg.rho, adaptive=self.adaptive, splits=cfg.sam_splits,
-                   **sgd_kwargs(cfg))
-
-
-class AdaptiveSharpnessAware(SharpnessAware):
-    """ASAM (Kwon et al. 2021): SAM on the |w|-scaled sphere."""
-
-    name, adaptive = "asam", True
-
-
-class SamFamily(Method):
-    """A member of SAM's family (`flatmin.optim.rules`): radius ``rho`` plus its own fields."""
-
-    def __init__(self, name: str, fields: tuple[str, ...],
-                 make: Callable[[Iterable, TrainConfig], PerturbedOptimizer]) -> None:
-        self.name, self.fields, self._make = name, ("rho", *fields), make
-
-    def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
-        """The rule around the protocol's SGD (bSAM: its own update, see `bsam_kwargs`)."""
-        return self._make(params, cfg)
-
-
-def bsam_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """bSAM's update from the protocol: β₁ = momentum, δ = weight decay, lr = lr/(1 − momentum) — its
-    gradient mean is an average, not SGD's sum, so this gives SGD's steady step size at s = 1."""
-    return dict(num_data=cfg.bsam_num_data, lr=cfg.lr / (1 - cfg.momentum), betas=(cfg.momentum, 0.999),
-                weight_decay=cfg.weight_decay, rho=cfg.rho)
-
-
-FAMILY = (
-    SamFamily("gsam", ("gsam_alpha",), lambda p, c: GSAM(p, torch.optim.SGD, rho=c.rho, alpha=c.gsam_alpha,
-                                                           **sgd_kwargs(c))),
-    SamFamily("fsam", ("fsam_sigma", "fsam_lmbda"),
-              lambda p, c: FriendlySAM(p, torch.optim.SGD, rho=c.rho, sigma=c.fsam_sigma, lmbda=c.fsam_lmbda,
-                                       **sgd_kwargs(c))),
-    SamFamily("looksam", ("looksam_k", "looksam_alpha"),
-              lambda p, c: LookSAM(p, torch.optim.SGD, rho=c.rho, k=c.looksam_k, alpha=c.looksam_alpha,
-                                   **sgd_kwargs(c))),
-    SamFamily("wsam", ("wsam_gamma",), lambda p, c: WSAM(p, torch.optim.SGD, rho=c.rho, gamma=c.wsam_gamma,
-                                                           **sgd_kwargs(c))),
-    SamFamily("bsam", ("bsam_num_data",), lambda p, c: BSAM(p, **bsam_kwargs(c))),
-    SamFamily("esam", ("esam_beta", "esam_gamma"),
-              lambda p, c: ESAM(p, torch.optim.SGD, rho=c.rho, beta=c.esam_beta, gamma=c.esam_gamma,
-                                seed=c.seed, **sgd_kwargs(c))),
-    SamFamily("msam", (), lambda p, c: MSAM(p, torch.optim.SGD, rho=c.rho, **sgd_kwargs(c))),
-)
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method(), Dropout(), LabelSmoothing(), Flooding(), MixUp(), AdversarialTraining(),
-    RandomPerturbation(), AdversarialModelPerturbation(), SharpnessAware(), AdaptiveSharpnessAware(), *FAMILY,
+    *(RuleMethod(info) for name, info in registry.rules().items() if name != "erm"),
 )}
 
 

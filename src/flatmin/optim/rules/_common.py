@@ -19,8 +19,9 @@ from torch.optim import Optimizer
 from flatmin.optim import _kernels as K
 from flatmin.optim import driver
 from flatmin.optim.base import PerturbedOptimizer, check_nonnegative, kept_buffer
+from flatmin.optim.registry import Hyper, check_group
 from flatmin.optim.rules.amp_variants import _by_index, _from_index, _mask_, finite_copy_
-from flatmin.optim.rules.sam import first_step
+from flatmin.optim.rules.sam import ADAPTIVE, RHO, first_step
 
 __all__ = ["SharpnessRule", "check_unit", "finite_copy_", "_mask_"]
 
@@ -55,9 +56,11 @@ class SharpnessRule(PerturbedOptimizer):
                          check_finite=check_finite, nonfinite=nonfinite)
         self._kept: dict[Tensor, Tensor] = {}  # a gradient (or a direction) kept from one pass to the next
 
+    hypers: tuple[Hyper, ...] = (RHO, ADAPTIVE)  # each rule's own, from the registry's declarations
+
     def validate_group(self, group: dict[str, Any]) -> None:
-        """ρ ≥ 0 and finite."""
-        check_nonnegative("rho", group["rho"])
+        """Every hyper-parameter in the group by the registry's rules."""
+        check_group(self.hypers, group)
 
     def ascent_passes(self) -> int:
         """One ascent pass, as SAM."""

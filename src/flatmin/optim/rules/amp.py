@@ -32,9 +32,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from flatmin.checks import NONNEGATIVE, Choice, Number
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative, kept_buffer
+from flatmin.optim.base import PerturbedOptimizer, check_nonnegative, kept_buffer
+from flatmin.optim.registry import Hyper, check_group
 from flatmin.optim.sharded import local, norm_reducer
+
+BALL = Choice(("global", "per_tensor"))
+HYPERS = (
+    Hyper("epsilon", NONNEGATIVE, 0.5, "AMP: radius ε of the perturbation ball", "epsilon", None),
+    Hyper("inner_lr", NONNEGATIVE, 1.0, "AMP: inner learning rate ζ", "inner_lr", None),
+    Hyper("inner_iter", Number(int, 0), 1, "AMP: inner iterations N (ascent passes per step)", "inner_iter"),
+    Hyper("ball", BALL, "global", "AMP/RMP: global (the paper) or per_tensor (the authors' code)",
+          "ball", None),
+)
 
 
 class AMP(PerturbedOptimizer):
@@ -84,13 +95,8 @@ class AMP(PerturbedOptimizer):
         self._delta: dict[Tensor, Tensor] = {}  # Δ buffers, only for groups with N > 1
 
     def validate_group(self, group: dict[str, Any]) -> None:
-        """ε, ζ ≥ 0 and finite; N a non-negative integer; a known ball."""
-        check_nonnegative("epsilon", group["epsilon"])
-        check_nonnegative("inner_lr", group["inner_lr"])
-        n = group["inner_iter"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"inner_iter must be an integer >= 0, got {n!r}")
-        check_ball(group["ball"])
+        """ε, ζ ≥ 0 and finite; N a non-negative integer; a known ball (the registry's rules)."""
+        check_group(HYPERS, group)
 
     @property
     def inner_iter(self) -> int:
@@ -133,3 +139,4 @@ class AMP(PerturbedOptimizer):
     def _delta_buffers(self, params: list[Tensor]) -> list[Tensor]:
         """Persistent Δ storage for N > 1 (zeroed at the first iteration of each step)."""
         return [kept_buffer(self._delta, p, zero=True) for p in params]
+

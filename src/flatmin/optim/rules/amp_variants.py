@@ -25,18 +25,28 @@ Each is only a perturbation rule: the pass order is `flatmin.optim.driver`'s, as
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from flatmin.checks import SHARE, Choice, Number
 from flatmin.errors import UnknownNameError
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer, kept_buffer
-from flatmin.optim.rules.amp import AMP
+from flatmin.optim.registry import Hyper, RuleInfo, register
+from flatmin.optim.rules.amp import AMP, HYPERS
 from flatmin.optim.sharded import local, norm_reducer
+
+# AMP's cheaper variants are AMP with another source of Δ: the trainer picks one by `variant`.
+VARIANT = Hyper("variant", Choice(("exact", "reuse", "subbatch", "onepass")), "exact",
+                "AMP: exact, reuse, subbatch or onepass (the cheaper variants)", "amp_variant")
+REUSE_EVERY = Hyper("reuse_every", Number(int, 1), 5, "AMP reuse variant: new perturbation every k steps",
+                    "reuse_every", 1, used_with=("variant", ("reuse",)))
+ASCENT_FRACTION = Hyper("ascent_fraction", SHARE, 0.5, "AMP subbatch variant: share of the batch for ascent",
+                        "ascent_fraction", 1.0, used_with=("variant", ("subbatch", "reuse")))
+
 
 # --- kernels and helpers -------------------------------------------------------------------------
 
@@ -50,14 +60,12 @@ def finite_copy_(dst: list[Tensor], src: list[Tensor]) -> None:
 
 def check_reuse_every(k: Any) -> None:
     """k is a whole number of steps, at least 1 (k = 1 is exact AMP)."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"reuse_every must be an integer >= 1, got {k!r}")
+    REUSE_EVERY.check(k)
 
 
 def check_fraction(f: Any) -> None:
     """f ∈ (0, 1]: some of the batch, at most all of it (f = 1 is exact AMP)."""
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 < f <= 1:
-        raise ValueError(f"ascent_fraction must be in (0, 1], got {f!r}")
+    ASCENT_FRACTION.check(f)
 
 
 def _by_index(opt: PerturbedOptimizer, kept: dict[Tensor, Tensor]) -> dict[int, Tensor]:
@@ -237,6 +245,7 @@ class OnePassAMP(AMP):
 VARIANTS: dict[str, type[AMP]] = {
     "exact": AMP, "reuse": ReuseAMP, "subbatch": SubBatchAMP, "onepass": OnePassAMP,
 }
+assert tuple(VARIANTS) == VARIANT.rule.values, "the registry's AMP variants and VARIANTS must agree"
 
 
 def build_amp(params: Iterable, variant: str = "exact", *, reuse_every: int | None = None,
@@ -263,3 +272,23 @@ def build_amp(params: Iterable, variant: str = "exact", *, reuse_every: int | No
         if variant in ("subbatch", "reuse"):
             amp_kwargs["ascent_fraction"] = ascent_fraction
     return VARIANTS[variant](params, **amp_kwargs)
+
+
+def _build(params: Iterable, base: Any, **kwargs: Any) -> AMP:
+    """AMP or one of its variants, by the ``variant`` keyword."""
+    return build_amp(params, kwargs.pop("variant", "exact"), base_optimizer=base, **kwargs)
+
+
+register(RuleInfo(
+    "amp", AMP, "adversarial model perturbation: N clipped ascent steps inside an ε-ball (Algorithm 1)",
+    paper="Zheng, Zhang & Mao, CVPR 2021", code="hiyouga/AMP-Regularizer",
+    hypers=(*HYPERS, VARIANT, REUSE_EVERY, ASCENT_FRACTION), passes="N + 1 (reuse 1 + N/k; onepass 1)",
+    kept="θ (+Δ for N > 1, reuse, onepass)", make=_build,
+    aliases={"amp-reuse": {"variant": "reuse"}, "amp-subbatch": {"variant": "subbatch"},
+             "amp-onepass": {"variant": "onepass"}},
+    order=10, skip_resets=("delta", "grad"),  # reuse: Δ zeroed till the next refresh; onepass: no Δ
+    neutral={"epsilon": 0.0},
+    examples=({"epsilon": 0.05}, {"epsilon": 0.05, "ball": "per_tensor"}, {"epsilon": 0.05, "inner_iter": 2},
+              {"epsilon": 0.05, "variant": "reuse", "reuse_every": 2},
+              {"epsilon": 0.05, "variant": "subbatch", "ascent_fraction": 0.5},
+              {"epsilon": 0.05, "variant": "onepass"})))

@@ -33,9 +33,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from flatmin.checks import NONNEGATIVE, POSITIVE, POSITIVE_INT
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
+from flatmin.optim.registry import Hyper, RuleInfo, check_group, register
 from flatmin.optim.rules._common import check_unit
+from flatmin.optim.rules.sam import RHO
+
+NUM_DATA = Hyper("num_data", POSITIVE_INT, None, "bSAM: training-set size N (default: the dataset's)",
+                 "bsam_num_data", required=True)
+HYPERS = (NUM_DATA, RHO, Hyper("damping", NONNEGATIVE, 0.1, "bSAM: damping added to the precision"),
+          Hyper("s_init", POSITIVE, 1.0, "bSAM: the initial precision s"))
 
 
 class VariationalUpdate(Optimizer):
@@ -109,8 +117,7 @@ class BSAM(PerturbedOptimizer):
         check_finite: bool = True,
         nonfinite: str | None = None,
     ) -> None:
-        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
-            raise ValueError(f"num_data must be a positive integer (the training-set size), got {num_data!r}")
+        NUM_DATA.check(num_data)
         if adaptive:
             raise ValueError("adaptive=True is not part of bSAM (the authors' method); use adaptive=False")
         self.validate_group(dict(rho=rho, betas=betas, damping=damping, s_init=s_init))
@@ -137,19 +144,13 @@ class BSAM(PerturbedOptimizer):
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """ρ ≥ 0; β₁, β₂ in [0, 1); damping ≥ 0; s_init > 0."""
-        check_nonnegative("rho", group["rho"])
+        check_group(HYPERS, group)
         if "betas" in group:
             betas = group["betas"]
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
             check_unit("betas[0]", betas[0], high_open=True)
             check_unit("betas[1]", betas[1], high_open=True)
-        if "damping" in group:
-            check_nonnegative("damping", group["damping"])
-        if "s_init" in group:
-            check_nonnegative("s_init", group["s_init"])
-            if group["s_init"] == 0:
-                raise ValueError("s_init must be > 0 (the initial precision)")
 
     def _states(self, group: dict[str, Any]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         """The trainable parameters of a group and their bSAM state (made on first use)."""
@@ -203,3 +204,24 @@ class BSAM(PerturbedOptimizer):
         """Continue the saved noise stream."""
         if self.generator is not None and state.get("generator") is not None:
             self.generator.set_state(state["generator"])
+
+
+def _build(params: Iterable, base: Any, **kwargs: Any) -> BSAM:
+    """bSAM brings its own (Adam-like) update: SGD's momentum defaults do not apply; N is required."""
+    if kwargs.get("num_data") is None:
+        raise ValueError("bsam needs num_data=N, the size of the training set (its posterior's scale)")
+    return BSAM(params, **{k: v for k, v in kwargs.items() if k not in ("momentum", "nesterov")})
+
+
+def _protocol(cfg: Any) -> dict[str, Any]:
+    """bSAM's update from the trainer's protocol: β₁ = momentum, δ = weight decay, lr = lr/(1 − momentum) —
+    its gradient mean is an average, not SGD's sum, so this gives SGD's steady step size at s = 1."""
+    return dict(lr=cfg.lr / (1 - cfg.momentum), betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+
+
+register(RuleInfo(
+    "bsam", BSAM, "Bayesian SAM: a variational posterior learned from SAM's perturbed gradient",
+    paper="Möllenhoff & Khan, ICLR 2023", code="team-approx-bayes/bayesian-sam", hypers=HYPERS,
+    kept="θ + gm + s (own update)", own_update=True, make=_build, protocol=_protocol, neutral=None,
+    skip_resets=("gs",),  # √s·|g|: scratch the next ascent rewrites before any use
+    examples=({"num_data": 100, "rho": 0.05, "lr": 0.05},)))

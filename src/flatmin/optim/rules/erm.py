@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from flatmin.optim.base import PerturbedOptimizer
+from flatmin.optim.registry import RuleInfo, register
 
 
 class ERM(PerturbedOptimizer):
@@ -29,3 +30,8 @@ class ERM(PerturbedOptimizer):
     def ascent_passes(self) -> int:
         """No ascent pass: the gradient at θ drives the update."""
         return 0
+
+
+register(RuleInfo(
+    "erm", ERM, "no perturbation: the base optimizer under the same guarded protocol", paper="—", code="",
+    passes="1", kept="—", aliases={"none": {}}, plain_in_factory=True, order=0, neutral={}))

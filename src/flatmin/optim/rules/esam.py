@@ -39,19 +39,30 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin.optim.rules._common import SharpnessRule, check_unit
+from flatmin.checks import SHARE
+from flatmin.optim.registry import Hyper, RuleInfo, register
+from flatmin.optim.rules._common import SharpnessRule
+from flatmin.optim.rules.sam import ADAPTIVE, RHO
+
+BETA = Hyper("beta", SHARE, 1.0, "ESAM: share β of tensors perturbed per step (the trainer's 0.5)",
+             "esam_beta", 0.5)
+GAMMA = Hyper("gamma", SHARE, 1.0, "ESAM: share of the batch kept by data selection (trainer: 0.5; 1: none)",
+              "esam_gamma", 0.5)
+HYPERS = (RHO, BETA, GAMMA, ADAPTIVE)
 
 
 class ESAM(SharpnessRule):
     """SAM with stochastic weight perturbation (each tensor joins the ascent with probability β) and
     sharpness-sensitive data selection (the final pass on the γ share of the batch made sharpest by ε)."""
 
+    hypers = HYPERS
+
     def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer] = torch.optim.SGD,
                  rho: float = 0.05, beta: float = 1.0, gamma: float = 1.0, adaptive: bool = False, *,
                  seed: int = 0, foreach: bool | None = None, check_finite: bool = True,
                  nonfinite: str | None = None, **base_kwargs: Any) -> None:
-        check_unit("beta", beta, low_open=True)
-        check_unit("gamma", gamma, low_open=True)
+        BETA.check(beta)
+        GAMMA.check(gamma)
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive), base_kwargs,
                          foreach=foreach, check_finite=check_finite, nonfinite=nonfinite)
         self.beta, self.gamma = float(beta), float(gamma)
@@ -107,3 +118,11 @@ class ESAM(SharpnessRule):
         self._off = [order[i] for i in state.get("off", [])]
         for p in self._off:
             p.requires_grad_(False)
+
+
+register(RuleInfo(
+    "esam", ESAM, "efficient SAM: stochastic weight perturbation (β), sharpness-sensitive data selection (γ)",
+    paper="Du et al., ICLR 2022", code="dydjw9/Efficient_SAM", hypers=HYPERS, passes="≈ 1 + β (final on γ·B)",
+    needs="per-example losses when gamma < 1", from_config=lambda cfg: {"seed": cfg.seed},
+    neutral={"rho": 0.0, "beta": 1.0, "gamma": 1.0},
+    examples=({"rho": 0.05, "beta": 0.5}, {"rho": 0.05, "gamma": 0.5})))

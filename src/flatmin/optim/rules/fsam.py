@@ -22,13 +22,21 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from flatmin.checks import NONNEGATIVE, UNIT
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import check_nonnegative
-from flatmin.optim.rules._common import SharpnessRule, _mask_, check_unit, finite_copy_
+from flatmin.optim.registry import Hyper, RuleInfo, register
+from flatmin.optim.rules._common import SharpnessRule, _mask_, finite_copy_
+from flatmin.optim.rules.sam import ADAPTIVE, RHO
+
+HYPERS = (RHO, Hyper("sigma", NONNEGATIVE, 1.0, "FriendlySAM: share σ of the gradient EMA removed (1.0)",
+                     "fsam_sigma"),
+          Hyper("lmbda", UNIT, 0.9, "FriendlySAM: EMA decay λ in [0, 1] (0.9)", "fsam_lmbda"), ADAPTIVE)
 
 
 class FriendlySAM(SharpnessRule):
     """SAM whose ascent direction is g − σ·EMA(g); the EMA m is kept (1× params) and checkpointed."""
+
+    hypers = HYPERS
 
     def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer] = torch.optim.SGD,
                  rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9, adaptive: bool = False, *,
@@ -37,12 +45,6 @@ class FriendlySAM(SharpnessRule):
         defaults = dict(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive)
         super().__init__(params, base_optimizer, defaults, base_kwargs, foreach=foreach,
                          check_finite=check_finite, nonfinite=nonfinite)
-
-    def validate_group(self, group: dict[str, Any]) -> None:
-        """ρ, σ ≥ 0; λ in [0, 1]."""
-        super().validate_group(group)
-        check_nonnegative("sigma", group["sigma"])
-        check_unit("lmbda", group["lmbda"])
 
     def _ascend(self, grad_scale: Tensor | float | None = None) -> None:
         """d ← g − σ·m; m ← λm + (1−λ)g; then SAM's ascent along d."""
@@ -75,3 +77,10 @@ class FriendlySAM(SharpnessRule):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Continue from the saved EMA."""
         self.load_kept_state(state.get("momentum", {}))
+
+
+register(RuleInfo(
+    "fsam", FriendlySAM, "FriendlySAM: ascend along the batch-specific part of g (g − σ·EMA(g))",
+    paper="Li et al., CVPR 2024", code="nblt/F-SAM", hypers=HYPERS, kept="θ + EMA(g)",
+    skip_resets=("momentum",),  # the gradient EMA restarts from 0
+    neutral={"rho": 0.0}, examples=({"rho": 0.05},)))

@@ -24,13 +24,22 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from flatmin.checks import NONNEGATIVE
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import check_nonnegative
+from flatmin.optim.registry import Hyper, RuleInfo, register
 from flatmin.optim.rules._common import SharpnessRule
+from flatmin.optim.rules.sam import ADAPTIVE, RHO
+
+HYPERS = (RHO, Hyper("alpha", NONNEGATIVE, 0.4, "GSAM: weight α of the surrogate-gap direction (0.4)",
+                     "gsam_alpha"), ADAPTIVE,
+          Hyper("rho_min", NONNEGATIVE, None, "GSAM: ρ at lr_min (None: constant ρ; the authors' schedule)"),
+          Hyper("lr_min", NONNEGATIVE, 0.0, "GSAM: the learning rate at which ρ reaches rho_min"))
 
 
 class GSAM(SharpnessRule):
     """SAM's ascent, then the update g_p − α·(component of g orthogonal to g_p); keeps g (1× params)."""
+
+    hypers = HYPERS
 
     def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer] = torch.optim.SGD,
                  rho: float = 0.05, alpha: float = 0.4, adaptive: bool = False, *,
@@ -45,10 +54,7 @@ class GSAM(SharpnessRule):
     def validate_group(self, group: dict[str, Any]) -> None:
         """ρ, α ≥ 0; ρ_min in [0, ρ]; lr_min ≥ 0."""
         super().validate_group(group)
-        check_nonnegative("alpha", group["alpha"])
-        check_nonnegative("lr_min", group["lr_min"])
         if group["rho_min"] is not None:
-            check_nonnegative("rho_min", group["rho_min"])
             if group["rho_min"] > group["rho"]:
                 raise ValueError(f"rho_min must be <= rho, got rho_min={group['rho_min']!r} > "
                                  f"rho={group['rho']!r}")
@@ -88,3 +94,10 @@ class GSAM(SharpnessRule):
         for group, params, grads in groups:
             alpha = group["alpha"]
             K.axpby_(grads, self.kept_of(params), 1 + alpha * c, -alpha, self.foreach)
+
+
+register(RuleInfo(
+    "gsam", GSAM, "surrogate-gap guided SAM: SAM's gradient minus α·(the part of g orthogonal to it)",
+    paper="Zhuang et al., ICLR 2022", code="juntang-zhuang/GSAM", hypers=HYPERS, kept="θ + g",
+    neutral={"rho": 0.0, "alpha": 0.0, "rho_min": None},
+    examples=({"rho": 0.05, "alpha": 0.4}, {"rho": 0.05, "rho_min": 0.01})))

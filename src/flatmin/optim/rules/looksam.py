@@ -20,6 +20,7 @@ A skipped exact step keeps g_v = 0 (plain steps) until the next exact one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,13 +28,23 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from flatmin.checks import NONNEGATIVE, POSITIVE_INT
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import check_nonnegative
+from flatmin.optim.registry import Hyper, RuleInfo, register
 from flatmin.optim.rules._common import SharpnessRule, _mask_, finite_copy_
+from flatmin.optim.rules.sam import ADAPTIVE, RHO
+
+K_STEPS = Hyper("k", POSITIVE_INT, 10, "LookSAM: exact SAM step every k steps (10)", "looksam_k")
+HYPERS = (dataclasses.replace(RHO, default=0.1), K_STEPS,
+          Hyper("alpha", NONNEGATIVE, 0.7, "LookSAM: weight α of the reused direction (0.7)",
+                "looksam_alpha"),
+          ADAPTIVE)
 
 
 class LookSAM(SharpnessRule):
     """An exact SAM step every ``k`` steps (2 passes), 1 pass with the kept g_v between; g_v: 1× params."""
+
+    hypers = HYPERS
 
     def __init__(
         self,
@@ -49,8 +60,7 @@ class LookSAM(SharpnessRule):
         nonfinite: str | None = None,
         **base_kwargs: Any,
     ) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        K_STEPS.check(k)
         defaults = dict(rho=rho, alpha=alpha, adaptive=adaptive)
         super().__init__(
             params,
@@ -64,11 +74,6 @@ class LookSAM(SharpnessRule):
         self.k = k
         self._steps = 0  # steps begun
         self._exact = True  # whether the current step is an exact (two-pass) one
-
-    def validate_group(self, group: dict[str, Any]) -> None:
-        """ρ, α ≥ 0."""
-        super().validate_group(group)
-        check_nonnegative("alpha", group["alpha"])
 
     def _begin(self) -> None:
         """Every k-th step (or while no g_v is kept) is exact."""
@@ -115,3 +120,10 @@ class LookSAM(SharpnessRule):
         """Continue the k-cycle with the saved g_v."""
         self._steps = int(state.get("steps", 0))
         self.load_kept_state(state.get("g_v", {}))
+
+
+register(RuleInfo(
+    "looksam", LookSAM, "LookSAM: SAM's exact step every k steps, its orthogonal direction reused between",
+    paper="Liu et al., CVPR 2022", code="", hypers=HYPERS, passes="1 + 1/k", kept="θ + g_v",
+    skip_resets=("g_v",),  # zeroed: plain steps until the next exact one
+    neutral={"rho": 0.0, "alpha": 0.0}, examples=({"rho": 0.05, "k": 2},)))

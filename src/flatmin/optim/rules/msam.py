@@ -19,6 +19,7 @@ the skipped one did.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,7 +28,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
+from flatmin.optim.base import PerturbedOptimizer
+from flatmin.optim.registry import RuleInfo, check_group, register
+from flatmin.optim.rules.sam import RHO
+
+HYPERS = (dataclasses.replace(RHO, default=0.3),)
 
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")  # SGD; Adam, AdamW, NAdam, ...
 
@@ -45,7 +50,7 @@ class MSAM(PerturbedOptimizer):
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """ρ ≥ 0 and finite."""
-        check_nonnegative("rho", group["rho"])
+        check_group(HYPERS, group)
 
     def momentum_of(self, p: Tensor) -> Tensor | None:
         """The base optimizer's momentum of p, None before it has one."""
@@ -80,3 +85,9 @@ class MSAM(PerturbedOptimizer):
     def ascent_passes(self) -> int:
         """No ascent pass: the direction is the momentum."""
         return 0
+
+
+register(RuleInfo(
+    "msam", MSAM, "momentum-SAM: perturb along −ρ·v/‖v‖ (the base optimizer's momentum), no extra pass",
+    paper="Becker, Altrock & Risse, TMLR 2024", code="MarlonBecker/MSAM", hypers=HYPERS, passes="1",
+    neutral={"rho": 0.0}, examples=({"rho": 0.3},)))

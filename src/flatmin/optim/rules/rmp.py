@@ -18,9 +18,15 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from flatmin.checks import NONNEGATIVE
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_ball, check_nonnegative
+from flatmin.optim.base import PerturbedOptimizer
+from flatmin.optim.registry import Hyper, RuleInfo, check_group, register
+from flatmin.optim.rules.amp import HYPERS as AMP_HYPERS
 from flatmin.optim.sharded import local, shards_of
+
+BALL = next(h for h in AMP_HYPERS if h.name == "ball")  # the same option as AMP's
+HYPERS = (Hyper("radius", NONNEGATIVE, 0.1, "RMP radius r (0.1)", "rmp_radius"), BALL)
 
 
 class RMP(PerturbedOptimizer):
@@ -53,8 +59,7 @@ class RMP(PerturbedOptimizer):
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """r ≥ 0 and finite; a known ball."""
-        check_nonnegative("radius", group["radius"])
-        check_ball(group["ball"])
+        check_group(HYPERS, group)
 
     @torch.no_grad()
     def _begin(self) -> None:
@@ -74,3 +79,9 @@ class RMP(PerturbedOptimizer):
     def ascent_passes(self) -> int:
         """No ascent: the direction is random."""
         return 0
+
+
+register(RuleInfo(
+    "rmp", RMP, "random model perturbation: a uniform draw on the r-sphere before the one pass",
+    paper="Zheng et al., CVPR 2021 (§5.1 baseline)", code="", hypers=HYPERS, passes="1",
+    order=20, neutral={"radius": 0.0}, examples=({"radius": 0.05}, {"radius": 0.05, "ball": "per_tensor"})))

@@ -16,9 +16,17 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from flatmin.checks import NONNEGATIVE, POSITIVE_INT, Flag
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
+from flatmin.optim.base import PerturbedOptimizer
+from flatmin.optim.registry import Hyper, RuleInfo, check_group, register
 from flatmin.optim.sharded import local, norm_reducer
+
+RHO = Hyper("rho", NONNEGATIVE, 0.05, "radius ρ of the ascent", "rho", None)
+ADAPTIVE = Hyper("adaptive", Flag(), False, "ASAM's |w|-scaled sphere instead of SAM's")
+SPLITS = Hyper("splits", POSITIVE_INT, 1, "SAM/ASAM m-sharpness: sub-batches, own ascent each (1)",
+               "sam_splits")
+HYPERS = (RHO, ADAPTIVE, SPLITS)
 
 
 def first_step(opt: PerturbedOptimizer, zero_grad: bool) -> None:
@@ -69,9 +77,7 @@ class SAM(PerturbedOptimizer):
     ) -> None:
         defaults = dict(rho=rho, adaptive=bool(adaptive))
         self.validate_group(defaults)
-        if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-            raise ValueError(f"splits must be a positive integer (sub-batches with their own ascent), "
-                             f"got {splits!r}")
+        SPLITS.check(splits)
         super().__init__(params, defaults, base_optimizer, base_kwargs,
                          foreach=foreach, check_finite=check_finite, nonfinite=nonfinite)
         self.splits = splits
@@ -81,8 +87,8 @@ class SAM(PerturbedOptimizer):
         return self.splits
 
     def validate_group(self, group: dict[str, Any]) -> None:
-        """ρ ≥ 0 and finite."""
-        check_nonnegative("rho", group["rho"])
+        """ρ ≥ 0 and finite (the registry's rule)."""
+        check_group(HYPERS, group)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -122,3 +128,14 @@ class SAM(PerturbedOptimizer):
         self.restore_and_step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
+
+
+register(RuleInfo(
+    "sam", SAM, "sharpness-aware minimisation: one normalised ascent step to the ρ-sphere",
+    paper="Foret et al., ICLR 2021", code="google-research/sam", hypers=(RHO, SPLITS),
+    needs="sub-batches when splits > 1", order=30, neutral={"rho": 0.0},
+    examples=({"rho": 0.05}, {"rho": 0.05, "splits": 2})))
+register(RuleInfo(
+    "asam", SAM, "adaptive SAM: the ascent on the |w|-scaled sphere", paper="Kwon et al., ICML 2021",
+    code="SamsungLabs/ASAM", hypers=(RHO, SPLITS), fixed={"adaptive": True},
+    needs="sub-batches when splits > 1", order=31, neutral={"rho": 0.0}, examples=({"rho": 0.5},)))

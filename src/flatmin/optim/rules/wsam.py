@@ -25,12 +25,21 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from flatmin.checks import FRACTION, Flag
 from flatmin.optim import _kernels as K
-from flatmin.optim.rules._common import SharpnessRule, check_unit, finite_copy_
+from flatmin.optim.registry import Hyper, RuleInfo, register
+from flatmin.optim.rules._common import SharpnessRule, finite_copy_
+from flatmin.optim.rules.sam import ADAPTIVE, RHO
+
+DECOUPLE = Hyper("decouple", Flag(), True, "WSAM: the sharpness step bypasses the base optimizer")
+HYPERS = (RHO, Hyper("gamma", FRACTION, 0.9, "WSAM: sharpness weight γ in [0, 1) (0.9)", "wsam_gamma"),
+          ADAPTIVE, DECOUPLE)
 
 
 class WSAM(SharpnessRule):
     """SAM with the sharpness weighted by γ/(1−γ), optionally decoupled from the base update; keeps g."""
+
+    hypers = HYPERS
 
     def __init__(self, params: Iterable, base_optimizer: Callable[..., Optimizer] = torch.optim.SGD,
                  rho: float = 0.05, gamma: float = 0.9, adaptive: bool = False, decouple: bool = True, *,
@@ -42,11 +51,6 @@ class WSAM(SharpnessRule):
         self.decouple = bool(decouple)
         self._inv_scale: Tensor | float = 1.0  # 1/loss scale of the step (the sharpness step is unscaled)
         self._pending: list[tuple[dict[str, Any], list[Tensor]]] = []  # sharpness steps for _after_step
-
-    def validate_group(self, group: dict[str, Any]) -> None:
-        """ρ ≥ 0; γ in [0, 1)."""
-        super().validate_group(group)
-        check_unit("gamma", group["gamma"], high_open=True)
 
     @staticmethod
     def weight(group: dict[str, Any]) -> float:
@@ -86,3 +90,10 @@ class WSAM(SharpnessRule):
                 finite_copy_(sharp, sharp)
                 coef = coef * (1 - found.to(sharp[0].dtype))
             K.axpby_(params, sharp, 1.0, coef, self.foreach)
+
+
+register(RuleInfo(
+    "wsam", WSAM, "weighted SAM: sharpness as a regulariser weighted by γ/(1−γ)",
+    paper="Yue et al., KDD 2023", code="intelligent-machine-learning/dlrover (atorch)", hypers=HYPERS,
+    kept="θ + g", neutral={"rho": 0.0, "gamma": 0.0},
+    examples=({"rho": 0.05}, {"rho": 0.05, "decouple": False})))
