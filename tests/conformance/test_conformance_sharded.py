@@ -1,0 +1,125 @@
+"""The conformance matrix's multi-process cells: every registered rule on 2 gloo ranks, replicated
+(DDP) and sharded (FSDP2's ``fully_shard``), ≡ the same rule in one process on the whole batch, to
+1e-12 in float64 (the sums run in another order), with no host sync in a sharded step.
+
+One spawn of 2 ranks computes every cell (process start-up is the expensive part); each rank runs
+the one-process reference itself. Settings whose sub-batches, ascent head or example selection are per
+rank by design (m-sharpness, sub-batch AMP, ESAM's data selection) are compared in one process only
+(tests/conformance/test_conformance_step.py): their DDP step is not the one-process step, and is not
+meant to be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tests.conformance.rule_db import CASES, N, RuleCase, Step, batch, model
+
+from flatmin.optim.sharded import is_sharded
+from flatmin.optim.syncs import count_syncs
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available")
+
+SHARDABLE = [c for c in CASES if c.splits == 1 and not c.selects
+             and c.build(model().parameters()).batch_fraction(True) == 1]  # a per-rank ascent head too
+MODES = ("ddp", "fsdp")
+STEPS = 3
+TIMEOUT = 300  # a bound on the spawn, not a timing assertion
+
+
+def _wrap(mode: str, net: torch.nn.Module, unused: bool) -> torch.nn.Module:
+    """DDP or fully_shard around the matrix's model (``unused``: some tensors sit out a pass)."""
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=unused)
+    from flatmin.train.distributed import shard_model
+
+    return shard_model(net)
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if is_sharded(p) else p).detach()
+
+
+def _cell(mode: str, case: RuleCase, rank: int) -> dict:
+    """3 steps on this rank's half of each batch vs 3 one-process steps on the whole batch."""
+    ref = model()
+    ref_opt = case.build(ref.parameters())
+    torch.manual_seed(1)
+    drv = Step(ref, ref_opt, case)
+    for t in range(STEPS):
+        drv.run("drive", *batch(t))
+    # a rule that switches tensors off for its ascent (ESAM's β < 1) needs DDP's unused-parameter
+    # search, whose own host syncs are DDP's, not the rule's: that cell's syncs are not counted
+    unused = float(getattr(ref_opt, "beta", 1.0)) < 1
+    net = _wrap(mode, model(), unused)
+    opt = case.build(net.parameters())
+    torch.manual_seed(1)
+    drv = Step(net, opt, case)
+    half = slice(rank * N // 2, (rank + 1) * N // 2)
+    syncs = 0
+    for t in range(STEPS):
+        x, y = batch(t)
+        with count_syncs() as log:
+            drv.run("drive", x[half], y[half])
+        syncs += len(log) if t and not (unused and mode == "ddp") else 0  # step 0 sets state up
+    diff = max(float((_full(p) - q).abs().max()) for p, q in zip(net.parameters(), ref.parameters()))
+    return {"diff": diff, "syncs": syncs}
+
+
+def _worker(rank: int, world: int, port: int, answers: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    out = {}
+    for mode in MODES:
+        for case in SHARDABLE:
+            try:
+                out[f"{mode}/{case.id}"] = _cell(mode, case, rank)
+            except Exception as err:  # noqa: BLE001 (a failing cell is reported by its test, not the spawn)
+                out[f"{mode}/{case.id}"] = {"error": f"{type(err).__name__}: {err}",
+                                            "where": traceback.format_exc(limit=-3)}
+                torch.distributed.barrier()
+    Path(f"{answers}.{rank}").write_text(json.dumps(out))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    from tests.test_ddp import free_port
+
+    answers = str(tmp_path_factory.mktemp("conformance") / "answers")
+    ctx = mp.start_processes(_worker, args=(2, free_port(), answers), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the conformance ranks did not finish within {TIMEOUT} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+    return [json.loads(Path(f"{answers}.{r}").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", SHARDABLE, ids=lambda c: c.id)
+def test_two_ranks_equal_one_process(cells, mode, case):
+    if not case.info.sharded and mode == "fsdp":
+        pytest.skip(f"{case.info.name}: the registry says it does not run sharded (the trainer refuses it)")
+    for rank, answers in enumerate(cells):
+        got = answers[f"{mode}/{case.id}"]
+        where = f"rank {rank}: {case.id} under {mode}"
+        assert "error" not in got, f"{where}: {got.get('error')}\n{got.get('where')}"
+        assert got["diff"] < 1e-12, f"{where} is {got['diff']:.3g} from one process"
+        assert got["syncs"] == 0, f"{where}: {got['syncs']} host syncs"
