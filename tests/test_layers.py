@@ -169,7 +169,8 @@ def test_every_command_module_is_a_cli_leaf():
 
 
 @pytest.mark.parametrize("extra, expect", [
-    ({"flatmin.optim.rules.amp": {"flatmin.train.loop"}}, "optim.rules.amp (optim) -> flatmin.train.loop (train)"),
+    ({"flatmin.optim.rules.amp": {"flatmin.train.loop"}},
+     "optim.rules.amp (optim) -> flatmin.train.loop (train)"),
     ({"flatmin.analysis.radius": {"flatmin.experiments.store"}}, "(analysis) -> flatmin.experiments.store"),
     ({"flatmin.experiments.grid": {"flatmin.train.cli"}}, "only the dispatcher imports a CLI module"),
 ])
