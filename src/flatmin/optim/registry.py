@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flatmin.checks import Choice, Flag, Number
-from flatmin.errors import ConfigError, UnknownNameError
+from flatmin.errors import UnknownNameError
 
 Rule = Number | Choice | Flag
 _MISSING: Any = object()
@@ -70,7 +70,7 @@ class RuleInfo:
     code: str  # the authors' code ("" when they released none)
     hypers: tuple[Hyper, ...] = ()
     passes: str = "2"  # forward/backward passes per step
-    kept: str = "θ"  # memory kept between steps, in parameter sizes
+    kept: str = "—"  # memory kept between steps beyond θ's copy, in parameter sizes
     needs: str = ""  # what a caller must provide beyond gradients (sub-batches, per-example losses)
     sharded: bool = True  # runs under FSDP (False: the trainer refuses --fsdp with it)
     fixed: Mapping[str, Any] = field(default_factory=dict)  # class keywords this name fixes (asam: adaptive)
@@ -179,11 +179,6 @@ def check_group(hypers: Iterable[Hyper], group: Mapping[str, Any]) -> None:
             h.check(group[h.name])
 
 
-def check_kwargs(hypers: Iterable[Hyper], **values: Any) -> None:
-    """`check_group` for keyword arguments (a class checking its constructor's values)."""
-    check_group(hypers, values)
-
-
 def config_fields() -> dict[str, Hyper]:
     """Every trainer config field a rule declares, by field (the first declaration; shared ones agree)."""
     out: dict[str, Hyper] = {}
@@ -202,11 +197,6 @@ def field_users() -> dict[str, list[str]]:
     return out
 
 
-def hyper_of_field(name: str) -> Hyper | None:
-    """The hyper-parameter behind a config field, None for a protocol field."""
-    return config_fields().get(name)
-
-
 def resolve_key(method: str, key: str) -> str | None:
     """A spec's key for a method (``gsam:alpha=0.2``): the config field of that rule's hyper-parameter."""
     info = rules().get(method)
@@ -219,18 +209,29 @@ def resolve_key(method: str, key: str) -> str | None:
 
 
 def table() -> str:
-    """The docs' table of rules, as markdown (README.md carries it; a test holds them equal)."""
-    rows = ["| rule | class | paper | authors' code | passes/step | kept | hyper-parameters (trainer flag) |",
-            "|---|---|---|---|---|---|---|"]
+    """The docs' table of rules, as markdown (docs/rules.md; a test holds them equal)."""
+    rows = ["| rule | class | what it does | passes/step | kept beyond θ | hyper-parameters: default "
+            "(trainer flag) | paper · authors' code | needs |", "|---|---|---|---|---|---|---|---|"]
     for info in rules().values():
-        hypers = ", ".join(f"`{h.name}`" + (f" (`{h.flag}`)" if h.flag else "") for h in info.hypers) or "—"
-        extra = f"; needs {info.needs}" if info.needs else ""
-        extra += "" if info.sharded else "; not under FSDP"
-        rows.append(f"| `{info.name}` | `{info.cls.__name__}` | {info.paper} | {info.code or '—'} | "
-                    f"{info.passes}{extra} | {info.kept} | {hypers} |")
+        hypers = "; ".join(f"`{h.name}={h.default!r}`" + (f" (`{h.flag}`)" if h.flag else "")
+                           for h in info.hypers) or "—"
+        needs = [info.needs] if info.needs else []
+        needs += [] if info.sharded else ["not under FSDP"]
+        needs += [f"a skipped step resets {', '.join(info.skip_resets)}"] if info.skip_resets else []
+        source = f"{info.paper} · {info.code or '—'}"
+        rows.append(f"| `{info.name}` | `{info.cls.__name__}` | {info.summary} | {info.passes} | "
+                    f"{info.kept} | {hypers} | {source} | {'; '.join(needs) or '—'} |")
     return "\n".join(rows)
 
 
-def unknown_field_error(name: str) -> ConfigError:
-    """The message for a field no rule and no protocol declares."""
-    return ConfigError(f"unknown rule field {name!r}; rule fields: {', '.join(sorted(config_fields()))}")
+DOCS_COMMAND = "python -m flatmin.optim > docs/rules.md"
+
+
+def docs() -> str:
+    """docs/rules.md: every registered rule, generated from this registry (tests/test_registry.py holds
+    the file equal to it; after registering a rule, regenerate it with `DOCS_COMMAND`)."""
+    return (f"# The rules\n\nGenerated from `flatmin.optim.registry` by `{DOCS_COMMAND}`; do not edit.\n"
+            "Each rule's file in `src/flatmin/optim/rules/` says where it follows its authors and where it "
+            "differs;\n[family.md](family.md) has the benchmark. Every rule keeps θ's copy (1× the "
+            "parameters) besides what the table lists.\n\n" + table() + "\n")
+

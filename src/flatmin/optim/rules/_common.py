@@ -50,7 +50,6 @@ class SharpnessRule(PerturbedOptimizer):
                  base_kwargs: dict[str, Any], *, foreach: bool | None, check_finite: bool,
                  nonfinite: str | None) -> None:
         defaults = {"adaptive": False, **defaults}
-        defaults["adaptive"] = bool(defaults["adaptive"])
         self.validate_group(defaults)
         super().__init__(params, defaults, base_optimizer, base_kwargs, foreach=foreach,
                          check_finite=check_finite, nonfinite=nonfinite)

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from flatmin.checks import SHARE, Choice, Number
-from flatmin.errors import UnknownNameError
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer, kept_buffer
 from flatmin.optim.registry import Hyper, RuleInfo, register
@@ -256,8 +255,7 @@ def build_amp(params: Iterable, variant: str = "exact", *, reuse_every: int | No
     the neutral values (1, 1.0) are accepted with every variant, anything else is a ValueError.
     ``amp_kwargs`` are `AMP`'s (epsilon, inner_lr, inner_iter, base_optimizer, ball, lr, ...).
     """
-    if variant not in VARIANTS:
-        raise UnknownNameError("AMP variant", variant, list(VARIANTS))
+    VARIANT.check(variant)
     if reuse_every is not None:
         check_reuse_every(reuse_every)
         if reuse_every != 1 and variant != "reuse":
@@ -283,7 +281,7 @@ register(RuleInfo(
     "amp", AMP, "adversarial model perturbation: N clipped ascent steps inside an ε-ball (Algorithm 1)",
     paper="Zheng, Zhang & Mao, CVPR 2021", code="hiyouga/AMP-Regularizer",
     hypers=(*HYPERS, VARIANT, REUSE_EVERY, ASCENT_FRACTION), passes="N + 1 (reuse 1 + N/k; onepass 1)",
-    kept="θ (+Δ for N > 1, reuse, onepass)", make=_build,
+    kept="Δ (N > 1, reuse); g (onepass)", make=_build,
     aliases={"amp-reuse": {"variant": "reuse"}, "amp-subbatch": {"variant": "subbatch"},
              "amp-onepass": {"variant": "onepass"}},
     order=10, skip_resets=("delta", "grad"),  # reuse: Δ zeroed till the next refresh; onepass: no Δ

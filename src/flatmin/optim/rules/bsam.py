@@ -222,6 +222,6 @@ def _protocol(cfg: Any) -> dict[str, Any]:
 register(RuleInfo(
     "bsam", BSAM, "Bayesian SAM: a variational posterior learned from SAM's perturbed gradient",
     paper="Möllenhoff & Khan, ICLR 2023", code="team-approx-bayes/bayesian-sam", hypers=HYPERS,
-    kept="θ + gm + s (own update)", own_update=True, make=_build, protocol=_protocol, neutral=None,
+    kept="gm, s, √s·g (own update)", own_update=True, make=_build, protocol=_protocol, neutral=None,
     skip_resets=("gs",),  # √s·|g|: scratch the next ascent rewrites before any use
     examples=({"num_data": 100, "rho": 0.05, "lr": 0.05},)))

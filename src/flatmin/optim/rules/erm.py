@@ -34,4 +34,4 @@ class ERM(PerturbedOptimizer):
 
 register(RuleInfo(
     "erm", ERM, "no perturbation: the base optimizer under the same guarded protocol", paper="—", code="",
-    passes="1", kept="—", aliases={"none": {}}, plain_in_factory=True, order=0, neutral={}))
+    passes="1", aliases={"none": {}}, plain_in_factory=True, order=0, neutral={}))

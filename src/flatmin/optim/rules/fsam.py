@@ -81,6 +81,6 @@ class FriendlySAM(SharpnessRule):
 
 register(RuleInfo(
     "fsam", FriendlySAM, "FriendlySAM: ascend along the batch-specific part of g (g − σ·EMA(g))",
-    paper="Li et al., CVPR 2024", code="nblt/F-SAM", hypers=HYPERS, kept="θ + EMA(g)",
+    paper="Li et al., CVPR 2024", code="nblt/F-SAM", hypers=HYPERS, kept="EMA of g",
     skip_resets=("momentum",),  # the gradient EMA restarts from 0
     neutral={"rho": 0.0}, examples=({"rho": 0.05},)))

@@ -98,6 +98,6 @@ class GSAM(SharpnessRule):
 
 register(RuleInfo(
     "gsam", GSAM, "surrogate-gap guided SAM: SAM's gradient minus α·(the part of g orthogonal to it)",
-    paper="Zhuang et al., ICLR 2022", code="juntang-zhuang/GSAM", hypers=HYPERS, kept="θ + g",
+    paper="Zhuang et al., ICLR 2022", code="juntang-zhuang/GSAM", hypers=HYPERS, kept="g",
     neutral={"rho": 0.0, "alpha": 0.0, "rho_min": None},
     examples=({"rho": 0.05, "alpha": 0.4}, {"rho": 0.05, "rho_min": 0.01})))

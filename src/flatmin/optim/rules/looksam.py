@@ -124,6 +124,6 @@ class LookSAM(SharpnessRule):
 
 register(RuleInfo(
     "looksam", LookSAM, "LookSAM: SAM's exact step every k steps, its orthogonal direction reused between",
-    paper="Liu et al., CVPR 2022", code="", hypers=HYPERS, passes="1 + 1/k", kept="θ + g_v",
+    paper="Liu et al., CVPR 2022", code="", hypers=HYPERS, passes="1 + 1/k", kept="g_v",
     skip_resets=("g_v",),  # zeroed: plain steps until the next exact one
     neutral={"rho": 0.0, "alpha": 0.0}, examples=({"rho": 0.05, "k": 2},)))

@@ -75,7 +75,7 @@ class SAM(PerturbedOptimizer):
         nonfinite: str | None = None,
         **base_kwargs: Any,
     ) -> None:
-        defaults = dict(rho=rho, adaptive=bool(adaptive))
+        defaults = dict(rho=rho, adaptive=adaptive)
         self.validate_group(defaults)
         SPLITS.check(splits)
         super().__init__(params, defaults, base_optimizer, base_kwargs,
@@ -133,7 +133,8 @@ class SAM(PerturbedOptimizer):
 register(RuleInfo(
     "sam", SAM, "sharpness-aware minimisation: one normalised ascent step to the ρ-sphere",
     paper="Foret et al., ICLR 2021", code="google-research/sam", hypers=(RHO, SPLITS),
-    needs="sub-batches when splits > 1", order=30, neutral={"rho": 0.0},
+    kept="Σ of sub-batch grads (splits > 1)", needs="sub-batches when splits > 1", order=30,
+    neutral={"rho": 0.0},
     examples=({"rho": 0.05}, {"rho": 0.05, "splits": 2})))
 register(RuleInfo(
     "asam", SAM, "adaptive SAM: the ascent on the |w|-scaled sphere", paper="Kwon et al., ICML 2021",

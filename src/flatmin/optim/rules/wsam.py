@@ -48,7 +48,7 @@ class WSAM(SharpnessRule):
         defaults = dict(rho=rho, gamma=gamma, adaptive=adaptive)
         super().__init__(params, base_optimizer, defaults, base_kwargs, foreach=foreach,
                          check_finite=check_finite, nonfinite=nonfinite)
-        self.decouple = bool(decouple)
+        self.decouple = DECOUPLE.check(decouple)
         self._inv_scale: Tensor | float = 1.0  # 1/loss scale of the step (the sharpness step is unscaled)
         self._pending: list[tuple[dict[str, Any], list[Tensor]]] = []  # sharpness steps for _after_step
 
@@ -95,5 +95,5 @@ class WSAM(SharpnessRule):
 register(RuleInfo(
     "wsam", WSAM, "weighted SAM: sharpness as a regulariser weighted by γ/(1−γ)",
     paper="Yue et al., KDD 2023", code="intelligent-machine-learning/dlrover (atorch)", hypers=HYPERS,
-    kept="θ + g", neutral={"rho": 0.0, "gamma": 0.0},
+    kept="g", neutral={"rho": 0.0, "gamma": 0.0},
     examples=({"rho": 0.05}, {"rho": 0.05, "decouple": False})))
