@@ -9,13 +9,10 @@ grid file or a resumed configuration: finite, of the right kind, in range. `chec
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from flatmin.checks import (  # noqa: F401 (re-exported: the option types)
+from flatmin.checks import (  # noqa: F401 (re-exported: the option types and the checks)
     COUNT,
     FINITE,
     FRACTION,
@@ -24,29 +21,22 @@ from flatmin.checks import (  # noqa: F401 (re-exported: the option types)
     POSITIVE_INT,
     SHARE,
     Number,
+    check_device,
+    check_out,
+    check_seeds,
+    default_workers,
+    out_dir,
+    parse_seeds,
 )
 from flatmin.data.registry import canonical_name
-from flatmin.errors import ConfigError, FlatminError
-from flatmin.train.config import PRECISIONS, TrainConfig
+from flatmin.errors import ConfigError
+from flatmin.train.config import (  # noqa: F401 (re-exported)
+    FIELD_RULES,
+    PRECISIONS,
+    check_config,
+    check_field,
+)
 from flatmin.train.methods import METHODS
-
-
-def check_device(text: str) -> str:
-    """A device this machine has; anything else a ConfigError saying what is available."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {text!r}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {text!r}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {text!r}: flatmin runs on cpu, cuda or mps")
-    return text
 
 
 def device(text: str) -> str:
@@ -69,54 +59,61 @@ def path(value: str) -> Path:
     return Path(text(value))
 
 
+def _flag(field: str, help_: str, typ: Any = None) -> tuple[str, Any, str]:
+    """(config field, argparse type, help): a number's type is the field's rule in `FIELD_RULES`."""
+    return field, typ or FIELD_RULES.get(field, text), help_
+
+
+# The flags of the optimizer rules' own fields, kept in one dict of their own so that the optimizers'
+# registry can replace it with flags generated from its list of rules.
+RULE_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "--epsilon": _flag("epsilon", "AMP: radius ε of the perturbation ball"),
+    "--inner-lr": _flag("inner_lr", "AMP: inner learning rate ζ"),
+    "--inner-iter": _flag("inner_iter", "AMP: inner iterations N"),
+    "--ball": _flag("ball", "AMP/RMP: global (the paper) or per_tensor (the authors' code)"),
+    "--amp-variant": _flag("amp_variant", "AMP: exact, reuse, subbatch or onepass"),
+    "--reuse-every": _flag("reuse_every", "AMP reuse variant: new perturbation every k steps"),
+    "--sam-splits": _flag("sam_splits", "SAM/ASAM m-sharpness: sub-batches, own ascent each (1)"),
+    "--esam-gamma": _flag("esam_gamma", "ESAM: share of the batch kept by data selection (0.5; 1: none)"),
+    "--ascent-fraction": _flag("ascent_fraction", "AMP subbatch variant: share of the batch for ascent"),
+    "--rho": _flag("rho", "SAM/ASAM radius ρ (also gsam, fsam, looksam, wsam, bsam, esam, msam)"),
+    "--gsam-alpha": _flag("gsam_alpha", "GSAM: weight α of the surrogate-gap direction (0.4)"),
+    "--fsam-sigma": _flag("fsam_sigma", "FriendlySAM: share σ of the gradient EMA removed (1.0)"),
+    "--fsam-lmbda": _flag("fsam_lmbda", "FriendlySAM: EMA decay λ (0.9)"),
+    "--looksam-k": _flag("looksam_k", "LookSAM: exact SAM step every k steps (10)"),
+    "--looksam-alpha": _flag("looksam_alpha", "LookSAM: weight α of the reused direction (0.7)"),
+    "--wsam-gamma": _flag("wsam_gamma", "WSAM: sharpness weight γ in [0, 1) (0.9)"),
+    "--bsam-num-data": _flag("bsam_num_data", "bSAM: training-set size N (default: the dataset's)"),
+    "--esam-beta": _flag("esam_beta", "ESAM: share β of tensors perturbed per step (0.5)"),
+    "--rmp-radius": _flag("rmp_radius", "RMP radius r (0.1)"),
+}
 # CLI flag -> (config field, type, help). Flags left out keep the config's (or the preset's) value.
 OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "--dataset": ("dataset", text, "dataset name (mnist1d, spiral, digits, cifar10, cifar100, svhn, gtsrb, "
-                  "fashion-mnist, mnist, kmnist) or your files: npz:PATH, folder:PATH, csv:PATH"),
-    "--model": ("model", text, "model name (default: the dataset's) or your factory module.path:function"),
-    "--method": ("method", text, f"one of {', '.join(METHODS)}"),
-    "--epochs": ("epochs", POSITIVE_INT, "training epochs"),
-    "--batch-size": ("batch_size", POSITIVE_INT, "global batch size"),
-    "--lr": ("lr", POSITIVE, "initial learning rate (divided by 10 at 50%% and 75%% of the epochs)"),
-    "--momentum": ("momentum", FRACTION, "SGD momentum (0.9)"),
-    "--weight-decay": ("weight_decay", NONNEGATIVE, "weight decay"),
-    "--grad-clip": ("grad_clip", POSITIVE, "clip the gradient norm (the authors use 50)"),
-    "--accumulate": ("accumulate", POSITIVE_INT, "micro-batches per gradient pass (accumulation; 1)"),
-    "--eval-every": ("eval_every", POSITIVE_INT, "evaluate val/test every k epochs and after the last (1)"),
-    "--augment": ("augment", text, "none, standard, cutout or autoaugment (image datasets)"),
-    "--val-fraction": ("val_fraction", FRACTION, "share of the training set held out (0.1)"),
-    "--data-dir": ("data_dir", text, "where the dataset files are (default: the user cache)"),
-    "--epsilon": ("epsilon", NONNEGATIVE, "AMP: radius ε of the perturbation ball"),
-    "--inner-lr": ("inner_lr", NONNEGATIVE, "AMP: inner learning rate ζ"),
-    "--inner-iter": ("inner_iter", POSITIVE_INT, "AMP: inner iterations N"),
-    "--ball": ("ball", text, "AMP/RMP: global (the paper) or per_tensor (the authors' code)"),
-    "--amp-variant": ("amp_variant", text, "AMP: exact, reuse, subbatch or onepass"),
-    "--reuse-every": ("reuse_every", POSITIVE_INT, "AMP reuse variant: new perturbation every k steps"),
-    "--sam-splits": ("sam_splits", POSITIVE_INT, "SAM/ASAM m-sharpness: sub-batches, own ascent each (1)"),
-    "--esam-gamma": ("esam_gamma", SHARE, "ESAM: share of the batch kept by data selection (0.5; 1: none)"),
-    "--ascent-fraction": ("ascent_fraction", SHARE, "AMP subbatch variant: share of the batch for ascent"),
-    "--rho": ("rho", NONNEGATIVE, "SAM/ASAM radius ρ (also gsam, fsam, looksam, wsam, bsam, esam, msam)"),
-    "--gsam-alpha": ("gsam_alpha", NONNEGATIVE, "GSAM: weight α of the surrogate-gap direction (0.4)"),
-    "--fsam-sigma": ("fsam_sigma", NONNEGATIVE, "FriendlySAM: share σ of the gradient EMA removed (1.0)"),
-    "--fsam-lmbda": ("fsam_lmbda", FRACTION, "FriendlySAM: EMA decay λ (0.9)"),
-    "--looksam-k": ("looksam_k", POSITIVE_INT, "LookSAM: exact SAM step every k steps (10)"),
-    "--looksam-alpha": ("looksam_alpha", NONNEGATIVE, "LookSAM: weight α of the reused direction (0.7)"),
-    "--wsam-gamma": ("wsam_gamma", FRACTION, "WSAM: sharpness weight γ in [0, 1) (0.9)"),
-    "--bsam-num-data": ("bsam_num_data", POSITIVE_INT, "bSAM: training-set size N (default: the dataset's)"),
-    "--esam-beta": ("esam_beta", SHARE, "ESAM: share β of tensors perturbed per step (0.5)"),
-    "--rmp-radius": ("rmp_radius", NONNEGATIVE, "RMP radius r (0.1)"),
-    "--dropout": ("dropout", FRACTION, "dropout method: share of units dropped (0.1)"),
-    "--label-smoothing": ("label_smoothing", FRACTION, "label_smoothing method: coefficient (0.2)"),
-    "--flood-level": ("flood_level", NONNEGATIVE, "flooding method: level b (0.02)"),
-    "--mixup-alpha": ("mixup_alpha", POSITIVE, "mixup method: Beta(α, α) (1.0)"),
-    "--adv-epsilon": ("adv_epsilon", NONNEGATIVE, "adv_training: FGSM step in pixel levels of 255 (1)"),
-    "--seed": ("seed", COUNT, "random seed"),
-    "--device": ("device", device, "cpu, cuda, cuda:1, ..."),
-    "--precision": ("precision", text, f"one of {', '.join(PRECISIONS)}"),
+    "--dataset": _flag("dataset", "dataset name (mnist1d, spiral, digits, cifar10, cifar100, svhn, gtsrb, "
+                       "fashion-mnist, mnist, kmnist) or your files: npz:PATH, folder:PATH, csv:PATH"),
+    "--model": _flag("model", "model name (default: the dataset's) or your factory module.path:function"),
+    "--method": _flag("method", f"one of {', '.join(METHODS)}"),
+    "--epochs": _flag("epochs", "training epochs"),
+    "--batch-size": _flag("batch_size", "global batch size"),
+    "--lr": _flag("lr", "initial learning rate (divided by 10 at 50%% and 75%% of the epochs)"),
+    "--momentum": _flag("momentum", "SGD momentum (0.9)"),
+    "--weight-decay": _flag("weight_decay", "weight decay"),
+    "--grad-clip": _flag("grad_clip", "clip the gradient norm (the authors use 50)"),
+    "--accumulate": _flag("accumulate", "micro-batches per gradient pass (accumulation; 1)"),
+    "--eval-every": _flag("eval_every", "evaluate val/test every k epochs and after the last (1)"),
+    "--augment": _flag("augment", "none, standard, cutout or autoaugment (image datasets)"),
+    "--val-fraction": _flag("val_fraction", "share of the training set held out (0.1)"),
+    "--data-dir": _flag("data_dir", "where the dataset files are (default: the user cache)"),
+    **RULE_OPTIONS,
+    "--dropout": _flag("dropout", "dropout method: share of units dropped (0.1)"),
+    "--label-smoothing": _flag("label_smoothing", "label_smoothing method: coefficient (0.2)"),
+    "--flood-level": _flag("flood_level", "flooding method: level b (0.02)"),
+    "--mixup-alpha": _flag("mixup_alpha", "mixup method: Beta(α, α) (1.0)"),
+    "--adv-epsilon": _flag("adv_epsilon", "adv_training: FGSM step in pixel levels of 255 (1)"),
+    "--seed": _flag("seed", "random seed"),
+    "--device": _flag("device", "cpu, cuda, cuda:1, ...", device),
+    "--precision": _flag("precision", f"one of {', '.join(PRECISIONS)}"),
 }
-# config field -> its rule, for values that do not come from the command line (grid files, resumes).
-RULES: dict[str, Any] = {field: typ for field, typ, _ in OPTIONS.values() if isinstance(typ, Number)}
-RULES.update(eval_batch_size=POSITIVE_INT, lr_gamma=SHARE)
 
 
 # Options of the user's own data (flatmin.data.user), passed to the reader as dataset_options.
@@ -166,93 +163,3 @@ def _given(args: argparse.Namespace, table: dict[str, tuple[str, Any, str]]) -> 
     return {k: v for k, v in values.items() if v is not None}
 
 
-DEFAULTS = TrainConfig().to_dict()
-FIELDS = list(DEFAULTS)
-
-
-def check_field(name: str, value: Any, where: str = "") -> Any:
-    """One configuration value from a file (grid, checkpoint): known field, right type, in range."""
-    if name not in FIELDS:
-        raise ConfigError(f"{where}unknown config field {name!r}; valid fields: {', '.join(FIELDS)}")
-    default = DEFAULTS[name]
-    if value is None and default is None:
-        return value
-    if name in RULES:
-        return RULES[name].check(value, where + name)
-    if name == "device":
-        try:
-            return check_device(value) if isinstance(value, str) else _wrong(name, value, "a device", where)
-        except ConfigError as err:
-            raise ConfigError(f"{where}{err}") from None
-    if isinstance(default, bool):
-        return value if isinstance(value, bool) else _wrong(name, value, "true or false", where)
-    if name == "milestones":
-        ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in value)
-        return value if ok else _wrong(name, value, "a list of fractions in (0, 1)", where)
-    if name == "dataset_options":
-        return value if isinstance(value, dict) else _wrong(name, value, "a table", where)
-    ok = isinstance(value, str) and value.strip()
-    return value if ok else _wrong(name, value, "a non-empty string", where)
-
-
-def _wrong(name: str, value: Any, what: str, where: str) -> Any:
-    raise ConfigError(f"{where}{name} must be {what}, got {value!r}")
-
-
-def check_config(cfg: TrainConfig) -> TrainConfig:
-    """Every field of a configuration by the CLI's rules, its device included, before any work."""
-    for name in FIELDS:
-        check_field(name, getattr(cfg, name))
-    return cfg
-
-
-def check_out(folder: str | Path, flag: str = "--out") -> Path:
-    """A folder that exists and is writable, or could be created: checked, nothing created."""
-    folder = Path(folder)
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe == folder and not folder.is_dir():
-        raise FlatminError(f"{flag} {folder} is a file, not a folder; choose a folder")
-    if not probe.is_dir():
-        raise FlatminError(f"{flag} {folder}: {probe} is a file, not a folder; choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise FlatminError(f"{flag} {folder}: no permission to write in {probe}; choose a writable folder")
-    return folder
-
-
-def out_dir(folder: str | Path, flag: str = "--out") -> Path:
-    """The output folder, checked and created."""
-    folder = check_out(folder, flag)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FlatminError(f"{flag} {folder}: cannot create it ({err.strerror})") from None
-    return folder
-
-
-def check_seeds(value: Any, where: str) -> list[int]:
-    """A count (>= 1) or a non-empty list of distinct seeds (>= 0), as seeds."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return list(range(value))
-    if (isinstance(value, list) and value and len(set(value)) == len(value)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-        return value
-    raise ConfigError(f"{where} must be a count >= 1 or a list of distinct seeds >= 0, got {value!r}")
-
-
-def parse_seeds(spec: str, flag: str = "--seeds") -> list[int]:
-    """``5`` -> seeds 0..4; ``0,3,7`` -> those seeds."""
-    try:
-        seeds = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {spec!r}: expected a count (5) or a list (0,3,7)") from None
-    return check_seeds(seeds[0] if len(seeds) == 1 and "," not in spec else seeds, f"{flag} {spec!r}:")
-
-
-def default_workers() -> int:
-    """The cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flatmin.checks import POSITIVE_INT, check_seeds
 from flatmin.errors import ConfigError, FlatminError
 from flatmin.experiments.tuning import METRICS, field_name
-from flatmin.options import POSITIVE_INT, check_field, check_seeds
+from flatmin.train.config import check_field
 from flatmin.train.methods import METHODS
 
 TABLES = ("grid", "tune", "run")
