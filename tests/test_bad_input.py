@@ -216,7 +216,7 @@ def test_one_line_for_each_user_caused_os_error(monkeypatch, capsys, tmp_path):
     """A full disk mid-run is a failed run (exit 1), a permission a usage error (exit 2): one line each."""
     import errno
 
-    from flatmin.analysis import theory
+    from flatmin.cli import theory
 
     for code, expect in ((errno.ENOSPC, 1), (errno.EACCES, 2), (errno.EROFS, 2)):
         def boom(*_a, code=code, **_k):
@@ -231,7 +231,7 @@ def test_one_line_for_each_user_caused_os_error(monkeypatch, capsys, tmp_path):
 
 def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
     """No blanket except: an unexpected exception propagates (Python prints its traceback)."""
-    from flatmin.analysis import theory
+    from flatmin.cli import theory
 
     monkeypatch.setattr(theory, "theorem1", lambda *a: {}["missing"])
     with pytest.raises(KeyError):

@@ -103,7 +103,7 @@ def test_no_output_folder_logs_nothing_and_missing_tensorboard_is_named(tmp_path
 
 
 def test_tensorboard_flag_reaches_the_config_but_not_the_run_key():
-    from flatmin.options import add_config_arguments, config_overrides
+    from flatmin.cli.options import add_config_arguments, config_overrides
     from flatmin.train.config import TrainConfig
 
     parser = argparse.ArgumentParser()

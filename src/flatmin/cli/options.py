@@ -1,9 +1,9 @@
-"""Option definitions every command shares, with one validated type per kind of value.
+"""Option definitions the commands share: the flag table of the configuration, argparse types.
 
-A number is checked once, here, whether it comes from the command line (argparse ``type=``), a
-grid file or a resumed configuration: finite, of the right kind, in range. `check_out` and
-`check_device` are the checks a command makes before any work, so a bad ``--out`` or
-``--device`` fails in one line before the first batch rather than with a traceback after it.
+Only the command line lives here. A number's rule is its config field's (`FIELD_RULES` beside
+`TrainConfig`), so a value is checked by one rule whether it comes from a flag (argparse
+``type=``), a grid file or a resumed configuration; the checks a command makes before any work
+(`check_out`, `check_device`, seeds) are in `flatmin.checks`, below every library that calls them.
 """
 
 from __future__ import annotations
@@ -12,30 +12,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from flatmin.checks import (  # noqa: F401 (re-exported: the option types and the checks)
-    COUNT,
-    FINITE,
-    FRACTION,
-    NONNEGATIVE,
-    POSITIVE,
-    POSITIVE_INT,
-    SHARE,
-    Number,
-    check_device,
-    check_out,
-    check_seeds,
-    default_workers,
-    out_dir,
-    parse_seeds,
-)
+import torch
+
+from flatmin.checks import POSITIVE_INT, check_device
 from flatmin.data.registry import canonical_name
-from flatmin.errors import ConfigError
-from flatmin.train.config import (  # noqa: F401 (re-exported)
-    FIELD_RULES,
-    PRECISIONS,
-    check_config,
-    check_field,
-)
+from flatmin.errors import ConfigError, FlatminError
+from flatmin.experiments import backends
+from flatmin.train.config import FIELD_RULES, PRECISIONS
 from flatmin.train.methods import METHODS
 
 
@@ -163,3 +146,44 @@ def _given(args: argparse.Namespace, table: dict[str, tuple[str, Any, str]]) -> 
     return {k: v for k, v in values.items() if v is not None}
 
 
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every checkpoint analysis takes."""
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="flatmin checkpoint files")
+    parser.add_argument("--max-examples", type=POSITIVE_INT, default=None, help="use the first N examples")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=512, help="evaluation batch size")
+    parser.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cuda")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """The models are tiny: one thread per process beats two fighting over a core."""
+    parser.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch CPU threads (default 1)")
+
+
+def use_threads(n: int) -> None:
+    """Apply --threads."""
+    if n < 1:
+        raise FlatminError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--backend` and the Ray options, shared by `compare` and `grid`."""
+    parser.add_argument("--backend", default="local", choices=backends.BACKENDS,
+                        help="local: a process pool (default); ray: one Ray task per run (extra `ray`)")
+    parser.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT|ray://HOST:10001",
+                        help="join this Ray cluster (default: start a local one with --workers CPUs)")
+    parser.add_argument("--cpus-per-run", type=float, default=None,
+                        help="Ray: CPUs per run, also its torch threads (1)")
+    parser.add_argument("--gpus-per-run", type=float, default=None, help="Ray: GPUs per run (0)")
+    parser.add_argument("--max-retries", type=int, default=None,
+                        help="Ray: retries of a run whose worker died (3); a run's own error is not retried")
+
+
+def create_backend(args: argparse.Namespace, workers: int) -> backends.Backend:
+    """The backend the command line asks for, connected; call before anything is written."""
+    ray = {f: getattr(args, f, None) for f in backends.RAY_OPTIONS}
+    if getattr(args, "backend", "local") != "ray" and (given := [k for k, v in ray.items() if v is not None]):
+        raise FlatminError(f"{', '.join('--' + f.replace('_', '-') for f in given)}: only with --backend ray")
+    return backends.create(getattr(args, "backend", "local"), workers, **ray)
