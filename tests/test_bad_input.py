@@ -182,7 +182,7 @@ def test_bad_grid_file_is_named_before_any_run(name, work, capsys, monkeypatch):
 
 def damaged_store(path: Path) -> Path:
     """A results DB in WAL mode (as flatmin writes it) whose pages past the header are overwritten."""
-    from flatmin.store import Store
+    from flatmin.results.store import Store
 
     s = Store(path)
     for i in range(300):

@@ -192,6 +192,8 @@ def test_the_libraries_take_plain_arguments():
     ({"flatmin.optim.rules.amp": {"flatmin.train.loop"}},
      "optim.rules.amp (optim) -> flatmin.train.loop (train)"),
     ({"flatmin.analysis.radius": {"flatmin.experiments.tables"}}, "(analysis) -> flatmin.experiments.tables"),
+    ({"flatmin.results.store": {"flatmin.experiments.runner"}}, "(results) -> flatmin.experiments.runner"),
+    ({"flatmin.train.loop": {"flatmin.results.store"}}, "(train) -> flatmin.results.store (results)"),
     ({"flatmin.experiments.grid": {"flatmin.cli.options"}}, "(experiments) -> flatmin.cli.options (cli)"),
     ({"flatmin.cli.compare": {"flatmin.cli.train"}}, "only the dispatcher imports a command module"),
 ])

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from flatmin.errors import FlatminError
-from flatmin.logging import read_epochs
 from flatmin.models import MODELS
 from flatmin.models.user import is_factory_spec
 from flatmin.train import METHODS, TrainConfig, train
 from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
+from flatmin.train.logging import read_epochs
 
 
 @dataclass

@@ -17,8 +17,8 @@ import numpy as np
 
 from flatmin.analysis._runs import check_names, read_run_dir
 from flatmin.errors import FlatminError
-from flatmin.plot import pyplot, save_figure
-from flatmin.store import Store
+from flatmin.results.plot import pyplot, save_figure
+from flatmin.results.store import Store
 from flatmin.train import TrainConfig
 
 

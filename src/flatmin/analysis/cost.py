@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from flatmin.plot import pyplot, save_figure
+from flatmin.results.plot import pyplot, save_figure
 from flatmin.train.timing import Contender, measure_configs
 
 

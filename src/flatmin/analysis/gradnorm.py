@@ -15,7 +15,7 @@ from typing import Any
 
 from flatmin.analysis._runs import RunDir
 from flatmin.errors import FlatminError
-from flatmin.plot import pyplot, save_figure
+from flatmin.results.plot import pyplot, save_figure
 
 # --- Theorem 2's penalty --------------------------------------------------------------------------
 

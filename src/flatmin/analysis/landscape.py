@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from flatmin.analysis._common import preserved, set_offset, split_loss
-from flatmin.plot import pyplot, save_figure
+from flatmin.results.plot import pyplot, save_figure
 
 LossAccFn = Callable[[nn.Module], "tuple[float, float] | float | Tensor"]
 

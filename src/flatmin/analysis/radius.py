@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flatmin.analysis._runs import train_runs
-from flatmin.plot import pyplot, save_figure
+from flatmin.results.plot import pyplot, save_figure
 
 PAPER_INNER_ITER, PAPER_INNER_LR = 2, 2.0
 

@@ -22,7 +22,7 @@ from flatmin.analysis._common import (
     split_loss,
     trainable,
 )
-from flatmin.plot import pyplot, save_figure
+from flatmin.results.plot import pyplot, save_figure
 
 
 class Estimate(NamedTuple):

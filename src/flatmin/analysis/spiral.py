@@ -16,7 +16,7 @@ from torch import nn
 
 from flatmin.analysis._runs import train_runs
 from flatmin.errors import FlatminError
-from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.results.plot import pyplot, save_figure, write_csv, write_json
 from flatmin.train import load_run
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from flatmin.optim import AMP
-from flatmin.plot import pyplot, save_figure
+from flatmin.results.plot import pyplot, save_figure
 
 
 def inverted_gaussian(theta: Tensor, mu: Tensor, kappa: Tensor, A: float, C: float) -> Tensor:

@@ -9,7 +9,7 @@ from flatmin.analysis.calibration import db_records, label_records, plot_calibra
 from flatmin.checks import out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
-from flatmin.plot import write_csv, write_json
+from flatmin.results.plot import write_csv, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

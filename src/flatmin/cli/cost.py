@@ -15,7 +15,7 @@ from flatmin.data import load_dataset
 from flatmin.errors import FlatminError
 from flatmin.models import MODELS
 from flatmin.models.user import is_factory_spec
-from flatmin.plot import write_csv, write_json
+from flatmin.results.plot import write_csv, write_json
 from flatmin.train import TrainConfig
 from flatmin.train.config import check_config
 from flatmin.train.methods import get_method

@@ -11,7 +11,7 @@ from flatmin.analysis.gradnorm import gradnorm_rows, omega_params, plot_gradnorm
 from flatmin.checks import NONNEGATIVE, out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
-from flatmin.plot import write_csv, write_json
+from flatmin.results.plot import write_csv, write_json
 from flatmin.train import TrainConfig, get_method
 from flatmin.train.config import check_config
 

@@ -12,7 +12,7 @@ from flatmin.analysis.landscape import landscape_rows, plot_1d, plot_2d
 from flatmin.checks import COUNT, POSITIVE, Number, out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
-from flatmin.plot import write_csv, write_json
+from flatmin.results.plot import write_csv, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

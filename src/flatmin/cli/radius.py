@@ -11,7 +11,7 @@ from flatmin.analysis.radius import PAPER_INNER_ITER, PAPER_INNER_LR, plot_radiu
 from flatmin.checks import out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
-from flatmin.plot import write_csv, write_json
+from flatmin.results.plot import write_csv, write_json
 from flatmin.train import TrainConfig
 from flatmin.train.config import check_config
 

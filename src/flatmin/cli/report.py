@@ -9,7 +9,7 @@ from flatmin.checks import check_out
 from flatmin.cli import options
 from flatmin.errors import FlatminError
 from flatmin.experiments.report import render
-from flatmin.store import Store
+from flatmin.results.store import Store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

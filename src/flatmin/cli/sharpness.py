@@ -10,7 +10,7 @@ from flatmin.analysis.sharpness import markdown, measure, plot_sharpness
 from flatmin.checks import COUNT, POSITIVE, POSITIVE_INT, out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
-from flatmin.plot import write_csv, write_json
+from flatmin.results.plot import write_csv, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

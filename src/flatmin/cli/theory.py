@@ -9,7 +9,7 @@ from flatmin.analysis.theory import plot_region, plot_theorem1, theorem1
 from flatmin.checks import POSITIVE, POSITIVE_INT, out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
-from flatmin.plot import write_json
+from flatmin.results.plot import write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,8 +17,8 @@ from flatmin.experiments import paired, tuning
 from flatmin.experiments.backends import Backend
 from flatmin.experiments.runner import resolved
 from flatmin.experiments.tables import compare_table
-from flatmin.plot import write_csv
-from flatmin.store import Store
+from flatmin.results.plot import write_csv
+from flatmin.results.store import Store
 from flatmin.train.config import TrainConfig
 
 DEFAULT_METHODS = "erm,amp,sam"

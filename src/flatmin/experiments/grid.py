@@ -16,7 +16,7 @@ from flatmin.experiments import tuning
 from flatmin.experiments.backends import Backend
 from flatmin.experiments.report import render
 from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS, resolved
-from flatmin.store import Store
+from flatmin.results.store import Store
 from flatmin.train.config import TrainConfig
 
 

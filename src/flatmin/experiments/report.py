@@ -18,7 +18,7 @@ from flatmin.experiments.tables import (
     tuning_table,
     versus,
 )
-from flatmin.store import Store
+from flatmin.results.store import Store
 
 
 def render(store: Store, figures_dir: Path | None = None) -> str:

@@ -18,7 +18,7 @@ from flatmin.checks import check_device, parse_number
 from flatmin.errors import ConfigError, FlatminError
 from flatmin.experiments.backends import Backend
 from flatmin.experiments.runner import METHOD_FIELDS, Task, execute, make_task
-from flatmin.store import Store
+from flatmin.results.store import Store
 from flatmin.train.config import FIELD_RULES, TEXT_FIELDS, TrainConfig
 
 ALIASES = {"variant": "amp_variant", "eps": "epsilon", "zeta": "inner_lr", "n": "inner_iter",

@@ -84,7 +84,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     eval_every: int = 1  # evaluate val/test every k epochs and after the last (costs CPU, changes no weight)
     ddp_local_ascent: bool = False  # under DDP: per-rank ascent gradient (no all-reduce)
-    tensorboard: bool = False  # also write TensorBoard events (flatmin.logging); not part of a result
+    tensorboard: bool = False  # also write TensorBoard events (flatmin.train.logging); not part of a result
     fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2)
 
     def to_dict(self) -> dict[str, Any]:
