@@ -146,8 +146,6 @@ def _given(args: argparse.Namespace, table: dict[str, tuple[str, Any, str]]) -> 
     return {k: v for k, v in values.items() if v is not None}
 
 
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every checkpoint analysis takes."""
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="flatmin checkpoint files")
