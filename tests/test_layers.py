@@ -32,7 +32,7 @@ BELOW = {
 }
 BELOW["cli"] = set(BELOW) | {"cli"}
 # The dispatcher, the one importer of command modules (lazily, by name, from COMMANDS).
-DISPATCHER = {"flatmin.cli", "flatmin.cli.main", "flatmin.__main__"}
+DISPATCHER = {"flatmin.cli", "flatmin.__main__"}
 COMMAND_MODULES = {mod for mod, _ in COMMANDS.values()}
 # Optional dependencies that must stay lazy (imported inside the function that needs them).
 LAZY_OK = {"matplotlib", "lightning", "ray", "transformers", "tensorboard", "yaml", "tomllib", "tomli",
