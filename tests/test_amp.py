@@ -7,57 +7,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from tests.helpers import BASES, base_step_at_theta, batches, make_closure, tiny_model
 from torch.nn import functional as F
 
 from flatmin import AMP
 from flatmin.errors import NonFiniteLossError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-
-
-def batches(n_steps: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g))
-            for _ in range(n_steps)]
-
-
-def make_closure(model, opt, x, y, calls=None):
-    def closure():
-        opt.zero_grad()
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        if calls is not None:
-            calls.append(loss.detach())
-        return out, loss
-    return closure
-
-
-BASES = {
-    "sgd_nesterov_wd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-3)),
-    "adam": (torch.optim.Adam, dict(lr=0.01, weight_decay=1e-3)),
-}
-
-
-def base_step_at_theta(params, theta, grads, base) -> None:
-    """The base optimizer's update from θ with gradients taken at the perturbed point."""
-    with torch.no_grad():
-        for p, t, g in zip(params, theta, grads):
-            p.copy_(t)
-            p.grad = g
-    base.step()
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def reference_amp(model, data, *, epsilon, inner_lr, inner_iter, ball, base_cls, base_kw):

@@ -149,7 +149,7 @@ def test_calibration_ece_bars_are_the_runs_metrics(runs, tmp_path):
 
 
 def test_calibration_from_a_results_db_matches_the_run_folders(runs, tmp_path):
-    store = pytest.importorskip("flatmin.store")
+    store = pytest.importorskip("flatmin.results.store")
     db = store.Store(tmp_path / "results.db")
     for key, path in runs.items():
         db.insert(key, key[:3], json.loads((path / "metrics.json").read_text()), str(path))

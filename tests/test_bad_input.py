@@ -182,7 +182,7 @@ def test_bad_grid_file_is_named_before_any_run(name, work, capsys, monkeypatch):
 
 def damaged_store(path: Path) -> Path:
     """A results DB in WAL mode (as flatmin writes it) whose pages past the header are overwritten."""
-    from flatmin.store import Store
+    from flatmin.results.store import Store
 
     s = Store(path)
     for i in range(300):
@@ -216,7 +216,7 @@ def test_one_line_for_each_user_caused_os_error(monkeypatch, capsys, tmp_path):
     """A full disk mid-run is a failed run (exit 1), a permission a usage error (exit 2): one line each."""
     import errno
 
-    from flatmin.analysis import theory
+    from flatmin.cli import theory
 
     for code, expect in ((errno.ENOSPC, 1), (errno.EACCES, 2), (errno.EROFS, 2)):
         def boom(*_a, code=code, **_k):
@@ -231,7 +231,7 @@ def test_one_line_for_each_user_caused_os_error(monkeypatch, capsys, tmp_path):
 
 def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
     """No blanket except: an unexpected exception propagates (Python prints its traceback)."""
-    from flatmin.analysis import theory
+    from flatmin.cli import theory
 
     monkeypatch.setattr(theory, "theorem1", lambda *a: {}["missing"])
     with pytest.raises(KeyError):

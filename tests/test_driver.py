@@ -7,8 +7,9 @@ import copy
 
 import pytest
 import torch
-from tests.test_amp import _float64, reference_amp, tiny_model  # noqa: F401 (the fixture runs here too)
-from tests.test_efficient import EPS, SGD_KW, ZETA, reference
+from tests.helpers import EPS, SGD_KW, ZETA, batches, ctx_for, params, tiny_model
+from tests.test_amp import reference_amp
+from tests.test_efficient import reference
 from tests.test_sam import reference_sam
 from torch import nn
 from torch.nn import functional as F
@@ -16,19 +17,10 @@ from torch.nn import functional as F
 from flatmin import AMP, RMP, SAM
 from flatmin.optim import ERM, build_amp
 from flatmin.train import TrainConfig, train
-from flatmin.train.distributed import SingleProcess
-from flatmin.train.loop import StepContext, train_step
-from flatmin.train.methods import Batch, get_method
+from flatmin.train.loop import train_step
+from flatmin.train.methods import Batch
 
-
-def tiny(seed: int = 0) -> nn.Module:
-    return tiny_model(seed)
-
-
-def data(n_steps: int = 8, batch: int = 12, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 5, generator=g), torch.randint(0, 3, (batch,), generator=g))
-            for _ in range(n_steps)]
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def rules() -> dict:
@@ -49,25 +41,19 @@ def rules() -> dict:
     }
 
 
-def ctx_for(accumulate: int = 1) -> StepContext:
-    cfg = TrainConfig(accumulate=accumulate)
-    return StepContext(cfg, get_method("erm"), torch.amp.GradScaler("cpu", enabled=False),
-                       torch.device("cpu"), 1.0, SingleProcess())
-
-
 def by_trainer(rule: str, accumulate: int = 1, steps=None) -> nn.Module:
-    model = tiny()
+    model = tiny_model()
     opt = rules()[rule](model.parameters())
     ctx = ctx_for(accumulate)
-    for x, y in steps or data():
+    for x, y in steps or batches():
         train_step(model, model, opt, Batch(x, y), ctx)
     return model
 
 
 def by_closure(rule: str) -> nn.Module:
-    model = tiny()
+    model = tiny_model()
     opt = rules()[rule](model.parameters())
-    for x, y in data():
+    for x, y in batches():
         def closure(ascent=False, x=x, y=y):
             opt.zero_grad()
             n = opt.ascent_size(len(x)) if ascent else len(x)
@@ -76,10 +62,6 @@ def by_closure(rule: str) -> nn.Module:
             return loss
         opt.step(closure)
     return model
-
-
-def params(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("rule", list(rules()))
@@ -91,21 +73,21 @@ def test_trainer_update_is_the_optimizers_own_step(rule):
 
 REFERENCES = {
     "erm": lambda m: _sgd_reference(m),
-    "amp_global_n1": lambda m: reference_amp(m, data(), epsilon=EPS, inner_lr=ZETA, inner_iter=1,
+    "amp_global_n1": lambda m: reference_amp(m, batches(), epsilon=EPS, inner_lr=ZETA, inner_iter=1,
                                              ball="global", base_cls=torch.optim.SGD, base_kw=SGD_KW),
-    "amp_per_tensor_n2": lambda m: reference_amp(m, data(), epsilon=EPS, inner_lr=ZETA, inner_iter=2,
+    "amp_per_tensor_n2": lambda m: reference_amp(m, batches(), epsilon=EPS, inner_lr=ZETA, inner_iter=2,
                                                  ball="per_tensor", base_cls=torch.optim.SGD, base_kw=SGD_KW),
-    "sam": lambda m: reference_sam(m, data(), rho=0.05, adaptive=False, base_kw=SGD_KW),
-    "asam": lambda m: reference_sam(m, data(), rho=0.5, adaptive=True, base_kw=SGD_KW),
-    "amp_reuse": lambda m: reference(m, data(), ball="global", k=3),
-    "amp_subbatch": lambda m: reference(m, data(), ball="global", frac=0.5),
-    "amp_onepass": lambda m: reference(m, data(), ball="global", onepass=True),
+    "sam": lambda m: reference_sam(m, batches(), rho=0.05, adaptive=False, base_kw=SGD_KW),
+    "asam": lambda m: reference_sam(m, batches(), rho=0.5, adaptive=True, base_kw=SGD_KW),
+    "amp_reuse": lambda m: reference(m, batches(), ball="global", k=3),
+    "amp_subbatch": lambda m: reference(m, batches(), ball="global", frac=0.5),
+    "amp_onepass": lambda m: reference(m, batches(), ball="global", onepass=True),
 }
 
 
 def _sgd_reference(model: nn.Module) -> nn.Module:
     opt = torch.optim.SGD(model.parameters(), **SGD_KW)
-    for x, y in data():
+    for x, y in batches():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -115,7 +97,7 @@ def _sgd_reference(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("rule", list(REFERENCES))
 def test_trainer_update_is_the_papers_loop(rule):
     """The trainer against Algorithm 1 / SAM / the variants written out plainly (float64)."""
-    for a, b in zip(params(by_trainer(rule)), params(REFERENCES[rule](tiny()))):
+    for a, b in zip(params(by_trainer(rule)), params(REFERENCES[rule](tiny_model()))):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -157,7 +139,7 @@ def test_only_the_first_pass_moves_batchnorm_statistics():
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
     ref = copy.deepcopy(model)
     opt = AMP(model.parameters(), lr=0.0, epsilon=0.5, inner_iter=3)
-    (x, y), = data(1)
+    (x, y), = batches(1)
     train_step(model, model, opt, Batch(x, y), ctx_for())
     ref(x)  # one forward in train mode: what the first pass alone does to the statistics
     torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)

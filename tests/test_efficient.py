@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tests.test_amp import _float64, base_step_at_theta, batches, tiny_model  # noqa: F401
+from tests.helpers import EPS, SGD_KW, ZETA, base_step_at_theta, batches, closure_for, run, tiny_model
 from torch.nn import functional as F
 
 from flatmin import AMP
@@ -15,27 +15,7 @@ from flatmin.errors import NonFiniteLossError
 from flatmin.optim import OnePassAMP, ReuseAMP, SubBatchAMP, build_amp
 from flatmin.optim._kernels import add_
 
-SGD_KW = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-3)
-EPS, ZETA = 0.05, 0.5  # clipped and unclipped ascents both occur
-
-
-def closure_for(model, opt, x, y, calls=None):
-    """The documented closure: slices the batch itself when told it serves an ascent pass."""
-    def closure(ascent=False):
-        n = opt.ascent_size(len(x)) if ascent else len(x)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x[:n]), y[:n])
-        loss.backward()
-        if calls is not None:
-            calls.append((ascent, n))
-        return loss
-    return closure
-
-
-def run(model, opt, data):
-    for x, y in data:
-        opt.step(closure_for(model, opt, x, y))
-    return model
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def reference(model, data, *, ball, k=1, frac=1.0, onepass=False, base_kw=SGD_KW):

@@ -5,12 +5,13 @@ import math
 
 import pytest
 
+from flatmin.checks import parse_seeds
 from flatmin.cli import main
 from flatmin.errors import FlatminError
-from flatmin.experiments.compare import parse_seeds, parse_specs
+from flatmin.experiments.compare import parse_specs
 from flatmin.experiments.tables import group_runs, table1
 from flatmin.experiments.tuning import Plan, candidates, choose, parse_sweep, shown_fields
-from flatmin.store import Store
+from flatmin.results.store import Store
 from flatmin.train import TrainConfig
 
 FAST = ["--dataset", "spiral", "--epochs", "2", "--workers", "1", "--no-figures"]

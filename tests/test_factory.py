@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.test_amp import make_closure
+from tests.helpers import make_closure
 from torch import nn
 
 import flatmin

@@ -3,56 +3,16 @@
 from __future__ import annotations
 
 import copy
-import math
 import random
 
 import pytest
 import torch
-from tests.test_amp import _float64, batches, tiny_model  # noqa: F401 (the fixture runs here)
-from tests.test_efficient import closure_for, run
+from tests.helpers import BASES, TINY, Loop, batches, closure_for, dot, norm, run, tiny_model
 from torch.nn import functional as F
 
 from flatmin import BSAM, ESAM, GSAM, MSAM, SAM, WSAM, FriendlySAM, LookSAM
 
-TINY = 1e-12
-
-
-BASES = {
-    "sgd_nesterov_wd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-3)),
-    "adam": (torch.optim.Adam, dict(lr=0.01, weight_decay=1e-3)),
-}
-
-
-class Loop:
-    """What every reference needs: the gradient at given weights, norms, the base step from θ."""
-
-    def __init__(self, model, base_cls=None, base_kw=None):
-        self.model, self.params = model, list(model.parameters())
-        self.base = base_cls(self.params, **base_kw) if base_cls is not None else None
-
-    def grad_at(self, values, x, y):
-        with torch.no_grad():
-            for p, v in zip(self.params, values):
-                p.copy_(v)
-        return list(torch.autograd.grad(F.cross_entropy(self.model(x), y), self.params))
-
-    def theta(self):
-        return [p.detach().clone() for p in self.params]
-
-    def step_from(self, theta, direction):
-        with torch.no_grad():
-            for p, t, d in zip(self.params, theta, direction):
-                p.copy_(t)
-                p.grad = d.clone()
-        self.base.step()
-
-
-def norm(ts):
-    return math.sqrt(sum(float(t.pow(2).sum()) for t in ts))
-
-
-def dot(a, b):
-    return sum(float((x * y).sum()) for x, y in zip(a, b))
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def sam_point(theta, g, rho, scale=1.0):

@@ -237,8 +237,8 @@ def test_real_fashion_mnist_small_cnn_learns(tmp_path):
 def test_train_size_flag_becomes_a_data_option_and_part_of_the_run_key():
     import argparse
 
+    from flatmin.cli.options import add_config_arguments, config_overrides
     from flatmin.experiments.runner import config_key
-    from flatmin.options import add_config_arguments, config_overrides
     from flatmin.train.config import TrainConfig
 
     parser = argparse.ArgumentParser()

@@ -85,7 +85,7 @@ def test_interval_one_is_sam_bit_for_bit():
 
 def test_registered_everywhere_without_another_edit():
     """The registry made it public, a create_optimizer name, a trainer method and a flag."""
-    from flatmin.options import OPTIONS
+    from flatmin.cli.options import OPTIONS
     from flatmin.train import METHODS
 
     opt = flatmin.create_optimizer(net(), "interval_sam", lr=0.1, rho=0.05, interval=4)

@@ -1,8 +1,9 @@
-"""The package's import graph runs one way: data → models → optim → train → (experiments | analysis) → cli.
+"""The package's import graph runs one way: data → models → optim → train → results →
+(experiments | analysis) → cli.
 
 Every import statement of every module is read with `ast` (those inside functions too), so a lazy
-import cannot hide an arrow running back up; no module imports a CLI module but the dispatcher,
-and there is no circle.
+import cannot hide an arrow running back up; nothing below `flatmin.cli` imports it (nor argparse),
+no module imports a command module but the dispatcher, and there is no circle.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ BELOW = {
     "models": {"base", "data", "models"},
     "optim": {"base", "data", "models", "optim"},
     "train": {"base", "data", "models", "optim", "train"},
-    "options": {"base", "data", "models", "optim", "train", "options"},
     "integrations": {"base", "data", "models", "optim", "train", "integrations"},
-    "experiments": {"base", "data", "models", "optim", "train", "options", "experiments"},
-    "analysis": {"base", "data", "models", "optim", "train", "options", "analysis"},
+    "results": {"base", "data", "models", "optim", "train", "results"},
+    "experiments": {"base", "data", "models", "optim", "train", "results", "experiments"},
+    "analysis": {"base", "data", "models", "optim", "train", "results", "analysis"},
     "api": {"base", "optim", "api"},
 }
 BELOW["cli"] = set(BELOW) | {"cli"}
+# The dispatcher, the one importer of command modules (lazily, by name, from COMMANDS).
 DISPATCHER = {"flatmin.cli", "flatmin.__main__"}
+COMMAND_MODULES = {mod for mod, _ in COMMANDS.values()}
 # Optional dependencies that must stay lazy (imported inside the function that needs them).
 LAZY_OK = {"matplotlib", "lightning", "ray", "transformers", "tensorboard", "yaml", "tomllib", "tomli",
            "mnist1d", "sklearn", "scipy", "PIL"}
@@ -51,15 +54,13 @@ def module_name(path: Path) -> str:
 def layer(mod: str) -> str:
     """Which layer a module belongs to."""
     parts = mod.split(".")
-    if mod in DISPATCHER or parts[-1] == "cli":
+    if mod in DISPATCHER:
         return "cli"
     if mod == "flatmin":
         return "api"
-    if mod == "flatmin.options":
-        return "options"
     if len(parts) > 2 or (parts[1] in BELOW and (ROOT / parts[1]).is_dir()):
         return parts[1]
-    return "base"  # errors, provenance, metrics, plot, store, _version
+    return "base"  # errors, checks, _version
 
 
 def imports(path: Path, modules: set[str]) -> list[tuple[str, int, bool]]:
@@ -103,12 +104,25 @@ def graph() -> tuple[dict[str, set[str]], list[str]]:
 
 
 def back_arrows(edges: dict[str, set[str]]) -> list[str]:
-    """Arrows from a layer to one it may not import, and arrows into a CLI module."""
+    """Arrows from a layer to one it may not import, and arrows into a command module."""
     bad = [f"{a} ({layer(a)}) -> {b} ({layer(b)})" for a, bs in edges.items() for b in bs
            if layer(b) not in BELOW[layer(a)]]
-    bad += [f"{a} -> {b}: only the dispatcher imports a CLI module" for a, bs in edges.items() for b in bs
-            if layer(b) == "cli" and a not in DISPATCHER]
+    bad += [f"{a} -> {b}: only the dispatcher imports a command module" for a, bs in edges.items()
+            for b in bs if b in COMMAND_MODULES and a not in DISPATCHER]
     return sorted(bad)
+
+
+def imported_roots() -> dict[str, set[str]]:
+    """Every module's imported top-level packages (flatmin's and others')."""
+    files = sorted(ROOT.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    return {module_name(f): {t.split(".")[0] for t, _, _ in imports(f, modules)} for f in files}
+
+
+def argparse_users(roots: dict[str, set[str]]) -> list[str]:
+    """Modules outside `flatmin.cli` that import argparse (`flatmin.checks` lends its rules to it)."""
+    return sorted(m for m, r in roots.items()
+                  if "argparse" in r and layer(m) != "cli" and m != "flatmin.checks")
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -162,17 +176,26 @@ def test_imports_sit_at_the_top_of_files():
 
 
 def test_every_command_module_is_a_cli_leaf():
-    """The dispatcher's commands exist, and nothing but the dispatcher imports `*.cli` modules."""
+    """The dispatcher's commands exist, one module each in `flatmin.cli`, and nothing imports them."""
     edges, _ = graph()
-    assert all(mod in edges for mod, _ in COMMANDS.values())
-    assert "flatmin.train.cli" in edges and not any("flatmin.train.cli" in bs for bs in edges.values())
+    assert COMMAND_MODULES <= set(edges) and all(layer(m) == "cli" for m in COMMAND_MODULES)
+    assert len(COMMAND_MODULES) == len(COMMANDS)
+    assert not [a for a, bs in edges.items() for b in bs if b in COMMAND_MODULES]
+
+
+def test_the_libraries_take_plain_arguments():
+    """argparse lives in `flatmin.cli` alone: library functions take values, not a Namespace."""
+    assert argparse_users(imported_roots()) == []
 
 
 @pytest.mark.parametrize("extra, expect", [
     ({"flatmin.optim.rules.amp": {"flatmin.train.loop"}},
      "optim.rules.amp (optim) -> flatmin.train.loop (train)"),
-    ({"flatmin.analysis.radius": {"flatmin.experiments.store"}}, "(analysis) -> flatmin.experiments.store"),
-    ({"flatmin.experiments.grid": {"flatmin.train.cli"}}, "only the dispatcher imports a CLI module"),
+    ({"flatmin.analysis.radius": {"flatmin.experiments.tables"}}, "(analysis) -> flatmin.experiments.tables"),
+    ({"flatmin.results.store": {"flatmin.experiments.runner"}}, "(results) -> flatmin.experiments.runner"),
+    ({"flatmin.train.loop": {"flatmin.results.store"}}, "(train) -> flatmin.results.store (results)"),
+    ({"flatmin.experiments.grid": {"flatmin.cli.options"}}, "(experiments) -> flatmin.cli.options (cli)"),
+    ({"flatmin.cli.compare": {"flatmin.cli.train"}}, "only the dispatcher imports a command module"),
 ])
 def test_checker_sees_a_back_arrow(extra, expect):
     """The checks can fail: an arrow added against the rules is reported."""
@@ -188,21 +211,8 @@ def test_checker_sees_a_circle():
     assert any("flatmin.train.loop" in c and "flatmin.train.config" in c for c in cycles(edges))
 
 
-def test_moved_public_names_still_work_with_a_warning():
-    """The old import paths forward to the new modules and say where they went."""
-    import importlib
-    import sys
-
-    from flatmin import options, store
-    from flatmin.train import cli, distributed
-
-    moved = {"flatmin.experiments.store": ("Store", store.Store),
-             "flatmin.train.ddp": ("TorchrunProcess", distributed.TorchrunProcess)}
-    for name, (attr, new) in moved.items():
-        sys.modules.pop(name, None)
-        with pytest.warns(DeprecationWarning, match="moved to"):
-            old = importlib.import_module(name)
-        assert getattr(old, attr) is new
-    for attr in ("OPTIONS", "add_config_arguments", "config_overrides"):
-        with pytest.warns(DeprecationWarning, match=f"flatmin.options.{attr}"):
-            assert getattr(cli, attr) is getattr(options, attr)
+def test_checker_sees_argparse_in_a_library():
+    """The argparse check can fail: a library module that imports it is named."""
+    roots = imported_roots()
+    roots["flatmin.analysis.radius"].add("argparse")
+    assert argparse_users(roots) == ["flatmin.analysis.radius"]

@@ -1,4 +1,4 @@
-"""flatmin.logging: log.jsonl as the source of truth, TensorBoard events read back with
+"""flatmin.train.logging: log.jsonl as the source of truth, TensorBoard events read back with
 TensorBoard's own EventAccumulator, resume truncation, and the --tensorboard flag."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flatmin.errors import FlatminError
-from flatmin.logging import RunLogger, read_epochs, read_log
+from flatmin.train.logging import RunLogger, read_epochs, read_log
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -103,7 +103,7 @@ def test_no_output_folder_logs_nothing_and_missing_tensorboard_is_named(tmp_path
 
 
 def test_tensorboard_flag_reaches_the_config_but_not_the_run_key():
-    from flatmin.options import add_config_arguments, config_overrides
+    from flatmin.cli.options import add_config_arguments, config_overrides
     from flatmin.train.config import TrainConfig
 
     parser = argparse.ArgumentParser()

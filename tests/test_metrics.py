@@ -1,4 +1,4 @@
-"""flatmin.metrics: ECE against an obvious loop and a hand-computed case; streaming == one-shot."""
+"""flatmin.train.metrics: ECE against an obvious loop and a hand-computed case; streaming == one-shot."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flatmin.metrics import (
+from flatmin.train.metrics import (
     MetricAccumulator,
     classification_metrics,
     expected_calibration_error,

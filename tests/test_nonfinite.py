@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from tests.helpers import fixed_batch, tiny_model
 from torch.nn import functional as F
 
 from flatmin import AMP, SAM
 from flatmin.errors import NonFiniteLossError
 from flatmin.optim import ERM, build_amp
 
-
-def tiny(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-
-
-X, Y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 3
+SIZES = (4, 5, 3)
+X, Y = fixed_batch(8)
 
 
 def closure_for(model, opt, poison=None):
@@ -60,7 +55,7 @@ RULES = {
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_a_bad_step_leaves_theta_and_state_bit_identical(rule, base, poison):
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = RULES[rule](model.parameters(), dict(BASES[base]))
     opt.step(closure_for(model, opt))  # state exists
     before = everything(model, opt)
@@ -75,7 +70,7 @@ def test_a_bad_step_leaves_theta_and_state_bit_identical(rule, base, poison):
 
 
 def test_a_bad_first_step_leaves_fresh_state():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), lr=0.1, epsilon=0.1, momentum=0.9)
     theta = [p.detach().clone() for p in model.parameters()]
     opt.step(closure_for(model, opt, float("nan")))
@@ -85,7 +80,7 @@ def test_a_bad_first_step_leaves_fresh_state():
 
 
 def test_fused_bases_need_no_snapshot():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), **BASES["sgd_fused"])
     for _ in range(2):
         opt.step(closure_for(model, opt))
@@ -95,7 +90,7 @@ def test_fused_bases_need_no_snapshot():
 
 def test_policies():
     for policy, raises in (("skip", False), ("raise", True)):
-        model = tiny()
+        model = tiny_model(sizes=SIZES)
         opt = AMP(model.parameters(), lr=0.1, nonfinite=policy)
         opt.step(closure_for(model, opt, float("nan")))
         if raises:
@@ -103,17 +98,17 @@ def test_policies():
                 opt.poll()
         else:
             assert opt.poll() == 1
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), lr=0.1, check_finite=False)  # "off": the plain base step
     assert opt.nonfinite == "off"
     opt.step(closure_for(model, opt, float("nan")))
     assert not all(bool(torch.isfinite(p).all()) for p in model.parameters()) and opt.poll() == 0
     with pytest.raises(ValueError, match="nonfinite"):
-        AMP(tiny().parameters(), lr=0.1, nonfinite="ignore")
+        AMP(tiny_model(sizes=SIZES).parameters(), lr=0.1, nonfinite="ignore")
 
 
 def test_counters_survive_a_state_dict():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), lr=0.1, momentum=0.9)
     opt.step(closure_for(model, opt, float("nan")))
     other = AMP(model.parameters(), lr=0.1, momentum=0.9)
@@ -125,7 +120,7 @@ def test_counters_survive_a_state_dict():
 
 def test_overflow_under_a_grad_scaler_is_skipped_and_backs_off():
     """fp16-style loss scaling: inf gradients skip the step (θ exact) and halve the scale."""
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), lr=0.1, epsilon=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     from flatmin.optim import drive

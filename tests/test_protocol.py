@@ -6,19 +6,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.helpers import fixed_batch, tiny_model
 from torch import nn
 from torch.nn import functional as F
 
 from flatmin import AMP, RMP, SAM
 from flatmin.optim import ERM, build_amp
 
-
-def tiny(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-
-
-X, Y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 3
+SIZES = (4, 5, 3)
+X, Y = fixed_batch(8)
 
 
 def backward(model: nn.Module, opt) -> None:
@@ -31,7 +27,7 @@ def snapshot(model: nn.Module) -> list[torch.Tensor]:
 
 
 def test_a_perturb_too_many_is_refused_and_names_the_fix():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), lr=0.1, epsilon=0.1)
     backward(model, opt)
     opt.perturb()
@@ -41,7 +37,7 @@ def test_a_perturb_too_many_is_refused_and_names_the_fix():
 
 
 def test_sam_first_step_twice_is_refused():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = SAM(model.parameters(), lr=0.1, rho=0.05)
     backward(model, opt)
     opt.first_step(zero_grad=True)
@@ -58,7 +54,7 @@ def test_sam_first_step_twice_is_refused():
     (lambda p: build_amp(p, "subbatch", lr=0.1), lambda o: o.restore_and_step()),
 ])
 def test_an_update_with_no_perturbation_is_refused(make, call):
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = make(model.parameters())
     backward(model, opt)
     before = snapshot(model)
@@ -68,7 +64,7 @@ def test_an_update_with_no_perturbation_is_refused(make, call):
 
 
 def test_an_update_before_every_ascent_pass_is_refused():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), lr=0.1, inner_iter=2)
     backward(model, opt)
     opt.perturb()
@@ -78,7 +74,7 @@ def test_an_update_before_every_ascent_pass_is_refused():
 
 
 def test_rules_without_ascent_need_no_perturb_but_a_begun_step():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     for opt in (ERM(model.parameters(), lr=0.1), RMP(model.parameters(), lr=0.1)):
         with pytest.raises(RuntimeError, match="begin_step"):
             backward(model, opt)
@@ -91,7 +87,7 @@ def test_rules_without_ascent_need_no_perturb_but_a_begun_step():
 
 
 def test_state_dict_in_mid_step_is_refused():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), lr=0.1)
     backward(model, opt)
     opt.perturb()
@@ -100,7 +96,7 @@ def test_state_dict_in_mid_step_is_refused():
 
 
 def trained_state(make) -> dict:
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = make(model.parameters())
     opt.step(lambda: (backward(model, opt), F.cross_entropy(model(X), Y))[1])
     return opt.state_dict()
@@ -115,20 +111,21 @@ def trained_state(make) -> dict:
 def test_a_foreign_state_dict_is_refused(saver, loader, words):
     state = trained_state(saver)
     with pytest.raises(ValueError, match=words):
-        loader(tiny().parameters()).load_state_dict(state)
+        loader(tiny_model(sizes=SIZES).parameters()).load_state_dict(state)
 
 
 def test_older_flatmin_state_dicts_and_plain_states_into_erm_still_load():
     state = trained_state(lambda p: AMP(p, lr=0.1, epsilon=0.2))
     state.pop("perturbation")  # what flatmin 0.1 saved for exact AMP
-    opt = AMP(tiny().parameters(), lr=0.1)
+    opt = AMP(tiny_model(sizes=SIZES).parameters(), lr=0.1)
     opt.load_state_dict(state)
     assert opt.param_groups[0]["epsilon"] == 0.2
-    ERM(tiny().parameters(), lr=0.1).load_state_dict(trained_state(lambda p: torch.optim.SGD(p, lr=0.1)))
+    ERM(tiny_model(sizes=SIZES).parameters(), lr=0.1).load_state_dict(
+        trained_state(lambda p: torch.optim.SGD(p, lr=0.1)))
 
 
 def test_a_closure_returning_none_is_named():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), lr=0.1)
 
     def my_closure():
@@ -173,7 +170,7 @@ class Model:
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(["amp1", "amp2", "sam", "rmp", "erm"]), st.lists(st.sampled_from(CALLS), max_size=12))
 def test_the_protocol_is_the_state_machine(rule, calls):
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     make = {"amp1": lambda p: AMP(p, lr=0.1), "amp2": lambda p: AMP(p, lr=0.1, inner_iter=2),
             "sam": lambda p: SAM(p, lr=0.1), "rmp": lambda p: RMP(p, lr=0.1),
             "erm": lambda p: ERM(p, lr=0.1)}[rule]
@@ -208,7 +205,7 @@ def test_the_protocol_is_the_state_machine(rule, calls):
 def test_the_family_refuses_a_second_first_step_too(name):
     from flatmin.optim import create_optimizer
 
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = create_optimizer(model, name, lr=0.1)
     backward(model, opt)
     opt.first_step(zero_grad=True)

@@ -14,7 +14,7 @@ import pytest
 
 from flatmin.cli import main
 from flatmin.experiments.runner import execute, make_task
-from flatmin.store import Store
+from flatmin.results.store import Store
 from flatmin.train import TrainConfig
 
 FAST = ["--dataset", "spiral", "--epochs", "2", "--no-figures", "--methods", "erm,amp", "--seeds", "2"]

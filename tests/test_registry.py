@@ -11,8 +11,8 @@ import torch
 
 import flatmin
 from flatmin.checks import Choice, Flag, Number
+from flatmin.cli.options import OPTIONS
 from flatmin.optim import registry
-from flatmin.options import OPTIONS
 from flatmin.train import METHODS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

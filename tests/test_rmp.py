@@ -6,10 +6,12 @@ import copy
 
 import pytest
 import torch
-from tests.test_amp import _float64, base_step_at_theta, batches, make_closure, tiny_model  # noqa: F401
+from tests.helpers import base_step_at_theta, batches, make_closure, tiny_model
 from torch.nn import functional as F
 
 from flatmin import RMP
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("ball", ["global", "per_tensor"])

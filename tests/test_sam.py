@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
-from tests.test_amp import _float64, base_step_at_theta, batches, make_closure, tiny_model  # noqa: F401
+from tests.helpers import base_step_at_theta, batches, make_closure, tiny_model
 from torch.nn import functional as F
 
 from flatmin import SAM
 from flatmin.errors import NonFiniteLossError
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def reference_sam(model, data, *, rho, adaptive, base_kw):

@@ -10,8 +10,7 @@ import random
 import pytest
 import torch
 from tests._two_call import esam_step, msharp_step
-from tests.test_driver import ctx_for, data, params
-from tests.test_family import TINY, Loop, _float64, norm, tiny_model  # noqa: F401 (the fixture runs here)
+from tests.helpers import TINY, Loop, batches, ctx_for, norm, params, tiny_model
 from torch.nn import functional as F
 
 from flatmin import ESAM, SAM
@@ -19,6 +18,8 @@ from flatmin.optim import drive
 from flatmin.optim.driver import sub_batch
 from flatmin.train.loop import train_step
 from flatmin.train.methods import Batch
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 BASES = {
     "sgd_momentum_wd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-3)),
@@ -69,7 +70,7 @@ def ref_esam_sds(model, steps, rho, beta, gamma, seed, base_cls, base_kw):
 def by_trainer(make, steps=None, accumulate=1):
     model = tiny_model()
     opt = make(model.parameters())
-    for x, y in steps or data(6):
+    for x, y in steps or batches(6):
         train_step(model, model, opt, Batch(x, y), ctx_for(accumulate))
     return model
 
@@ -83,7 +84,7 @@ def test_msharp_matches_the_papers_loop(base, splits, adaptive):
     cls, kw = BASES[base]
     rho = 0.5 if adaptive else 0.1
     got = by_trainer(lambda p: SAM(p, cls, rho=rho, adaptive=adaptive, splits=splits, **kw))
-    want = ref_msharp(tiny_model(), data(6), rho, splits, adaptive, cls, kw)
+    want = ref_msharp(tiny_model(), batches(6), rho, splits, adaptive, cls, kw)
     for a, b in zip(params(got), params(want)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -92,7 +93,7 @@ def test_msharp_differs_from_sam_and_step_closure_is_the_trainer():
     cls, kw = BASES["sgd_momentum_wd"]
     model = tiny_model()
     opt = SAM(model.parameters(), cls, rho=0.1, splits=3, **kw)
-    for x, y in data(6):
+    for x, y in batches(6):
         def closure(split=0, splits=1, x=x, y=y):
             opt.zero_grad()
             part = sub_batch(len(x), split, splits)
@@ -112,7 +113,7 @@ def test_msharp_two_call_form_with_next_split_is_the_trainer():
     cls, kw = BASES["adam"]
     model = tiny_model()
     opt = SAM(model.parameters(), cls, rho=0.1, splits=3, **kw)
-    for x, y in data(6):
+    for x, y in batches(6):
         msharp_step(model, opt, x, y, 3)
     trainer = by_trainer(lambda p: SAM(p, cls, rho=0.1, splits=3, **kw))
     for a, b in zip(params(model), params(trainer)):
@@ -124,7 +125,7 @@ def test_msharp_two_call_form_with_next_split_is_the_trainer():
 def test_msharp_with_one_example_per_split_and_micro_batches():
     """More sub-batches than examples: one example each; micro-batches inside a sub-batch change nothing."""
     cls, kw = BASES["sgd_momentum_wd"]
-    small = data(4, batch=3)
+    small = batches(4, batch=3)
     capped = by_trainer(lambda p: SAM(p, cls, rho=0.1, splits=8, **kw), small)
     want = ref_msharp(tiny_model(), small, 0.1, 3, False, cls, kw)
     for a, b in zip(params(capped), params(want)):
@@ -140,7 +141,7 @@ def test_msharp_with_one_example_per_split_and_micro_batches():
 def test_esam_selection_matches_the_authors_loop(base, beta, gamma):
     cls, kw = BASES[base]
     got = by_trainer(lambda p: ESAM(p, cls, rho=0.2, beta=beta, gamma=gamma, seed=3, **kw))
-    want = ref_esam_sds(tiny_model(), data(6), 0.2, beta, gamma, 3, cls, kw)
+    want = ref_esam_sds(tiny_model(), batches(6), 0.2, beta, gamma, 3, cls, kw)
     for a, b in zip(params(got), params(want)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -149,7 +150,7 @@ def test_esam_two_call_form_with_select_is_the_trainer():
     cls, kw = BASES["sgd_momentum_wd"]
     model = tiny_model()
     opt = ESAM(model.parameters(), cls, rho=0.2, beta=0.6, gamma=0.5, seed=3, **kw)
-    for x, y in data(6):
+    for x, y in batches(6):
         assert len(esam_step(model, opt, x, y)) == 6
     trainer = by_trainer(lambda p: ESAM(p, cls, rho=0.2, beta=0.6, gamma=0.5, seed=3, **kw))
     for a, b in zip(params(model), params(trainer)):
@@ -174,7 +175,7 @@ def _closure(model, opt, x, y):
 
 
 def test_callers_that_cannot_provide_the_data_are_refused_with_theta_untouched():
-    x, y = data(1)[0]
+    x, y = batches(1)[0]
     model = tiny_model()
     esam = ESAM(model.parameters(), rho=0.2, gamma=0.5, lr=0.1)
     theta = copy.deepcopy(params(model))

@@ -1,4 +1,4 @@
-"""flatmin.stats against scipy and brute force on fixed numbers; the compare summary files; the
+"""flatmin.results.stats against scipy and brute force on fixed numbers; the compare summary files; the
 verdict wording follows the interval; the report marks only cells whose interval excludes 0."""
 
 import csv
@@ -10,12 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from flatmin import stats
 from flatmin.cli import main
 from flatmin.experiments import paired
 from flatmin.experiments.runner import measured
 from flatmin.experiments.tables import group_runs, table1
-from flatmin.store import Store
+from flatmin.results import stats
+from flatmin.results.store import Store
 from flatmin.train import TrainConfig
 
 sp = pytest.importorskip("scipy.stats")

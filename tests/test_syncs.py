@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests._two_call import esam_step
+from tests.helpers import fixed_batch, tiny_model
 from torch import nn
 from torch.nn import functional as F
 
@@ -18,7 +19,8 @@ from flatmin.train.loop import StepContext, train_step
 from flatmin.train.methods import Batch, get_method
 
 K = 3  # consecutive steps counted (after one warm-up step that creates the state)
-X, Y = torch.randn(12, 4, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 3
+SIZES = (4, 6, 3)  # a tiny_model; with BatchNorm1d(6) after the first layer where it matters
+X, Y = fixed_batch(12)
 BASES = {"sgd": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
          "sgd_fused": dict(lr=0.1, momentum=0.9, fused=True),
          # torch's unfused Adam reads its step counter with .item(): a CPU-resident scalar even when
@@ -47,12 +49,6 @@ RULES = {
 }
 
 
-def tiny(bn: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    norm = nn.BatchNorm1d(6) if bn else nn.Identity()
-    return nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 3))
-
-
 def assert_no_sync(step, k: int = K) -> None:
     step()  # warm-up: state is created
     with count_syncs() as log:
@@ -64,7 +60,7 @@ def assert_no_sync(step, k: int = K) -> None:
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("rule", [r for r in RULES if r != "esam_sds"])  # selection: no closure (refused)
 def test_step_closure(rule, base):
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = RULES[rule](model.parameters(), dict(BASES[base]))
 
     def closure(ascent=False, split=0, splits=1):
@@ -80,7 +76,7 @@ def test_step_closure(rule, base):
 
 @pytest.mark.parametrize("rule", list(RULES))
 def test_two_call_form(rule):
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = RULES[rule](model.parameters(), dict(BASES["sgd"]))
 
     def step():
@@ -98,14 +94,14 @@ def test_two_call_form(rule):
 
 
 def test_esam_two_call_form_with_selection():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = RULES["esam_sds"](model.parameters(), dict(BASES["sgd"]))
 
     assert_no_sync(lambda: esam_step(model, opt, X, Y))
 
 
 def test_sam_first_second_step():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = SAM(model.parameters(), rho=0.05, lr=0.1)
 
     def step():
@@ -133,7 +129,7 @@ TRAINER = {  # name: (rule, TrainConfig changes)
 @pytest.mark.parametrize("case", list(TRAINER))
 def test_trainer_step(case):
     rule, changes = TRAINER[case]
-    model = tiny(bn=True)
+    model = tiny_model(sizes=SIZES, norm=nn.BatchNorm1d(6))
     opt = RULES[rule](model.parameters(), dict(BASES["sgd"]))
     cfg = TrainConfig(**changes)
     scaler = torch.amp.GradScaler("cpu", enabled=cfg.precision == "fp16")
@@ -143,7 +139,7 @@ def test_trainer_step(case):
 
 @pytest.mark.parametrize("method", ["mixup", "label_smoothing", "flooding", "adv_training"])
 def test_trainer_methods(method):
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = RULES["amp"](model.parameters(), dict(BASES["sgd"]))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     ctx = StepContext(TrainConfig(method=method), get_method(method), scaler, torch.device("cpu"), 1.0,
@@ -152,7 +148,7 @@ def test_trainer_methods(method):
 
 
 def test_the_counter_sees_a_sync_and_names_the_line():
-    model = tiny()
+    model = tiny_model(sizes=SIZES)
     opt = AMP(model.parameters(), lr=0.1)
 
     def closure():
@@ -181,7 +177,7 @@ def test_lightning_step(precision):
     class Net(PerturbedModule, L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = tiny(bn=True)
+            self.net = tiny_model(sizes=SIZES, norm=nn.BatchNorm1d(6))
 
         def training_step(self, batch, batch_idx):
             x, y = batch

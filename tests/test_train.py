@@ -239,7 +239,7 @@ def test_step_logs_show_theorem_2s_quantities(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from flatmin.logging import read_log
+    from flatmin.train.logging import read_log
 
     cfg = TrainConfig(method="amp", tensorboard=True, epsilon=0.05, ball="global", **{**SPIRAL, "epochs": 2})
     train(cfg, tmp_path, progress=False)

@@ -392,7 +392,7 @@ def test_run_key_follows_the_files_and_folder_names_are_safe(tmp_path, monkeypat
 def test_cli_stores_user_data_with_an_absolute_path(tmp_path, monkeypatch):
     import argparse
 
-    from flatmin.options import add_config_arguments, config_overrides
+    from flatmin.cli.options import add_config_arguments, config_overrides
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)

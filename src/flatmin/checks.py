@@ -1,15 +1,23 @@
 """Value rules: one validated type per kind of number, shared by the optimizers' registry, the
 configuration and the command line, so a value is checked by one rule wherever it comes from.
+
+Below them, the checks any command makes before work starts whatever library it drives: a device
+this machine has, an output folder that can be written, a list of seeds. They sit here, at the
+bottom of the import graph, so that experiments and analyses call them without importing the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from flatmin.errors import ConfigError
+import torch
+
+from flatmin.errors import ConfigError, FlatminError
 
 
 @dataclass(frozen=True)
@@ -47,9 +55,20 @@ class Number:
     def __call__(self, text: str) -> int | float:
         """argparse ``type=``: parse, then check; the message says what was expected."""
         try:
-            return self.check(self.kind(text), "value")
-        except (ValueError, ConfigError):
-            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
+            return parse_number(self, text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_number(rule: Any, text: str) -> Any:
+    """A value written as text (a flag, a ``--tune`` value), by its rule (a number, a choice, a switch);
+    a ConfigError says what was expected."""
+    if not isinstance(rule, Number):
+        return rule.parse(text)
+    try:
+        return rule.check(rule.kind(text), "value")
+    except (ValueError, ConfigError):
+        raise ConfigError(f"expected {rule.describe()}, got {text!r}") from None
 
 
 POSITIVE_INT = Number(int, 1)  # batch sizes, epochs, iterations, counts
@@ -77,12 +96,18 @@ class Choice:
             raise ConfigError(f"{name} must be {self.describe()}, got {value!r}")
         return value
 
+    def parse(self, text: str) -> str:
+        """The choice written as text (a ConfigError says what was expected)."""
+        if text.strip() not in self.values:
+            raise ConfigError(f"expected {self.describe()}, got {text!r}")
+        return text.strip()
+
     def __call__(self, text: str) -> str:
         """argparse ``type=``."""
         try:
-            return self.check(text.strip(), "value")
-        except ConfigError:
-            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
+            return self.parse(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -99,14 +124,90 @@ class Flag:
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
 
-    def __call__(self, text: str) -> bool:
-        """argparse ``type=``: true/false, yes/no, 1/0."""
+    def parse(self, text: str) -> bool:
+        """true/false, yes/no, 1/0 (a ConfigError otherwise)."""
         low = text.strip().lower()
         if low in ("true", "yes", "1"):
             return True
         if low in ("false", "no", "0"):
             return False
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        raise ConfigError(f"expected true or false, got {text!r}")
+
+    def __call__(self, text: str) -> bool:
+        """argparse ``type=``."""
+        try:
+            return self.parse(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
 
 UNIT = Number(float, 0, 1)  # a weight or decay in [0, 1]
+
+
+def check_device(text: str) -> str:
+    """A device this machine has; anything else a ConfigError saying what is available."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {text!r}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {text!r}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {text!r}: flatmin runs on cpu, cuda or mps")
+    return text
+
+
+def check_out(folder: str | Path, flag: str = "--out") -> Path:
+    """A folder that exists and is writable, or could be created: checked, nothing created."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe == folder and not folder.is_dir():
+        raise FlatminError(f"{flag} {folder} is a file, not a folder; choose a folder")
+    if not probe.is_dir():
+        raise FlatminError(f"{flag} {folder}: {probe} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FlatminError(f"{flag} {folder}: no permission to write in {probe}; choose a writable folder")
+    return folder
+
+
+def out_dir(folder: str | Path, flag: str = "--out") -> Path:
+    """The output folder, checked and created."""
+    folder = check_out(folder, flag)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FlatminError(f"{flag} {folder}: cannot create it ({err.strerror})") from None
+    return folder
+
+
+def check_seeds(value: Any, where: str) -> list[int]:
+    """A count (>= 1) or a non-empty list of distinct seeds (>= 0), as seeds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return list(range(value))
+    if (isinstance(value, list) and value and len(set(value)) == len(value)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        return value
+    raise ConfigError(f"{where} must be a count >= 1 or a list of distinct seeds >= 0, got {value!r}")
+
+
+def parse_seeds(spec: str, flag: str = "--seeds") -> list[int]:
+    """``5`` -> seeds 0..4; ``0,3,7`` -> those seeds."""
+    try:
+        seeds = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {spec!r}: expected a count (5) or a list (0,3,7)") from None
+    return check_seeds(seeds[0] if len(seeds) == 1 and "," not in spec else seeds, f"{flag} {spec!r}:")
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

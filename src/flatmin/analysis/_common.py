@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -10,7 +9,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flatmin import options
 from flatmin.errors import FlatminError
 from flatmin.train import load_run
 
@@ -127,11 +125,3 @@ def split_loss(run, split: str, max_examples: int | None, batch_size: int = 512)
     x, y = limit(data.x, data.y, max_examples)
     return DatasetLoss(x, y, batch_size=batch_size, transform=lambda b: run.dataset.transform(b, train=False))
 
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every checkpoint analysis takes."""
-    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="flatmin checkpoint files")
-    parser.add_argument("--max-examples", type=options.POSITIVE_INT, default=None,
-                        help="use the first N examples")
-    parser.add_argument("--batch-size", type=options.POSITIVE_INT, default=512, help="evaluation batch size")
-    parser.add_argument("--device", type=options.device, default="cpu", help="torch device, e.g. cuda")

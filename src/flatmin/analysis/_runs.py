@@ -1,27 +1,23 @@
-"""Run folders and the CLI plumbing the training-based analyses share.
+"""Run folders and what the training-based analyses share.
 
 Reading a run folder (metrics.json, log.jsonl, checkpoint.pt), training a few configurations
-into sub-folders (resumable), one-thread CPU runs and plain-text tables: used by radius, spiral,
-gradnorm, calibration and cost.
+into sub-folders (resumable) and plain-text tables: used by radius, spiral, gradnorm,
+calibration and cost.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from flatmin.errors import FlatminError
-from flatmin.logging import read_epochs
 from flatmin.models import MODELS
 from flatmin.models.user import is_factory_spec
-from flatmin.options import POSITIVE_INT
 from flatmin.train import METHODS, TrainConfig, train
 from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
+from flatmin.train.logging import read_epochs
 
 
 @dataclass
@@ -80,18 +76,6 @@ def read_run_dir(path: str | Path) -> RunDir:
     return RunDir(path, cfg, metrics, read_epochs(path))
 
 
-def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    """The models are tiny: one thread per process beats two fighting over a core."""
-    parser.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch CPU threads (default 1)")
-
-
-def use_threads(n: int) -> None:
-    """Apply --threads."""
-    if n < 1:
-        raise FlatminError(f"--threads must be >= 1, got {n}")
-    torch.set_num_threads(n)
-
-
 def train_runs(configs: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
     """Train each config into OUT/<name>/, resuming what an interrupted call left."""
     results = {}
@@ -108,5 +92,3 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
     for r in rows:
         print(" ".join(f"{format(r[k], spec):>{w}}" for (k, _, spec), w in zip(columns, widths)))
 
-
-# --- Theorem 2 -----------------------------------------------------------------------------------

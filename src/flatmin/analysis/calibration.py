@@ -8,7 +8,6 @@ standard deviation of the runs' own ECEs, as the paper averages over trials.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,12 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from flatmin import options
 from flatmin.analysis._runs import check_names, read_run_dir
 from flatmin.errors import FlatminError
-from flatmin.options import out_dir
-from flatmin.plot import pyplot, save_figure, write_csv, write_json
-from flatmin.store import Store
+from flatmin.results.plot import pyplot, save_figure
+from flatmin.results.store import Store
 from flatmin.train import TrainConfig
 
 
@@ -144,37 +141,3 @@ def plot_calibration(summary: dict[str, dict[str, Any]], path: Path, title: str 
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
-
-
-# --- the CLI: `flatmin calibration RUN_DIR ... --out DIR` or `--db DB` -----------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `flatmin calibration`."""
-    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="finished flatmin train --out folders")
-    parser.add_argument("--db", type=options.path, default=None,
-                        help="a results database of flatmin grid/compare")
-    parser.add_argument("--out", type=options.path, required=True,
-                        help="folder for calibration.png/.csv/.json")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Collect the runs, summarise per method, write figure and numbers."""
-    if bool(args.runs) == bool(args.db):
-        raise FlatminError("give either RUN_DIRs or --db DB")
-    records = db_records(args.db) if args.db else [run_record(p) for p in args.runs]
-    label_records(records)
-    summary = summarize(records)
-    out = out_dir(args.out)
-    datasets = sorted({f"{r['dataset']}/{r['model']}" for r in records})
-    rows = [{k: r[k] for k in ("label", "method", "dataset", "model", "seed", "ece", "error", "nll", "path")}
-            for r in records]
-    files = [write_csv(out / "calibration.csv", rows),
-             write_json(out / "calibration.json", {"methods": summary, "runs": rows}),
-             plot_calibration(summary, out / "calibration.png", ", ".join(datasets))]
-    for label, s in summary.items():
-        print(f"{label}: ECE {100 * s['ece_mean']:.2f} ± {100 * s['ece_std']:.2f} % over {s['n']} run(s), "
-              f"test error {s['error_mean']:.2f}%")
-    for f in files:
-        print(f"wrote {f}")
-    return 0

@@ -10,16 +10,12 @@ is Ω at that mean norm: a per-epoch reading of the penalty, not its batch-by-ba
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-from flatmin import options
-from flatmin.analysis._runs import RunDir, add_threads_argument, read_run_dir, train_runs, use_threads
+from flatmin.analysis._runs import RunDir
 from flatmin.errors import FlatminError
-from flatmin.options import add_config_arguments, check_config, config_overrides, out_dir
-from flatmin.plot import pyplot, save_figure, write_csv, write_json
-from flatmin.train import TrainConfig, get_method
+from flatmin.results.plot import pyplot, save_figure
 
 # --- Theorem 2's penalty --------------------------------------------------------------------------
 
@@ -72,66 +68,13 @@ def plot_gradnorm(rows: list[dict[str, Any]], epsilon: float, zeta: float, path:
     return save_figure(fig, path)
 
 
-# --- the CLI: `flatmin gradnorm RUN_DIR ... --out DIR` or `flatmin gradnorm --train --out DIR` ----
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `flatmin gradnorm`."""
-    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="flatmin train --out folders")
-    parser.add_argument("--out", type=options.path, required=True,
-                        help="folder for gradnorm.png/.csv/.json (and --train runs)")
-    parser.add_argument("--train", action="store_true",
-                        help="first train --methods into OUT/<method>/ (resumable), then plot them too")
-    parser.add_argument("--methods", default="erm,amp", help="methods trained by --train")
-    parser.add_argument("--omega-epsilon", type=options.NONNEGATIVE, default=None,
-                        help="ε of Ω (default: the first AMP run's, else the first run's preset)")
-    parser.add_argument("--omega-inner-lr", type=options.NONNEGATIVE, default=None,
-                        help="ζ of Ω (default: likewise)")
-    add_threads_argument(parser)
-    add_config_arguments(parser, skip=("--method",))
-
-
-def _omega_params(runs: list[RunDir], args: argparse.Namespace) -> tuple[float, float]:
-    """ε, ζ of the AMP run being explained, so ERM's curve shows what AMP would have added."""
+def omega_params(runs: list[RunDir], epsilon: float | None = None, inner_lr: float | None = None
+                 ) -> tuple[float, float]:
+    """ε, ζ of Ω: those given, else the AMP run's being explained, so ERM's curve shows what AMP
+    would have added."""
     ref = next((r for r in runs if r.config.method == "amp"), runs[0])
-    eps = args.omega_epsilon if args.omega_epsilon is not None else ref.config.epsilon
-    zeta = args.omega_inner_lr if args.omega_inner_lr is not None else ref.config.inner_lr
+    eps = epsilon if epsilon is not None else ref.config.epsilon
+    zeta = inner_lr if inner_lr is not None else ref.config.inner_lr
     if eps is None or zeta is None or eps < 0 or zeta < 0:
         raise FlatminError("need ε, ζ >= 0 for Ω: pass --omega-epsilon and --omega-inner-lr")
     return float(eps), float(zeta)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Read (or train, then read) the runs, compute Ω per epoch, write figure and numbers."""
-    use_threads(args.threads)
-    paths = [Path(p) for p in args.runs]
-    if args.train:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        if not methods:
-            raise FlatminError(f"--methods {args.methods!r}: name at least one method")
-        base = check_config(TrainConfig(**config_overrides(args)))
-        for m in methods:
-            get_method(m)  # an unknown name lists the valid ones, before anything is written
-        out = out_dir(args.out)
-        train_runs({m: base.replace(method=m) for m in methods}, out)
-        paths += [out / m for m in methods]
-    elif config_overrides(args):
-        raise FlatminError("training flags need --train (without it the runs are only read)")
-    if not paths:
-        raise FlatminError("give RUN_DIRs to read, or --train to train ERM and AMP first")
-    out = out_dir(args.out)
-    runs = [read_run_dir(p) for p in paths]
-    eps, zeta = _omega_params(runs, args)
-    rows = gradnorm_rows(runs, eps, zeta)
-    summary = {r.label: {"path": str(r.path), "final_grad_norm": r.log[-1]["grad_norm"],
-                         "mean_grad_norm": sum(x["grad_norm"] for x in r.log) / len(r.log),
-                         "inner_iter": r.config.inner_iter, "ball": r.config.ball} for r in runs}
-    files = [write_csv(out / "gradnorm.csv", rows),
-             write_json(out / "gradnorm.json", {"epsilon": eps, "inner_lr": zeta, "runs": summary,
-                                                "rows": rows}),
-             plot_gradnorm(rows, eps, zeta, out / "gradnorm.png")]
-    for label, s in summary.items():
-        print(f"{label}: final ‖∇J‖ {s['final_grad_norm']:.4g}, mean over epochs {s['mean_grad_norm']:.4g}")
-    for f in files:
-        print(f"wrote {f}")
-    return 0

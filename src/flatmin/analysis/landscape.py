@@ -9,7 +9,6 @@ in Li et al.'s ``ignore='biasbn'``; with ``ignore_bn=False`` they move along θ 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -18,11 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flatmin import options
-from flatmin.analysis._common import add_run_arguments, load_runs, preserved, set_offset, split_loss
-from flatmin.errors import FlatminError
-from flatmin.options import out_dir
-from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.analysis._common import preserved, set_offset, split_loss
+from flatmin.results.plot import pyplot, save_figure
 
 LossAccFn = Callable[[nn.Module], "tuple[float, float] | float | Tensor"]
 
@@ -81,30 +77,17 @@ def loss_curve_1d(model: nn.Module, fn: LossAccFn, direction: Sequence[Tensor],
     return Landscape(surface.loss[:, 0], surface.accuracy[:, 0])
 
 
-# --- the CLI: `flatmin landscape CKPT [CKPT ...] --out DIR` --------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `flatmin landscape`."""
-    add_run_arguments(parser)
-    parser.add_argument("--dim", type=int, choices=(1, 2), default=1, help="1-D curves or 2-D surfaces")
-    parser.add_argument("--span", type=options.POSITIVE, default=1.0, help="α (and β) run over [-span, span]")
-    parser.add_argument("--points", type=options.Number(int, 2), default=41, help="grid points per axis")
-    parser.add_argument("--splits", default="train,test", help="comma-separated: train, test")
-    parser.add_argument("--seed", type=options.COUNT, default=0,
-                        help="seed of the directions (same for every run)")
-    parser.add_argument("--out", type=options.path, required=True, help="folder for the PNGs, CSV and JSON")
-
-
-def _curves(runs: list, splits: list[str], alphas: np.ndarray, args) -> list[dict]:
-    """One row per (run, split, α) — or (α, β) — with loss and accuracy."""
+def landscape_rows(runs: list, splits: list[str], alphas: np.ndarray, *, seed: int = 0, dim: int = 1,
+                   max_examples: int | None = None, batch_size: int = 512) -> list[dict]:
+    """One row per (run, split, α) — or (α, β) — with loss and accuracy, every run along the same
+    seeded directions."""
     rows = []
     for run in runs:
-        gen = torch.Generator().manual_seed(args.seed)
+        gen = torch.Generator().manual_seed(seed)
         d1 = random_direction(run.model, gen)
-        d2 = random_direction(run.model, gen) if args.dim == 2 else None
+        d2 = random_direction(run.model, gen) if dim == 2 else None
         for split in splits:
-            fn = split_loss(run, split, args.max_examples, args.batch_size).loss_and_accuracy
+            fn = split_loss(run, split, max_examples, batch_size).loss_and_accuracy
             if d2 is None:
                 land = loss_curve_1d(run.model, fn, d1, alphas)
                 rows += [dict(name=run.name, split=split, alpha=float(a), loss=float(lo), accuracy=float(ac))
@@ -159,26 +142,3 @@ def plot_2d(rows: list[dict], name: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Landscapes of each checkpoint along the same seeded directions; figures + numbers."""
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    if args.span <= 0 or args.points < 2 or not splits:
-        raise FlatminError("--span must be > 0, --points >= 2 and --splits non-empty")
-    out = out_dir(args.out)
-    runs = load_runs(args.checkpoints, args.device)
-    rows = _curves(runs, splits, np.linspace(-args.span, args.span, args.points), args)
-    stem = f"landscape_{args.dim}d"
-    files = [write_csv(out / f"{stem}.csv", rows), write_json(out / f"{stem}.json", rows)]
-    if args.dim == 1:
-        files.append(plot_1d(rows, out / f"{stem}.png"))
-    else:
-        for i, r in enumerate(runs):
-            files.append(plot_2d(rows, r.name, out / f"{stem}_{i}_{_slug(r.name)}.png"))
-    for f in files:
-        print(f"wrote {f}")
-    return 0
-
-
-def _slug(name: str) -> str:
-    """A file-name-safe version of a run label."""
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")

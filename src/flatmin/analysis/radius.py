@@ -8,30 +8,13 @@ paper uses N = 2 and ζ = 2 ("η = 2") for this figure; both are the defaults he
 
 from __future__ import annotations
 
-import argparse
-import math
 from pathlib import Path
 from typing import Any
 
-from flatmin import options
-from flatmin.analysis._runs import add_threads_argument, print_table, train_runs, use_threads
-from flatmin.errors import FlatminError
-from flatmin.options import add_config_arguments, check_config, config_overrides, out_dir
-from flatmin.plot import pyplot, save_figure, write_csv, write_json
-from flatmin.train import TrainConfig
+from flatmin.analysis._runs import train_runs
+from flatmin.results.plot import pyplot, save_figure
 
 PAPER_INNER_ITER, PAPER_INNER_LR = 2, 2.0
-
-
-def parse_epsilons(text: str) -> list[float]:
-    """'0,0.02,0.05' -> sorted distinct radii, each >= 0."""
-    try:
-        values = sorted({float(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise FlatminError(f"--epsilons must be comma-separated numbers, got {text!r}") from None
-    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise FlatminError(f"--epsilons needs at least one radius, all finite and >= 0; got {text!r}")
-    return values
 
 
 def run_name(epsilon: float) -> str:
@@ -75,36 +58,3 @@ def plot_radius(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
-
-
-# --- the CLI: `flatmin radius --epsilons 0,0.02,... --out DIR` -------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `flatmin radius` (every training flag but method and ε)."""
-    parser.add_argument("--out", type=options.path, required=True,
-                        help="folder for radius.png/.csv/.json and OUT/eps_<ε>/ runs")
-    parser.add_argument("--epsilons", default="0,0.02,0.05,0.1,0.2,0.5,1",
-                        help="comma-separated radii; 0 is the ERM run")
-    add_threads_argument(parser)
-    add_config_arguments(parser, skip=("--method", "--epsilon"))
-
-
-def run(args: argparse.Namespace) -> int:
-    """Train the sweep (resumable), then write the figure and the numbers."""
-    use_threads(args.threads)
-    epsilons = parse_epsilons(args.epsilons)
-    overrides = {"inner_iter": PAPER_INNER_ITER, "inner_lr": PAPER_INNER_LR, **config_overrides(args)}
-    base = check_config(TrainConfig(**overrides))
-    out = out_dir(args.out)
-    rows = radius_sweep(base, epsilons, out)
-    title = f"{base.dataset}: AMP with N = {base.inner_iter}, ζ = {base.inner_lr:g}"
-    files = [write_csv(out / "radius.csv", rows),
-             write_json(out / "radius.json", {"inner_iter": base.inner_iter, "inner_lr": base.inner_lr,
-                                              "rows": rows}),
-             plot_radius(rows, out / "radius.png", title)]
-    print_table(rows, [("epsilon", "eps", "g"), ("method", "method", ""), ("train_nll", "train NLL", ".4f"),
-                       ("test_nll", "test NLL", ".4f"), ("test_error", "test err %", ".2f")])
-    for f in files:
-        print(f"wrote {f}")
-    return 0

@@ -7,7 +7,6 @@ Hessian-vector products over a whole data set need only one batch's graph at a t
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -15,20 +14,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from flatmin import options
 from flatmin.analysis._common import (
     DatasetLoss,
     LossFn,
-    add_run_arguments,
-    load_runs,
     loss_terms,
     preserved,
     split_loss,
     trainable,
 )
-from flatmin.errors import FlatminError
-from flatmin.options import out_dir
-from flatmin.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.results.plot import pyplot, save_figure
 
 
 class Estimate(NamedTuple):
@@ -152,36 +146,19 @@ def epsilon_sharpness(model: nn.Module, loss_fn: LossFn, epsilon: float, steps: 
     return 100.0 * sharp / (1.0 + base) if relative else sharp
 
 
-# --- the CLI: `flatmin sharpness CKPT [CKPT ...]` ----------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `flatmin sharpness`."""
-    add_run_arguments(parser)
-    parser.set_defaults(max_examples=1000)
-    parser.add_argument("--split", choices=("train", "test"), default="train")
-    parser.add_argument("--epsilon", type=options.POSITIVE, default=0.05,
-                        help="radius of the ε-sharpness ball")
-    parser.add_argument("--iters", type=options.POSITIVE_INT, default=100, help="power iterations for λ_max")
-    parser.add_argument("--samples", type=options.POSITIVE_INT, default=100,
-                        help="Hutchinson samples for the trace")
-    parser.add_argument("--steps", type=options.POSITIVE_INT, default=20, help="ascent steps for ε-sharpness")
-    parser.add_argument("--seed", type=options.COUNT, default=0, help="seed of the random vectors")
-    parser.add_argument("--out", type=options.path, default=None,
-                        help="folder for sharpness.csv and sharpness.json")
-
-
-def measure(run, args: argparse.Namespace) -> dict:
+def measure(run, *, split: str = "train", max_examples: int | None = 1000, batch_size: int = 512,
+            seed: int = 0, epsilon: float = 0.05, iters: int = 100, samples: int = 100,
+            steps: int = 20) -> dict:
     """The three measures of one checkpoint, on the same examples and random vectors."""
-    loss_fn = split_loss(run, args.split, args.max_examples, args.batch_size)
-    gen = torch.Generator().manual_seed(args.seed)
+    loss_fn = split_loss(run, split, max_examples, batch_size)
+    gen = torch.Generator().manual_seed(seed)
     loss, acc = loss_fn.loss_and_accuracy(run.model)
-    lam = hessian_top_eigenvalue(run.model, loss_fn, iters=args.iters, generator=gen)
-    trace = hessian_trace(run.model, loss_fn, samples=args.samples, generator=gen)
-    sharp = epsilon_sharpness(run.model, loss_fn, args.epsilon, steps=args.steps, generator=gen)
-    return dict(name=run.name, checkpoint=str(run.path), split=args.split, examples=len(loss_fn),
+    lam = hessian_top_eigenvalue(run.model, loss_fn, iters=iters, generator=gen)
+    trace = hessian_trace(run.model, loss_fn, samples=samples, generator=gen)
+    sharp = epsilon_sharpness(run.model, loss_fn, epsilon, steps=steps, generator=gen)
+    return dict(name=run.name, checkpoint=str(run.path), split=split, examples=len(loss_fn),
                 loss=loss, accuracy=acc, lambda_max=lam, trace=trace.value, trace_stderr=trace.stderr,
-                epsilon=args.epsilon, eps_sharpness=sharp)
+                epsilon=epsilon, eps_sharpness=sharp)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -211,15 +188,3 @@ def plot_sharpness(rows: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Tabulate λ_max, tr(H) and ε-sharpness per checkpoint; plot them with --out."""
-    if args.epsilon <= 0 or min(args.iters, args.samples, args.steps) < 1:
-        raise FlatminError("--epsilon must be > 0 and --iters/--samples/--steps >= 1")
-    out = out_dir(args.out) if args.out else None
-    rows = [measure(r, args) for r in load_runs(args.checkpoints, args.device)]
-    print(markdown(rows))
-    if out is not None:
-        for f in (write_csv(out / "sharpness.csv", rows), write_json(out / "sharpness.json", rows),
-                  plot_sharpness(rows, out / "sharpness.png")):
-            print(f"wrote {f}")
-    return 0

@@ -7,7 +7,6 @@ figure shows P(class 1 | x) over a grid around the data, the 0.5 contour, and th
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatmin import options
-from flatmin.analysis._runs import add_threads_argument, train_runs, use_threads
+from flatmin.analysis._runs import train_runs
 from flatmin.errors import FlatminError
-from flatmin.options import add_config_arguments, check_config, config_overrides, out_dir
-from flatmin.plot import pyplot, save_figure, write_csv, write_json
-from flatmin.train import TrainConfig, get_method, load_run
+from flatmin.results.plot import pyplot, save_figure, write_csv, write_json
+from flatmin.train import load_run
 
 
 @torch.no_grad()
@@ -84,42 +81,3 @@ def spiral_figure(base: Any, out: Path, methods: tuple[str, ...] = ("erm", "amp"
     files = [plot_boundaries(panels, xs, ys, x, y, out / "spiral.png"),
              write_csv(out / "spiral_grid.csv", csv_rows), write_json(out / "spiral.json", numbers)]
     return dict(panels=panels, xs=xs, ys=ys, numbers=numbers, files=files)
-
-
-# --- the CLI: `flatmin spiral --out DIR` ---------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `flatmin spiral` (every training flag except dataset and method)."""
-    parser.add_argument("--out", type=options.path, required=True,
-                        help="folder for spiral.png/.json, the grid CSV and the runs")
-    parser.add_argument("--methods", default="erm,amp", help="methods side by side (default erm,amp)")
-    parser.add_argument("--n-samples", type=options.POSITIVE_INT, default=None,
-                        help="spiral points per split (default 600)")
-    parser.add_argument("--noise", type=options.NONNEGATIVE, default=None, help="spiral noise (default 0.05)")
-    parser.add_argument("--grid-points", type=options.Number(int, 2), default=121,
-                        help="grid points per axis")
-    add_threads_argument(parser)
-    add_config_arguments(parser, skip=("--dataset", "--method"))
-
-
-def run(args: argparse.Namespace) -> int:
-    """Train ERM and AMP on the spiral and write the figure and its numbers."""
-    use_threads(args.threads)
-    if args.grid_points < 2:
-        raise FlatminError(f"--grid-points must be >= 2, got {args.grid_points}")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    data = {k: v for k, v in (("n_samples", args.n_samples), ("noise", args.noise)) if v is not None}
-    base = TrainConfig(**{**config_overrides(args), "dataset": "spiral", "dataset_options": data})
-    check_config(base)
-    if not methods:
-        raise FlatminError(f"--methods {args.methods!r}: name at least one method")
-    for m in methods:
-        get_method(m)  # an unknown name lists the valid ones, before anything is written
-    result = spiral_figure(base, out_dir(args.out), methods, args.grid_points)
-    for p in result["panels"]:
-        print(f"{p['method']}: test error {p['test_error']:.2f}%, test NLL {p['test_nll']:.4f}, "
-              f"train error {p['train_error']:.2f}%")
-    for f in result["files"]:
-        print(f"wrote {f}")
-    return 0

@@ -7,18 +7,14 @@ Here flatmin's own `AMP` optimizer minimises γ and must land there.
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flatmin import options
-from flatmin.errors import FlatminError
 from flatmin.optim import AMP
-from flatmin.options import out_dir
-from flatmin.plot import pyplot, save_figure, write_json
+from flatmin.results.plot import pyplot, save_figure
 
 
 def inverted_gaussian(theta: Tensor, mu: Tensor, kappa: Tensor, A: float, C: float) -> Tensor:
@@ -96,7 +92,7 @@ def operational_region(beta: np.ndarray, r: np.ndarray, eps2_over_2sigma2: float
     return inside & (r > bound)
 
 
-# --- the CLI: `flatmin theory --out DIR` ---------------------------------------------------------
+# --- the figures of `flatmin theory` ---------------------------------------------------------------
 
 
 def example(angle: float = 0.5) -> dict:
@@ -161,29 +157,3 @@ def plot_region(path, cs=(0.1, 0.5, 1.0, 2.0)):
            title="Operational region of AMP (Corollary 2)")
     ax.legend()
     return save_figure(fig, path)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `flatmin theory`."""
-    parser.add_argument("--out", type=options.path, required=True,
-                        help="folder for the figures and theory.json")
-    parser.add_argument("--epsilon", type=options.POSITIVE, default=0.5, help="AMP radius for Theorem 1")
-    parser.add_argument("--steps", type=options.POSITIVE_INT, default=300, help="AMP steps for Theorem 1")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Theorem 1 by flatmin.AMP, Corollary 2's region; figures + numbers."""
-    if args.epsilon <= 0 or args.steps < 1:
-        raise FlatminError("--epsilon must be > 0 and --steps >= 1")
-    out = out_dir(args.out)
-    result = theorem1(args.epsilon, args.steps)
-    files = [plot_theorem1(result, out / "theorem1.png"), plot_region(out / "corollary2.png")]
-    numbers = {k: v for k, v in result.items() if k != "trajectory"}
-    files.append(write_json(out / "theory.json", {"theorem1": numbers}))
-    print(f"Theorem 1 (eps={args.epsilon:g}): theta={result['theta_found'].tolist()} "
-          f"mu={result['mu'].tolist()} |theta-mu|={result['theta_error']:.2e}; "
-          f"AMP loss {result['amp_loss_found']:.8f} vs closed form {result['amp_loss_closed_form']:.8f} "
-          f"(error {result['value_error']:.2e})")
-    for f in files:
-        print(f"wrote {f}")
-    return 0

@@ -1,33 +1,24 @@
-"""`flatmin compare`: ERM vs AMP vs SAM (or any methods and AMP variants) over seeds, in parallel
-processes, as a paper-style table (mean ± std of test error, NLL, ECE; CPU cost per step vs the
-baseline) with figures, and paired verdicts: each spec vs ``--baseline`` seed by seed, "better" or
-"worse" only when the 95% CI of the paired difference excludes 0 (see `flatmin.stats`).
-
-Method specs: ``METHOD[:FIELD=VALUE,...]``, e.g. ``--methods erm,amp,amp:variant=onepass,sam:rho=0.1``
-(a ``FIELD=VALUE`` after a comma belongs to the spec before it). ``--variants onepass,reuse`` adds
-``amp:variant=onepass`` and ``amp:variant=reuse``. ``--tune epsilon=0.05,0.1`` chooses, per spec whose
-method uses the field, the value with the best mean VALIDATION error over ``--tune-seeds`` seeds, then
-runs only that value over ``--seeds``. Runs live in ``OUT/runs/<key>`` and ``OUT/results.db``: a
-re-run with the same arguments trains nothing it has already finished.
-"""
+"""Comparisons of methods over seeds: specs (``METHOD[:FIELD=VALUE,...]``), the runs of every spec
+(tuned on validation first if asked; with an automatic seed count, batch after batch), and the
+table, paired verdicts and files they give. `flatmin compare` (`flatmin.cli.compare`) drives it."""
 
 from __future__ import annotations
 
-import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flatmin import options
+from flatmin.checks import check_out
 from flatmin.errors import FlatminError, RunFailedError
-from flatmin.experiments import backends, paired, tuning
 from flatmin.experiments import figures as fig
+from flatmin.experiments import paired, tuning
+from flatmin.experiments.backends import Backend
 from flatmin.experiments.runner import resolved
 from flatmin.experiments.tables import compare_table
-from flatmin.options import add_config_arguments, config_overrides, default_workers, parse_seeds
-from flatmin.plot import write_csv
-from flatmin.store import Store
+from flatmin.results.plot import write_csv
+from flatmin.results.store import Store
 from flatmin.train.config import TrainConfig
 
 DEFAULT_METHODS = "erm,amp,sam"
@@ -75,43 +66,6 @@ def parse_specs(text: str, variants: str | None = None) -> list[Spec]:
     return specs
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`flatmin compare` flags: the `flatmin train` config flags plus the comparison's own."""
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_config_arguments(parser, skip=("--method", "--seed"))
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"method specs ({DEFAULT_METHODS})")
-    parser.add_argument("--variants", default=None, help="AMP variants to add: exact,reuse,subbatch,onepass")
-    parser.add_argument("--seeds", default=str(DEFAULT_SEEDS),
-                        help=f"count or list ({DEFAULT_SEEDS}), or auto[:CAP]: add {AUTO_BATCH} seeds at a "
-                             "time until the first method's test-error CI vs the baseline excludes 0 "
-                             f"(cap {AUTO_CAP})")
-    parser.add_argument("--baseline", default=None, help="spec the others are compared with (erm if listed)")
-    parser.add_argument("--cost-epochs", type=options.Number(int, 0), default=3,
-                        help="epochs per spec of the step-cost measurement after the runs (0: skip)")
-    parser.add_argument("--workers", type=options.POSITIVE_INT, default=None,
-                        help="parallel processes (default: cores)")
-    parser.add_argument("--out", type=options.path, default=Path("runs/compare"), help="output folder")
-    parser.add_argument("--tune", action="append", default=[], metavar="FIELD=V1,V2",
-                        help="choose FIELD on the validation split (repeatable)")
-    parser.add_argument("--tune-seeds", default="2", help="seeds for tuning: count or list (2)")
-    parser.add_argument("--tune-metric", default="error", choices=tuning.METRICS,
-                        help="validation metric minimised by --tune (error)")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    backends.add_arguments(parser)
-
-
-def seed_plan(text: str) -> tuple[list[int], int | None]:
-    """``--seeds``: a count or list (no cap), or ``auto[:CAP]``: start at 5 seeds, cap (20) given."""
-    head, _, cap = text.partition(":")
-    if head.strip() != "auto":
-        return parse_seeds(text), None
-    if cap and (not cap.strip().isdigit() or int(cap) < 2):
-        raise FlatminError(f"--seeds {text!r}: expected auto or auto:CAP with a cap of at least 2 seeds")
-    cap_n = int(cap) if cap else AUTO_CAP
-    return list(range(min(DEFAULT_SEEDS, cap_n))), cap_n
-
-
 def baseline_label(name: str | None, specs: list[Spec]) -> str:
     """The spec every other one is compared with: ``--baseline``, else erm if listed, else the first."""
     labels = [s.label for s in specs]
@@ -122,20 +76,16 @@ def baseline_label(name: str | None, specs: list[Spec]) -> str:
     return name
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train every spec × seed (tuning first if asked; with ``--seeds auto`` batch after batch),
-    print the table and the paired verdicts, write CSV/Markdown/JSON/PNGs."""
+def compare(specs: list[Spec], baseline: str, seeds: list[int], cap: int | None, *,
+            overrides: dict[str, Any], sweep: dict[str, list[Any]], tune_seeds: list[int], tune_metric: str,
+            out: Path, backend: Callable[[], Backend], cost_epochs: int, figures: bool) -> None:
+    """Train every spec × seed (tuning first if asked; with a ``cap``, batch after batch of seeds until
+    the first spec's verdict against the baseline is clear), print the table and the paired
+    verdicts, write CSV/Markdown/JSON/PNGs into ``out``."""
     t0 = time.perf_counter()
-    specs = parse_specs(args.methods, args.variants)
-    baseline = baseline_label(args.baseline, specs)
-    seeds, cap = seed_plan(args.seeds)
-    if cap is not None and len(specs) < 2:
-        raise FlatminError("--seeds auto needs at least two specs (a method and the baseline)")
-    if args.cost_epochs < 0:
-        raise FlatminError(f"--cost-epochs must be >= 0, got {args.cost_epochs}")
     rounds: list[dict[str, Any]] = []
     while True:
-        res, done = train_specs(args, specs, seeds)
+        res, done = train_specs(specs, seeds, overrides, sweep, tune_seeds, tune_metric, out, backend)
         tasks = dict(enumerate(res.tasks))
         groups = {specs[i].label: [_result(done[t.key]) for t in tasks[i]] for i in range(len(specs))}
         if cap is None:
@@ -148,27 +98,26 @@ def run(args: argparse.Namespace) -> int:
             break
         seeds = list(range(min(cap, len(seeds) + AUTO_BATCH)))
     configs = {s.label: tasks[i][0].config for i, s in enumerate(specs)}
-    ev = paired.Evidence.gather(groups, baseline, configs, args.cost_epochs, rounds, cap)
-    text = summary(groups, tasks, specs, res, args.tune_metric, ev)
+    ev = paired.Evidence.gather(groups, baseline, configs, cost_epochs, rounds, cap)
+    text = summary(groups, tasks, specs, res, tune_metric, ev)
     print(text + f"\nwall time {time.perf_counter() - t0:.1f}s")
-    write_outputs(args.out, groups, tasks, specs, done, not args.no_figures, ev)
-    paired.write_summary(args.out, ev.payload(configs, seeds), text)
-    return 0
+    write_outputs(out, groups, tasks, specs, done, figures, ev)
+    paired.write_summary(out, ev.payload(configs, seeds), text)
 
 
-def train_specs(args: argparse.Namespace, specs: list[Spec], seeds: list[int]) -> tuple[tuning.Outcome, dict]:
+def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], sweep: dict[str, list[Any]],
+                tune_seeds: list[int], tune_metric: str, out: Path, make_backend: Callable[[], Backend]
+                ) -> tuple[tuning.Outcome, dict]:
     """Tune (if asked) and train every spec over ``seeds``; finished runs are read back, not retrained."""
-    sweep, overrides = tuning.parse_sweep(args.tune), config_overrides(args)
-    tune_seeds = parse_seeds(args.tune_seeds, "--tune-seeds")
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
     sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
     for b in bases:
         resolved(b)  # names, numbers, device: checked before the store or any folder is written
-    backend = backends.create(args, args.workers or default_workers())  # before anything is written
-    store = Store(options.check_out(args.out) / "results.db")
+    backend = make_backend()  # before anything is written
+    store = Store(check_out(out) / "results.db")
     try:
         res = tuning.tune_and_run(bases, [s.label for s in specs], sweeps, seeds,
-                                  tune_seeds, args.out, store, backend, args.tune_metric)
+                                  tune_seeds, out, store, backend, tune_metric)
         done = {r["key"]: r for r in store.rows()}
     finally:
         store.close()

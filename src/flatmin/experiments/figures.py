@@ -7,8 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from flatmin.logging import read_epochs
-from flatmin.plot import pyplot, save_figure
+from flatmin.results.plot import pyplot, save_figure
+from flatmin.train.logging import read_epochs
 
 Runs = dict[str, list[dict[str, Any]]]  # label -> finished runs' metrics (one per seed)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flatmin.checks import POSITIVE_INT, check_seeds
 from flatmin.errors import ConfigError, FlatminError
 from flatmin.experiments.tuning import METRICS, field_name
-from flatmin.options import POSITIVE_INT, check_field, check_seeds
+from flatmin.train.config import check_field
 from flatmin.train.methods import METHODS
 
 TABLES = ("grid", "tune", "run")
@@ -88,7 +89,7 @@ def check(doc: Any) -> dict[str, Any]:
             if key not in METHODS:
                 raise ConfigError(f"[tune.{key}]: unknown method; valid methods: {', '.join(METHODS)}")
             for field, values in value.items():
-                _values(field_name(str(field)), values, f"[tune.{key}] ")
+                _values(field_name(str(field), key), values, f"[tune.{key}] ")
         else:
             _values(field_name(str(key)), value, "[tune] ")
     for key, value in run.items():

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from flatmin import stats
-from flatmin.plot import write_json
-from flatmin.stats import Comparison
+from flatmin.results import stats
+from flatmin.results.plot import write_json
+from flatmin.results.stats import Comparison
 from flatmin.train.timing import measure_configs
 
 METRICS = ("error", "nll", "ece")

@@ -1,13 +1,12 @@
-"""`flatmin report DB`: Table 1 (methods × datasets) and Table 2 (augmentation × model, ERM vs AMP)
-in Markdown, what tuning chose and on which split, and the figures, from a results database."""
+"""Reports of a results database: Table 1 (methods × datasets) and Table 2 (augmentation × model, ERM
+vs AMP) in Markdown, what tuning chose and on which split, the AMP-vs-ERM verdicts and the figures;
+`flatmin report` (`flatmin.cli.report`) prints them."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from flatmin import options
-from flatmin.errors import FlatminError
+from flatmin.checks import out_dir
 from flatmin.experiments import figures
 from flatmin.experiments.paired import ci_cell
 from flatmin.experiments.tables import (
@@ -19,14 +18,7 @@ from flatmin.experiments.tables import (
     tuning_table,
     versus,
 )
-from flatmin.options import out_dir
-from flatmin.store import Store
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("db", type=options.path, help="results database written by flatmin grid or compare")
-    parser.add_argument("--out", type=options.path, default=None, help="write report.md and PNGs here")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+from flatmin.results.store import Store
 
 
 def render(store: Store, figures_dir: Path | None = None) -> str:
@@ -77,21 +69,3 @@ def write_figures(groups: list, folder: Path) -> str:
         if len(pair) > 1:
             written.append(figures.reliability(pair, folder / f"reliability_{name}.png"))
     return "\nfigures: " + ", ".join(str(p) for p in written) + "\n"
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the report; with --out also write report.md and the figures."""
-    if not args.db.is_file():
-        raise FlatminError(f"no results database at {args.db}")
-    if args.out is not None:
-        options.check_out(args.out)
-    store = Store(args.db)
-    try:
-        text = render(store, None if args.no_figures or args.out is None else args.out)
-    finally:
-        store.close()
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text(text)
-    return 0

@@ -18,9 +18,8 @@ from flatmin.data.registry import canonical_name, get_loader
 from flatmin.experiments.backends import Backend, Ledger
 from flatmin.experiments.backends.base import Task, measured, usable_cores  # noqa: F401 (re-exported)
 from flatmin.experiments.backends.local import LocalBackend
-from flatmin.options import check_config
-from flatmin.store import Store
-from flatmin.train.config import TrainConfig, resolve
+from flatmin.results.store import Store
+from flatmin.train.config import TrainConfig, check_config, resolve
 from flatmin.train.methods import get_method, method_fields
 
 NOT_IN_KEY = ("data_dir", "download", "tensorboard")  # where data lives, what logs: not a result

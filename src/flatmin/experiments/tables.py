@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from flatmin import stats
 from flatmin.experiments.paired import ci_cell
 from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS
-from flatmin.stats import Comparison, mean_std
+from flatmin.results import stats
+from flatmin.results.stats import Comparison, mean_std
 
 # Fields that name a table cell, not a setting (seeds are averaged over).
 IDENTITY = ("seed", "dataset", "model", "augment", "method", "device", "data_dir", "download",

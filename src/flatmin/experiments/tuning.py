@@ -6,7 +6,6 @@ The test split is never read here; `select` looks at ``metrics["val"]`` only.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import statistics
@@ -15,17 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flatmin.errors import FlatminError
+from flatmin.checks import check_device, parse_number
+from flatmin.errors import ConfigError, FlatminError
 from flatmin.experiments.backends import Backend
 from flatmin.experiments.runner import METHOD_FIELDS, Task, execute, make_task
 from flatmin.optim import registry
-from flatmin.options import OPTIONS
-from flatmin.store import Store
-from flatmin.train.config import TrainConfig
+from flatmin.results.store import Store
+from flatmin.train.config import FIELD_RULES, TEXT_FIELDS, TrainConfig
 
 ALIASES = {"variant": "amp_variant", "eps": "epsilon", "zeta": "inner_lr", "n": "inner_iter",
            "flood": "flood_level", "alpha": "mixup_alpha"}
-_TYPES = {field: typ for field, typ, _ in OPTIONS.values()}
 METRICS = ("error", "nll")
 
 
@@ -53,18 +51,24 @@ def field_name(name: str, method: str | None = None) -> str:
 
 
 def parse_value(field: str, text: str) -> Any:
-    """A command-line string as the field's type."""
-    typ = _TYPES.get(field)
+    """A command-line string as the field's type: a number by its rule, a name stripped, a device
+    checked; other fields as whatever the text reads as (int, float, true/false, text)."""
     try:
-        if typ is not None:
-            return typ(text)
+        if field in FIELD_RULES:
+            return parse_number(FIELD_RULES[field], text)
+        if field in TEXT_FIELDS:
+            if not text.strip():
+                raise ConfigError("expected a non-empty value")
+            return text.strip()
+        if field == "device":
+            return check_device(text)
         for cast in (int, float):
             try:
                 return cast(text)
             except ValueError:
                 pass
         return {"true": True, "false": False}.get(text.lower(), text)
-    except (ValueError, argparse.ArgumentTypeError) as err:
+    except ConfigError as err:
         raise FlatminError(f"{field}={text!r}: {err}") from None
 
 

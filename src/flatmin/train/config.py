@@ -12,6 +12,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from flatmin.checks import (
+    COUNT,
+    FRACTION,
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SHARE,
+    check_device,
+)
 from flatmin.errors import ConfigError
 from flatmin.optim import registry
 
@@ -56,7 +65,7 @@ class _Protocol:
     eval_batch_size: int = 1000
     eval_every: int = 1  # evaluate val/test every k epochs and after the last (costs CPU, changes no weight)
     ddp_local_ascent: bool = False  # under DDP: per-rank ascent gradient (no all-reduce)
-    tensorboard: bool = False  # also write TensorBoard events (flatmin.logging); not part of a result
+    tensorboard: bool = False  # also write TensorBoard events (flatmin.train.logging); not part of a result
     fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state (FSDP2)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +101,61 @@ TrainConfig = dataclasses.make_dataclass("TrainConfig", _rule_fields(), bases=(_
 TrainConfig.__module__, TrainConfig.__qualname__ = __name__, "TrainConfig"
 TrainConfig.__doc__ = "Everything that determines a run; saved with every result and checkpoint."
 RULE_FIELDS = tuple(registry.config_fields())
+
+
+# The value rules of the fields an optimizer rule owns: the registry's, one rule per value.
+RULE_FIELD_RULES: dict[str, Any] = {name: h.rule for name, h in registry.config_fields().items()}
+# Config field -> its value rule, wherever the value comes from: a flag (the CLI's flag table takes
+# each flag's type from here), a grid file, a ``--tune`` list or a resumed configuration.
+FIELD_RULES: dict[str, Any] = {
+    "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE, "momentum": FRACTION,
+    "weight_decay": NONNEGATIVE, "grad_clip": POSITIVE, "accumulate": POSITIVE_INT,
+    "eval_every": POSITIVE_INT, "val_fraction": FRACTION, **RULE_FIELD_RULES,
+    "dropout": FRACTION, "label_smoothing": FRACTION, "flood_level": NONNEGATIVE, "mixup_alpha": POSITIVE,
+    "adv_epsilon": NONNEGATIVE, "seed": COUNT, "eval_batch_size": POSITIVE_INT, "lr_gamma": SHARE,
+}
+DEFAULTS = TrainConfig().to_dict()
+FIELDS = list(DEFAULTS)
+# Fields holding a name or a path (the device is checked against the machine on its own).
+TEXT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                    if f.type in ("str", "str | None") and f.name != "device")
+
+
+def check_field(name: str, value: Any, where: str = "") -> Any:
+    """One configuration value from a file (grid, checkpoint): known field, right type, in range."""
+    if name not in FIELDS:
+        raise ConfigError(f"{where}unknown config field {name!r}; valid fields: {', '.join(FIELDS)}")
+    default = DEFAULTS[name]
+    if value is None and default is None:
+        return value
+    if name in FIELD_RULES:
+        return FIELD_RULES[name].check(value, where + name)
+    if name == "device":
+        try:
+            return check_device(value) if isinstance(value, str) else _wrong(name, value, "a device", where)
+        except ConfigError as err:
+            raise ConfigError(f"{where}{err}") from None
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else _wrong(name, value, "true or false", where)
+    if name == "milestones":
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in value)
+        return value if ok else _wrong(name, value, "a list of fractions in (0, 1)", where)
+    if name == "dataset_options":
+        return value if isinstance(value, dict) else _wrong(name, value, "a table", where)
+    ok = isinstance(value, str) and value.strip()
+    return value if ok else _wrong(name, value, "a non-empty string", where)
+
+
+def _wrong(name: str, value: Any, what: str, where: str) -> Any:
+    raise ConfigError(f"{where}{name} must be {what}, got {value!r}")
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """Every field of a configuration by its rule, its device included, before any work."""
+    for name in FIELDS:
+        check_field(name, getattr(cfg, name))
+    return cfg
 
 
 # Paper presets for AMP (§5.1–5.2): (model, augment) -> ε, ζ; N = 1 and the authors' per-tensor ball.

@@ -23,17 +23,17 @@ from tqdm import tqdm
 
 from flatmin.data import Dataset, Split, load_dataset
 from flatmin.errors import ConfigError, FlatminError, NonFiniteLossError
-from flatmin.logging import LOG, RunLogger, read_epochs
-from flatmin.metrics import MetricAccumulator
 from flatmin.models import create_model
 from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive
 from flatmin.optim.driver import grad_scale, head_size, split_sizes
 from flatmin.optim.sharded import local, norm_reducer
-from flatmin.provenance import device_name, git_commit, versions
 from flatmin.train import checkpoint as ckpt
 from flatmin.train.config import TrainConfig, resolve
 from flatmin.train.distributed import current
+from flatmin.train.logging import LOG, RunLogger, read_epochs
 from flatmin.train.methods import Batch, Method, get_method
+from flatmin.train.metrics import MetricAccumulator
+from flatmin.train.provenance import device_name, git_commit, versions
 
 AUTOCAST = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 POLL_EVERY = 50  # steps between reads of the non-finite counter (and at the end of each epoch)

@@ -6,16 +6,16 @@ import argparse
 import dataclasses
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flatmin import options
+from flatmin.checks import POSITIVE_INT, check_out
+from flatmin.cli import options
 from flatmin.errors import FlatminError
 from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
-from flatmin.train.config import TrainConfig
+from flatmin.train.config import TrainConfig, check_config
 from flatmin.train.loop import train
 
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=options.POSITIVE_INT, default=None,
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None,
                         help="torch CPU threads (small models run fastest on 1)")
 
 
@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = _resumed_config(args.out, overrides)
     else:
         cfg = TrainConfig(**overrides)
-    options.check_config(cfg)
+    check_config(cfg)
     if args.out is not None:
-        options.check_out(args.out)
+        check_out(args.out)
     result = train(cfg, args.out, resume=args.resume, progress=False if args.quiet else None)
     if result is not None:
         summary = {split: {k: result[split][k] for k in ("error", "nll", "ece")}
@@ -63,11 +63,3 @@ def _resumed_config(out: Path, overrides: dict[str, Any]) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return saved.replace(**{k: v for k, v in overrides.items() if k in fields})
 
-
-def __getattr__(name: str) -> Any:
-    """The option definitions moved to `flatmin.options` (a CLI module is no library)."""
-    if name in ("OPTIONS", "add_config_arguments", "config_overrides"):
-        warnings.warn(f"flatmin.train.cli.{name} moved to flatmin.options.{name}", DeprecationWarning,
-                      stacklevel=2)
-        return getattr(options, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

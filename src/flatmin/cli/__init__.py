@@ -15,20 +15,24 @@ import sys
 
 from flatmin.errors import FAILED, USAGE, FlatminError
 
-# name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
+# This package is the top of the import graph: the dispatcher (here), the shared options
+# (`flatmin.cli.options`) and one module per command; nothing in the library imports it.
+
+# name -> (module, one-line help). Each module, one per command in `flatmin.cli`, defines
+# `add_arguments(parser)` and `run(args) -> int`; only this dispatcher imports them.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("flatmin.train.cli", "train one model with one method (the paper's protocol)"),
-    "compare": ("flatmin.experiments.compare", "ERM vs AMP vs SAM over seeds: the main job"),
-    "grid": ("flatmin.experiments.grid", "run a methods x datasets x ... x seeds grid into a results DB"),
-    "report": ("flatmin.experiments.report", "paper-style tables and figures from a results DB"),
-    "landscape": ("flatmin.analysis.landscape", "1-D/2-D loss landscapes of checkpoints (Fig. 2)"),
-    "sharpness": ("flatmin.analysis.sharpness", "Hessian eigenvalue, trace and eps-sharpness of checkpoints"),
-    "radius": ("flatmin.analysis.radius", "train AMP over a range of eps; loss vs radius (Fig. 8)"),
-    "theory": ("flatmin.analysis.theory", "Theorem 1 / Corollary 2 on an inverted Gaussian (Figs. 3-4)"),
-    "gradnorm": ("flatmin.analysis.gradnorm", "Theorem 2: gradient norm along ERM vs AMP training"),
-    "spiral": ("flatmin.analysis.spiral", "decision boundaries of ERM vs AMP on the spiral (Fig. 6)"),
-    "calibration": ("flatmin.analysis.calibration", "reliability diagrams and ECE bars (Fig. 7)"),
-    "cost": ("flatmin.analysis.cost", "per-epoch wall-time ratio of AMP/SAM/RMP to ERM (Sec. 5.5)"),
+    "train": ("flatmin.cli.train", "train one model with one method (the paper's protocol)"),
+    "compare": ("flatmin.cli.compare", "ERM vs AMP vs SAM over seeds: the main job"),
+    "grid": ("flatmin.cli.grid", "run a methods x datasets x ... x seeds grid into a results DB"),
+    "report": ("flatmin.cli.report", "paper-style tables and figures from a results DB"),
+    "landscape": ("flatmin.cli.landscape", "1-D/2-D loss landscapes of checkpoints (Fig. 2)"),
+    "sharpness": ("flatmin.cli.sharpness", "Hessian eigenvalue, trace and eps-sharpness of checkpoints"),
+    "radius": ("flatmin.cli.radius", "train AMP over a range of eps; loss vs radius (Fig. 8)"),
+    "theory": ("flatmin.cli.theory", "Theorem 1 / Corollary 2 on an inverted Gaussian (Figs. 3-4)"),
+    "gradnorm": ("flatmin.cli.gradnorm", "Theorem 2: gradient norm along ERM vs AMP training"),
+    "spiral": ("flatmin.cli.spiral", "decision boundaries of ERM vs AMP on the spiral (Fig. 6)"),
+    "calibration": ("flatmin.cli.calibration", "reliability diagrams and ECE bars (Fig. 7)"),
+    "cost": ("flatmin.cli.cost", "per-epoch wall-time ratio of AMP/SAM/RMP to ERM (Sec. 5.5)"),
 }
 
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         code, hint = OS_ERRORS[err.errno]
         where = f"{err.filename}: " if err.filename else ""
         return _fail(prog, f"{where}{err.strerror or err}; {hint}", code)
-    except sqlite3.DatabaseError as err:  # a store error that escaped flatmin.store's own checks
+    except sqlite3.DatabaseError as err:  # a store error that escaped flatmin.results.store's own checks
         hint = (OS_ERRORS[errno.ENOSPC][1] if "full" in str(err) else "move it aside and re-run the command "
                 "that wrote it (finished runs are read back from their folders)")
         return _fail(prog, f"results database: {err}; {hint}", FAILED)
@@ -111,7 +115,3 @@ def _fail(prog: str, message: str, code: int) -> int:
     """The one line a user sees, and the exit code."""
     print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
     return code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
