@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim import driver
-from flatmin.optim.nonfinite import StepGuard, check_and_unscale_, check_policy, loss_flag, supports_found_inf
+from flatmin.optim.nonfinite import StepGuard, check_policy, supports_found_inf
 from flatmin.optim.sharded import local
 
 BALLS = ("global", "per_tensor")
@@ -87,6 +87,7 @@ class PerturbedOptimizer(Optimizer):
         self._saved: list[tuple[list[Tensor], list[Tensor]]] = []  # (params, θ copies) per group
         self._begun = False  # a step is under way (begin_step .. restore_and_step)
         self._ascents = 0  # ascent passes taken in the current step
+        self._passes = 0  # passes finished in the current step (ascents, sub-batches' final passes)
         self._split_sum: dict[Tensor, Tensor] = {}  # m-sharpness: finished sub-batches' final gradients
         self._splits_done = 0  # sub-batches finished in the current step
 
@@ -143,7 +144,7 @@ class PerturbedOptimizer(Optimizer):
     def restore(self) -> None:
         """Put θ back bit for bit and end the step; harmless when nothing is under way."""
         self._put_back()
-        self._begun, self._ascents, self._splits_done = False, 0, 0
+        self._begun, self._ascents, self._passes, self._splits_done = False, 0, 0, 0
 
     def perturbation_norm(self) -> Tensor:
         """‖Δ‖ = ‖(θ+Δ) − θ‖ over what is perturbed now (0 when nothing is): Theorem 2's radius."""
@@ -205,7 +206,8 @@ class PerturbedOptimizer(Optimizer):
         if self._begun:
             raise RuntimeError(f"{type(self).__name__}.begin_step(): a step is already under way; finish it "
                                "with restore_and_step() (or abandon it with restore())")
-        self._begun, self._ascents = True, 0
+        self._begun, self._ascents, self._passes = True, 0, 0
+        self.guard.begin()
         self._begin()
 
     @torch.no_grad()
@@ -221,8 +223,12 @@ class PerturbedOptimizer(Optimizer):
                 f"{type(self).__name__}.perturb() called {self._ascents + 1} times in one step, but this "
                 f"step makes {self.ascent_passes()} ascent pass(es); after the final backward call "
                 "restore_and_step() (SAM: second_step())")
+        if grad_scale is not None:  # a scaled gradient: did it overflow? (an overflow, not a failure)
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self.guard.ascent(local(grads), self._passes, self._device())
         self._ascend(grad_scale)
         self._ascents += 1
+        self._passes += 1
 
     @torch.no_grad()
     def next_split(self) -> None:
@@ -242,6 +248,7 @@ class PerturbedOptimizer(Optimizer):
             torch._foreach_add_(local([self._split_sum[p] for p in params]), local([p.grad for p in params]))
         self._splits_done += 1
         self._ascents = 0
+        self._passes += 1  # the finished sub-batch's final pass
         self.zero_grad(set_to_none=True)
 
     def fold_splits(self) -> None:
@@ -280,12 +287,14 @@ class PerturbedOptimizer(Optimizer):
                 "ascent pass(es): call perturb() after each ascent backward first")
         self.fold_splits()
         before = {p: t for params, thetas in self._saved for p, t in zip(params, thetas)}
+        passes = self._passes + 1  # with the final pass
         self.restore()
         if step is not None:
             step()
             self._after_step(None)
             return
-        found = self._check_gradients(list(losses), scaler, max_grad_norm, reduce_flag)
+        code = self._check_gradients(list(losses), scaler, max_grad_norm, reduce_flag, passes)
+        found = None if code is None else (code > 0).float()  # skip: overflow or non-finite
         if found is None:
             self.base_optimizer.step()
         else:
@@ -296,34 +305,36 @@ class PerturbedOptimizer(Optimizer):
                 K.copy_(local(thetas), local(unsaved), self.foreach)
                 before.update(zip(unsaved, thetas))
             self.guard.step(self.base_optimizer, found, before)
-            self.guard.record(found)
+            self.guard.record(code)
         if scaler is not None and scaler.is_enabled():
             scaler.update()
         self._after_step(found)
 
     def _check_gradients(self, losses: list[Any], scaler: torch.amp.GradScaler | None,
                          max_grad_norm: float | None,
-                         reduce_flag: Callable[[Tensor], Tensor] | None) -> Tensor | None:
-        """Unscale, flag non-finite losses/gradients on the device, clip; None when nothing is checked."""
+                         reduce_flag: Callable[[Tensor], Tensor] | None, passes: int) -> Tensor | None:
+        """Unscale, the step's verdict on the device (`nonfinite.StepGuard.verdict`), clip; None when
+        nothing is checked. A skipped step is an inf step to the scaler too, so that it backs off after an
+        ascent pass's overflow and every rank's scaler agrees."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         scaling = scaler is not None and scaler.is_enabled()
-        found = None
+        found_inf, per_device = None, {}
         if scaling:
             scaler.unscale_(self.base_optimizer)
             per_device = scaler._per_optimizer_states[id(self.base_optimizer)]["found_inf_per_device"]
-            found = torch.stack([f.to(self._device()) for f in per_device.values()]).amax() \
+            found_inf = torch.stack([f.to(self._device()) for f in per_device.values()]).amax() \
                 if per_device else torch.zeros((), device=self._device())
-        if self.guard.policy != "off":
-            flag = loss_flag(losses, self._device())
-            if not scaling:
-                check_and_unscale_(grads, flag)
-            found = flag if found is None else torch.maximum(found, flag)
-        if found is not None and reduce_flag is not None:
-            found = reduce_flag(found)
+        code = self.guard.verdict(losses, local(grads), self._device(), found_inf=found_inf,
+                                  passes=passes)
+        if code is not None and reduce_flag is not None:
+            code = reduce_flag(code)
+        if code is not None:
+            for f in per_device.values():
+                f.copy_(torch.maximum(f, (code > 0).float().to(f.device)))
         if max_grad_norm:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=self.foreach)
-        return found
+        return code
 
     def _device(self) -> torch.device:
         """The device of the first parameter (where flags and counters live)."""
@@ -354,6 +365,11 @@ class PerturbedOptimizer(Optimizer):
     def skipped_steps(self) -> int:
         """Steps skipped for a non-finite loss or gradient (reads the device counter: a host sync)."""
         return 0 if self.guard.count is None else int(self.guard.count)
+
+    @property
+    def overflow_steps(self) -> int:
+        """Steps skipped for a loss-scale overflow (a GradScaler's; never raised; a host sync)."""
+        return 0 if self.guard.overflows is None else int(self.guard.overflows)
 
     @property
     def nonfinite(self) -> str:
