@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flatmin import AMP, SAM
+from flatmin import AMP, BSAM, ESAM, GSAM, MSAM, RMP, SAM, WSAM, FriendlySAM, LookSAM
 from flatmin.errors import NonFiniteLossError
 from flatmin.optim import ERM, build_amp
 
@@ -142,7 +142,7 @@ def test_overflow_under_a_grad_scaler_is_skipped_and_backs_off():
     drive(opt, grad_pass, scaler=scaler)
     assert all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
     assert float(scaler.get_scale()) == 2.0**15
-    assert opt.overflow_steps == 1 and opt.skipped_steps == 0
+    assert opt.overflow_steps == 1 and opt.skipped_steps == 1
     assert opt.poll() == 0  # an overflow is not a failure
 
 
@@ -179,7 +179,7 @@ def test_an_overflow_is_skipped_counted_apart_and_never_raised(rule, where):
     drive(opt, scaled_pass(model, opt, scaler, big=(where, 1e30)), scaler=scaler)
     assert all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
     assert float(scaler.get_scale()) == 2.0**39
-    assert opt.poll() == 0 and opt.skipped_steps == 0 and opt.overflow_steps == 1
+    assert opt.poll() == 0 and opt.skipped_steps == 1 and opt.overflow_steps == 1
     drive(opt, scaled_pass(model, opt, scaler), scaler=scaler)  # and training goes on
     assert opt.overflow_steps == 1
     assert not all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
@@ -217,3 +217,126 @@ def test_two_call_form_overflow_under_a_scaler():
     opt.restore_and_step(scaler=scaler)
     assert all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
     assert opt.poll() == 0 and opt.overflow_steps == 1 and float(scaler.get_scale()) == 2.0**39
+
+
+# --- every rule, every route: a NaN/inf in any pass changes nothing ---------------------------------
+
+FAMILY = {
+    "erm": lambda p: ERM(p, **SGD),
+    "amp": lambda p: AMP(p, epsilon=0.1, **SGD),
+    "amp2_per_tensor": lambda p: AMP(p, epsilon=0.1, inner_iter=2, ball="per_tensor", **SGD),
+    "sam": lambda p: SAM(p, rho=0.05, **SGD),
+    "asam": lambda p: SAM(p, rho=0.5, adaptive=True, **SGD),
+    "sam_splits": lambda p: SAM(p, rho=0.05, splits=2, **SGD),
+    "rmp": lambda p: RMP(p, radius=0.1, generator=torch.Generator().manual_seed(1), **SGD),
+    "reuse": lambda p: build_amp(p, "reuse", reuse_every=2, epsilon=0.1, **SGD),
+    "reuse_refresh": lambda p: build_amp(p, "reuse", reuse_every=2, epsilon=0.1, **SGD),
+    "subbatch": lambda p: build_amp(p, "subbatch", ascent_fraction=0.5, epsilon=0.1, **SGD),
+    "onepass": lambda p: build_amp(p, "onepass", epsilon=0.1, **SGD),
+    "gsam": lambda p: GSAM(p, rho=0.05, alpha=0.4, rho_min=0.01, **SGD),
+    "fsam": lambda p: FriendlySAM(p, rho=0.05, lmbda=0.6, **SGD),
+    "looksam": lambda p: LookSAM(p, rho=0.05, k=2, **SGD),
+    "looksam_exact": lambda p: LookSAM(p, rho=0.05, k=2, **SGD),
+    "wsam": lambda p: WSAM(p, rho=0.05, **SGD),
+    "wsam_coupled": lambda p: WSAM(p, rho=0.05, decouple=False, **SGD),
+    "bsam": lambda p: BSAM(p, num_data=100, lr=0.05, generator=torch.Generator().manual_seed(2)),
+    "esam": lambda p: ESAM(p, rho=0.05, beta=0.6, seed=1, **SGD),
+    "msam": lambda p: MSAM(p, rho=0.3, **SGD),
+}
+SGD = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+WARMUP = {"reuse_refresh": 2, "looksam_exact": 2}  # good steps first: the bad one refreshes / is exact
+
+
+def state_tensors(opt) -> list[torch.Tensor]:
+    """Every tensor of the optimizer's state dict (base state, kept buffers, EMA), the guard's counters and
+    a random generator's state aside (noise is drawn before a step's verdict exists: a schedule, as the
+    host-side step counters of LookSAM's and ReuseAMP's k-cycles and ESAM's draw)."""
+    out = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            out.append(x.clone())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                if k not in ("guard", "generator"):
+                    walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(opt.state_dict())
+    return out
+
+
+def loss_at(model, opt, poison: bool, ascent: bool = False, split: int = 0, splits: int = 1):
+    from flatmin.optim.driver import sub_batch
+
+    opt.zero_grad()
+    x, y = X.double(), Y
+    if splits > 1:
+        x, y = x[sub_batch(len(x), split, splits)], y[sub_batch(len(y), split, splits)]
+    n = opt.ascent_size(len(x)) if ascent else len(x)
+    loss = F.cross_entropy(model(x[:n]), y[:n])
+    if poison:
+        loss = loss * float("nan")
+    loss.backward()
+    return loss
+
+
+def by_closure(model, opt, poison):
+    """step(closure): the NaN in the first pass, or in every pass."""
+    calls = [0]
+
+    def closure(ascent=False, split=0, splits=1):
+        bad = poison == "last" or calls[0] == 0 and poison == "first"
+        calls[0] += 1
+        return loss_at(model, opt, bad if poison else False, ascent, split, splits)
+    opt.step(closure)
+
+
+def by_perturb(model, opt, poison):
+    """begin_step / perturb × N / restore_and_step, no losses handed in."""
+    opt.begin_step()
+    n = opt.ascent_passes()
+    for i in range(n):
+        loss_at(model, opt, poison == "first" and i == 0, ascent=True)
+        opt.perturb()
+    loss_at(model, opt, poison == "last" or (poison == "first" and n == 0))
+    opt.restore_and_step()
+
+
+def by_two_calls(model, opt, poison):
+    """The popular SAM API: first_step / second_step."""
+    loss_at(model, opt, poison == "first")
+    opt.first_step(zero_grad=True)
+    loss_at(model, opt, poison == "last")
+    opt.second_step(zero_grad=True)
+
+
+ROUTES = {"closure": by_closure, "perturb": by_perturb, "two_call": by_two_calls}
+
+
+@pytest.mark.parametrize("poison", ["first", "last"])
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("rule", list(FAMILY))
+def test_every_rule_every_route_skips_a_bad_step_bit_for_bit(rule, route, poison):
+    model = tiny().double()
+    opt = FAMILY[rule](model.parameters())
+    if route == "two_call" and not hasattr(opt, "first_step"):
+        pytest.skip(f"{type(opt).__name__} has no first_step/second_step")
+    if route != "closure" and opt.ascent_splits() > 1:
+        pytest.skip("m-sharpness in the two-call form needs next_split (tests/_two_call.py)")
+    if (rule, route, poison) == ("looksam", "two_call", "first"):
+        pytest.skip("a LookSAM reuse step's first_step only begins the step: that pass's gradient is dropped")
+    for _ in range(WARMUP.get(rule, 1)):
+        ROUTES[route](model, opt, None)
+    theta, state = [p.detach().clone() for p in model.parameters()], state_tensors(opt)
+    assert state, "the warm-up step made state"
+    ROUTES[route](model, opt, poison)
+    assert all(torch.equal(a, p) for a, p in zip(theta, model.parameters()))
+    after = state_tensors(opt)
+    assert len(after) == len(state) and all(torch.equal(a, b) for a, b in zip(state, after))
+    assert opt.skipped_steps == 1
+    with pytest.raises(NonFiniteLossError):
+        opt.poll()
+    ROUTES[route](model, opt, None)  # and training goes on, finite
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -150,12 +150,12 @@ class PerturbedTrainer(Trainer):
         return self._grad_norm
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds the count of skipped (non-finite) steps; under nonfinite="raise" a skip raises, except
-        fp16 overflows, which the loss scale expects."""
+        """Adds the count of skipped steps; under nonfinite="raise" a non-finite one raises (an fp16
+        overflow, which the loss scale expects, never does)."""
         if self.optimizer is not None and "loss" in logs:
             opt = self.perturbed_optimizer
-            fp16 = self.accelerator.scaler is not None and self.accelerator.scaler.is_enabled()
-            logs["skipped_steps"] = opt.skipped_steps if fp16 else opt.poll()
+            opt.poll()
+            logs["skipped_steps"] = opt.skipped_steps
         super().log(logs, *args, **kwargs)
 
     def _take_scaler(self) -> None:

@@ -216,6 +216,11 @@ def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
             d.copy_(s)
 
 
+def clone(src: list[Tensor], foreach: bool) -> list[Tensor]:
+    """Fresh copies, bit for bit (x·1 = x, NaN and −0 included)."""
+    return torch._foreach_mul(src, 1.0) if foreach else [s.clone() for s in src]
+
+
 def add_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
     """dst ← dst + src: puts a kept Δ on θ (the same bits as the ascent's own ``p.add_(d)``)."""
     if foreach:

@@ -28,6 +28,7 @@ from flatmin.optim import _kernels as K
 from flatmin.optim import driver
 from flatmin.optim.nonfinite import StepGuard, check_policy, supports_found_inf
 from flatmin.optim.sharded import local
+from flatmin.optim.theta import finite_copy_, kept_buffer
 
 BALLS = ("global", "per_tensor")
 
@@ -44,15 +45,6 @@ def check_ball(ball: Any) -> None:
     """Only the two documented projections exist."""
     if ball not in BALLS:
         raise ValueError(f"ball must be one of {BALLS}, got {ball!r}")
-
-
-def kept_buffer(store: dict[Tensor, Tensor], p: Tensor, zero: bool = False) -> Tensor:
-    """``store[p]``: a buffer like p kept across steps, (re)made when p's shape, dtype or device changes."""
-    buf = store.get(p)
-    if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-        make = torch.zeros_like if zero else torch.empty_like
-        buf = store[p] = make(p, memory_format=torch.preserve_format)
-    return buf
 
 
 class PerturbedOptimizer(Optimizer):
@@ -90,6 +82,8 @@ class PerturbedOptimizer(Optimizer):
         self._passes = 0  # passes finished in the current step (ascents, sub-batches' final passes)
         self._split_sum: dict[Tensor, Tensor] = {}  # m-sharpness: finished sub-batches' final gradients
         self._splits_done = 0  # sub-batches finished in the current step
+        self._ascent_scale: Tensor | float | None = None  # the loss scale of this step's ascent gradients
+        self._scaled = False  # the last update was under a loss scaler (its overflows skip even under "off")
 
     # -- parameter groups ----------------------------------------------------------------------
 
@@ -142,9 +136,17 @@ class PerturbedOptimizer(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put θ back bit for bit and end the step; harmless when nothing is under way."""
+        """Abandon the step: θ and what the rule keeps across steps back bit for bit; harmless when
+        nothing is under way."""
+        if self._begun:
+            self.guard.keep(local(self.carried_state()), None)
+        self._end_step()
+
+    def _end_step(self) -> None:
+        """θ back from its copies; no step under way any more."""
         self._put_back()
         self._begun, self._ascents, self._passes, self._splits_done = False, 0, 0, 0
+        self._ascent_scale = None
 
     def perturbation_norm(self) -> Tensor:
         """‖Δ‖ = ‖(θ+Δ) − θ‖ over what is perturbed now (0 when nothing is): Theorem 2's radius."""
@@ -170,6 +172,16 @@ class PerturbedOptimizer(Optimizer):
     def _ascend(self, grad_scale: Tensor | float | None) -> None:
         """One ascent update from the current gradients."""
         raise NotImplementedError
+
+    def _direction(self, ratio: Tensor | float | None) -> None:
+        """Rewrite ``.grad`` (θ+Δ not yet restored, the verdict taken) into the update direction; default:
+        the final gradient itself. ``ratio``: what a gradient kept from an ascent pass is multiplied by to
+        be in the final gradient's units (None: it already is)."""
+
+    def carried_state(self) -> list[Tensor]:
+        """What this step may change that the next steps read (a kept Δ, an EMA): put back bit for bit
+        when the step is skipped or abandoned. The list must be the same at the step's start and end."""
+        return []
 
     def _after_step(self, found: Tensor | None) -> None:
         """After the update (``found``: the device flag of a skipped step, None if unchecked)."""
@@ -209,6 +221,8 @@ class PerturbedOptimizer(Optimizer):
         self._begun, self._ascents, self._passes = True, 0, 0
         self.guard.begin()
         self._begin()
+        if self.guard.policy != "off" or self._scaled:  # what a skipped step must leave as it was
+            self.guard.hold(self.base_optimizer, local(self.carried_state()))
 
     @torch.no_grad()
     def perturb(self, grad_scale: Tensor | float | None = None) -> None:
@@ -223,6 +237,7 @@ class PerturbedOptimizer(Optimizer):
                 f"{type(self).__name__}.perturb() called {self._ascents + 1} times in one step, but this "
                 f"step makes {self.ascent_passes()} ascent pass(es); after the final backward call "
                 "restore_and_step() (SAM: second_step())")
+        self._ascent_scale = grad_scale
         if grad_scale is not None:  # a scaled gradient: did it overflow? (an overflow, not a failure)
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             self.guard.ascent(local(grads), self._passes, self._device())
@@ -275,7 +290,8 @@ class PerturbedOptimizer(Optimizer):
         ``step``: the caller's own update instead (e.g. ``lambda: scaler.step(opt.base_optimizer)``),
         taken unguarded. Otherwise the update is guarded on the device (see `nonfinite`), with the
         ``losses`` of the step's passes checked too, gradients unscaled by ``scaler`` and clipped to
-        ``max_grad_norm``; ``reduce_flag`` makes data-parallel ranks agree on a skip.
+        ``max_grad_norm``; ``reduce_flag`` makes data-parallel ranks agree on a skip. The verdict is
+        taken on the final gradient as the passes left it, before the rule turns it into its direction.
         """
         if not self._begun:
             raise RuntimeError(
@@ -286,14 +302,23 @@ class PerturbedOptimizer(Optimizer):
                 f"{type(self).__name__}.restore_and_step() after {self._ascents} of {self.ascent_passes()} "
                 "ascent pass(es): call perturb() after each ascent backward first")
         self.fold_splits()
+        code = None
+        if step is None:
+            code = self._check_gradients(list(losses), scaler, reduce_flag, self._passes + 1)
+            self._scaled = scaler is not None and scaler.is_enabled()
+        ascent = self._ascent_scale  # .grad is unscaled now, unless the caller updates (ascent units)
+        self._direction(None if step is not None or ascent is None else 1.0 / ascent)
+        if step is None and max_grad_norm:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=self.foreach)
         before = {p: t for params, thetas in self._saved for p, t in zip(params, thetas)}
-        passes = self._passes + 1  # with the final pass
-        self.restore()
+        self._end_step()
         if step is not None:
             step()
             self._after_step(None)
+            kept = self.carried_state()
+            finite_copy_(local(kept), local(kept))  # a step the caller skipped must not poison the next
             return
-        code = self._check_gradients(list(losses), scaler, max_grad_norm, reduce_flag, passes)
         found = None if code is None else (code > 0).float()  # skip: overflow or non-finite
         if found is None:
             self.base_optimizer.step()
@@ -305,15 +330,16 @@ class PerturbedOptimizer(Optimizer):
                 K.copy_(local(thetas), local(unsaved), self.foreach)
                 before.update(zip(unsaved, thetas))
             self.guard.step(self.base_optimizer, found, before)
+        self._after_step(found)
+        if found is not None:
+            self.guard.keep(local(self.carried_state()), found)
             self.guard.record(code)
         if scaler is not None and scaler.is_enabled():
             scaler.update()
-        self._after_step(found)
 
     def _check_gradients(self, losses: list[Any], scaler: torch.amp.GradScaler | None,
-                         max_grad_norm: float | None,
                          reduce_flag: Callable[[Tensor], Tensor] | None, passes: int) -> Tensor | None:
-        """Unscale, the step's verdict on the device (`nonfinite.StepGuard.verdict`), clip; None when
+        """Unscale and take the step's verdict on the device (`nonfinite.StepGuard.verdict`); None when
         nothing is checked. A skipped step is an inf step to the scaler too, so that it backs off after an
         ascent pass's overflow and every rank's scaler agrees."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -331,9 +357,6 @@ class PerturbedOptimizer(Optimizer):
         if code is not None:
             for f in per_device.values():
                 f.copy_(torch.maximum(f, (code > 0).float().to(f.device)))
-        if max_grad_norm:
-            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=self.foreach)
         return code
 
     def _device(self) -> torch.device:
@@ -363,12 +386,14 @@ class PerturbedOptimizer(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for a non-finite loss or gradient (reads the device counter: a host sync)."""
-        return 0 if self.guard.count is None else int(self.guard.count)
+        """Steps skipped, for a non-finite loss or gradient or an overflow (reads the device counters: a
+        host sync); `poll` counts (and raises for) the non-finite ones only."""
+        skips = self.guard.skips()
+        return 0 if skips is None else int(skips)
 
     @property
     def overflow_steps(self) -> int:
-        """Steps skipped for a loss-scale overflow (a GradScaler's; never raised; a host sync)."""
+        """Of the skipped steps, those a loss scale overflowed (a GradScaler's; never raised; a host sync)."""
         return 0 if self.guard.overflows is None else int(self.guard.overflows)
 
     @property

@@ -88,6 +88,9 @@ class StepGuard:
         self.steps: Tensor | None = None  # steps taken through the guard
         self.polled = 0  # skips already reported by `poll`
         self._snap: dict[tuple[int, str], Tensor] = {}  # (id of the parameter, what) -> snapshot
+        self._held: set[tuple[int, str]] = set()  # base state snapshotted when this step began
+        self._kept: list[Tensor] = []  # snapshots of a rule's kept tensors from this step's start
+        self._holding = False  # `hold` took them for the step under way
         self._overflow_at: Tensor | None = None  # this step: the first ascent pass that overflowed (-1: none)
 
     def _counters(self, device: torch.device) -> None:
@@ -105,7 +108,7 @@ class StepGuard:
         self._overflow_at = None
 
     def ascent(self, grads: list[Tensor], index: int, device: torch.device) -> None:
-        """A scaled ascent gradient (pass ``index``): remember on the device the first pass that overflowed."""
+        """A scaled ascent gradient (pass ``index``): remember on the device the first one that overflowed."""
         if not grads:
             return
         flag = torch.zeros((), dtype=torch.float32, device=device)
@@ -161,8 +164,44 @@ class StepGuard:
             buf = self._snap[key] = torch.empty_like(t)
         return buf.copy_(t)
 
+    def hold(self, base: Optimizer, kept: list[Tensor]) -> None:
+        """A step begins: snapshot the base optimizer's state (unless it skips itself on a flag) and what the
+        rule keeps across steps, so that a skipped or abandoned step puts them back bit for bit."""
+        self._held = set()
+        if not supports_found_inf(base):
+            for p, state in base.state.items():
+                for k, v in state.items():
+                    if isinstance(v, Tensor):
+                        self._buffer((id(p), k), v)
+                        self._held.add((id(p), k))
+        old, self._kept = self._kept, []
+        for i, t in enumerate(kept):  # matched by position: a tensor born later in the step comes after
+            buf = old[i] if i < len(old) else None
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+                buf = torch.empty_like(t)
+            self._kept.append(buf)
+        if kept:
+            torch._foreach_copy_(self._kept, kept)
+        self._holding = True
+
+    def keep(self, kept: list[Tensor], found: Tensor | None) -> None:
+        """The rule's kept state after the step (the tensors `hold` saw, in the same order, then any born
+        since): its snapshot where ``found`` is set (a skipped step; one born in the step becomes zeros),
+        all of it when ``found`` is None (an abandoned step)."""
+        held, self._holding = (self._kept[:len(kept)] if self._holding else []), False
+        if found is None:
+            if held:
+                torch._foreach_copy_(kept[:len(held)], held)
+            return
+        bad = found > 0
+        for i, t in enumerate(kept):
+            was = held[i] if i < len(held) else torch.zeros_like(t)
+            t.copy_(torch.where(bad, was, t))
+
     def step(self, base: Optimizer, found: Tensor, before: dict[Tensor, Tensor] | None = None) -> None:
-        """base.step(), undone on device when ``found`` is set (θ from ``before`` where given)."""
+        """base.step(), undone on device when ``found`` is set (θ from ``before`` where given; the base state
+        from the snapshot `hold` took, or, for state it did not see, one taken now)."""
+        held, self._held = self._held, set()
         if supports_found_inf(base):
             base.grad_scale, base.found_inf = None, found
             try:
@@ -175,8 +214,8 @@ class StepGuard:
         for p in params:
             if p not in before:
                 before[p] = self._buffer((id(p), ""), p)
-        old = {(id(p), k): self._buffer((id(p), k), v) for p in params if p in base.state
-               for k, v in base.state[p].items() if isinstance(v, Tensor)}
+        old = {(id(p), k): self._snap[(id(p), k)] if (id(p), k) in held else self._buffer((id(p), k), v)
+               for p in params if p in base.state for k, v in base.state[p].items() if isinstance(v, Tensor)}
         base.step()
         bad = found > 0
         for p in params:
@@ -189,7 +228,7 @@ class StepGuard:
 
     def buffers(self) -> list[Tensor]:
         """The snapshot buffers (memory the guard holds across steps)."""
-        return list(self._snap.values())
+        return list(self._snap.values()) + self._kept
 
     def poll(self, where: str) -> int:
         """Read the counter (one host sync): under "raise", a new skip raises, naming the first."""

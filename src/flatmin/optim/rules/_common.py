@@ -3,8 +3,9 @@
 Each member of the family is a perturbation rule on `PerturbedOptimizer` (θ kept bit for bit, the
 guarded sync-free update, the driver's pass order). A rule whose update direction is not simply
 "the gradient at θ+Δ" keeps what it needs in buffers during `_ascend` and rewrites ``.grad`` in
-`_direction`, which runs inside `restore_and_step` just before the base update; ``_after_step``
-gets the device flag of a skipped step, so kept state is masked without a host read.
+`_direction`, which `restore_and_step` calls after the step's verdict and just before the base
+update; what a rule carries to later steps (`carried_state`) is put back by the base when a step is
+skipped, so no rule masks its own state.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim import driver
-from flatmin.optim.base import PerturbedOptimizer, check_nonnegative, kept_buffer
-from flatmin.optim.rules.amp_variants import _by_index, _from_index, _mask_, finite_copy_
+from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
 from flatmin.optim.rules.sam import first_step
+from flatmin.optim.theta import by_index, from_index, kept_buffer
 
-__all__ = ["SharpnessRule", "check_unit", "finite_copy_", "_mask_"]
+__all__ = ["SharpnessRule", "check_unit"]
 
 
 def check_unit(name: str, value: Any, *, low_open: bool = False, high_open: bool = False) -> None:
@@ -83,48 +83,12 @@ class SharpnessRule(PerturbedOptimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    # -- hooks around the update ---------------------------------------------------------------
-
-    def _direction(self, ratio: Tensor | float | None) -> None:
-        """Rewrite ``.grad`` (still at θ+Δ, θ not yet restored) into the update direction.
-
-        ``ratio``: final-pass loss scale over the ascent pass's (None: the same), by which a
-        gradient kept from the ascent pass is multiplied before it is combined with ``.grad``.
-        """
-
-    _ascent_scale: Tensor | float | None = None  # the loss scale of this step's ascent gradient
-
-    @torch.no_grad()
-    def perturb(self, grad_scale: Tensor | float | None = None) -> None:
-        """SAM's perturb, remembering the ascent gradient's loss scale for `_direction`."""
-        self._ascent_scale = grad_scale
-        super().perturb(grad_scale)
-
-    @torch.no_grad()
-    def restore_and_step(self, step: Callable[[], Any] | None = None, **kwargs: Any) -> None:
-        """The rule's direction, then the base class's restore and guarded update.
-
-        ``.grad`` is still scaled here when a GradScaler is passed (the driver unscales later) or
-        when the caller updates itself (``step``); otherwise it is already unscaled (Lightning's
-        precision plugin unscales before calling us) or was never scaled.
-        """
-        if self._begun and self._ascents >= self.ascent_passes():  # misuse is refused by super()
-            scaler = kwargs.get("scaler")
-            final = (driver.grad_scale(scaler) if scaler is not None and scaler.is_enabled()
-                     else self._ascent_scale if step is not None else None)
-            ascent = self._ascent_scale
-            ratio = None if final is ascent else (1.0 if final is None else final) / (
-                1.0 if ascent is None else ascent)
-            self._direction(ratio)
-        self._ascent_scale = None
-        super().restore_and_step(step, **kwargs)
+    # -- pieces the rules share ------------------------------------------------------------------
 
     def to_final_units(self, kept: list[Tensor], ratio: Tensor | float | None) -> None:
         """Bring gradients kept from the ascent pass to the final pass's loss scale."""
         if ratio is not None:
             torch._foreach_mul_(kept, ratio)
-
-    # -- pieces the rules share ------------------------------------------------------------------
 
     def grouped(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         """(group, params, grads) for every group with a gradient this pass."""
@@ -176,8 +140,8 @@ class SharpnessRule(PerturbedOptimizer):
 
     def kept_state(self) -> dict[int, Tensor]:
         """The kept buffers keyed by parameter position (what a checkpoint stores)."""
-        return _by_index(self, self._kept)
+        return by_index(self.param_groups, self._kept)
 
     def load_kept_state(self, saved: dict[int, Tensor]) -> None:
         """Take back `kept_state`."""
-        self._kept = _from_index(self, saved)
+        self._kept = from_index(self.param_groups, saved)

@@ -10,7 +10,7 @@ full-gradient component removed is the EMA *before* this step's gradient enters 
 EMA starts at the first gradient, norms are global. Differences: gradients are unscaled before the
 EMA (a GradScaler's changing scale would otherwise mix scales in m), the EMA is updated as
 m ← (λ + (1−λ)σ)·m + (1−λ)·d (the same value, without a copy of g), and a skipped (non-finite)
-step resets m to 0 — the next step then ascends along its own gradient and m regrows from it.
+step leaves m bit for bit (`carried_state`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import check_nonnegative
-from flatmin.optim.rules._common import SharpnessRule, _mask_, check_unit, finite_copy_
+from flatmin.optim.rules._common import SharpnessRule, check_unit
 
 
 class FriendlySAM(SharpnessRule):
@@ -61,12 +61,9 @@ class FriendlySAM(SharpnessRule):
                 K.axpby_(m, d, lmbda + (1 - lmbda) * sigma, 1 - lmbda, self.foreach)
         self.sam_ascend(groups)
 
-    def _after_step(self, found: Tensor | None) -> None:
-        """After a skipped step the EMA restarts from 0 (finite, no host read)."""
-        if found is not None and self._kept:
-            kept = list(self._kept.values())
-            finite_copy_(kept, kept)
-            _mask_(kept, found)
+    def carried_state(self) -> list[Tensor]:
+        """The EMA m: a skipped step leaves it as it was."""
+        return list(self._kept.values())
 
     def extra_state(self) -> dict[str, Any]:
         """The gradient EMA m."""

@@ -15,7 +15,7 @@ with the inner product and norms over the whole model (one vector, as written th
 and normalises each tensor separately; here they are global. Its default k = 10, α = 0.7, ρ = 0.1
 are kept. In the two-call form ``first_step`` does nothing on the reuse steps (as there), so the
 second pass is at θ: the saving is real only through ``step(closure)``, the trainer or `drive`.
-A skipped exact step keeps g_v = 0 (plain steps) until the next exact one.
+A skipped exact step leaves g_v bit for bit (`carried_state`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim.base import check_nonnegative
-from flatmin.optim.rules._common import SharpnessRule, _mask_, finite_copy_
+from flatmin.optim.rules._common import SharpnessRule
 
 
 class LookSAM(SharpnessRule):
@@ -100,12 +100,9 @@ class LookSAM(SharpnessRule):
         for group, params, gs in groups:
             K.axpby_(gs, self.kept_of(params), 1.0, group["alpha"] * ratio, self.foreach)
 
-    def _after_step(self, found: Tensor | None) -> None:
-        """A skipped exact step leaves g_v = 0 (finite) until the next exact step."""
-        if self._exact and found is not None:
-            kept = list(self._kept.values())
-            finite_copy_(kept, kept)
-            _mask_(kept, found)
+    def carried_state(self) -> list[Tensor]:
+        """An exact step rewrites g_v (a skipped one leaves it as it was); the steps between only read it."""
+        return list(self._kept.values()) if self._exact else []
 
     def extra_state(self) -> dict[str, Any]:
         """Where in the k-cycle we are, and g_v."""

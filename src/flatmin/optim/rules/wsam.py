@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim.rules._common import SharpnessRule, check_unit, finite_copy_
+from flatmin.optim.rules._common import SharpnessRule, check_unit
+from flatmin.optim.theta import finite_copy_
 
 
 class WSAM(SharpnessRule):
