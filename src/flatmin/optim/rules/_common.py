@@ -18,9 +18,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
+from flatmin.optim.base import PerturbedOptimizer, Slot, check_nonnegative
 from flatmin.optim.rules.sam import first_step
-from flatmin.optim.theta import by_index, from_index, kept_buffer
+from flatmin.optim.theta import by_index, from_index
 
 __all__ = ["SharpnessRule", "check_unit"]
 
@@ -63,10 +63,6 @@ class SharpnessRule(PerturbedOptimizer):
         """One ascent pass, as SAM."""
         return 1
 
-    def radius(self, group: dict[str, Any]) -> float | Tensor:
-        """The ascent radius of a group this step (GSAM may schedule it)."""
-        return group["rho"]
-
     # -- the two-call form --------------------------------------------------------------------
 
     _consume = True  # whether e(w) may be built in the gradients' storage
@@ -90,49 +86,26 @@ class SharpnessRule(PerturbedOptimizer):
         if ratio is not None:
             torch._foreach_mul_(kept, ratio)
 
-    def grouped(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
-        """(group, params, grads) for every group with a gradient this pass."""
-        out = []
-        for group in self.param_groups:
-            params, grads = self.params_with_grad(group)
-            if params:
-                out.append((group, params, grads))
-        return out
-
     def _ascend(self, grad_scale: object = None) -> None:
         """Keep g (the rule rewrites the update from it), then SAM's ascent (a loss scale cancels)."""
-        groups = self.grouped()
-        for _, params, grads in groups:
-            self.keep(params, grads)
-        self.sam_ascend(groups)
-
-    def sam_ascend(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
-                   scale: float = 1.0) -> None:
-        """θ ← θ + scale·ρ·T²g/‖Tg‖ with one norm over every group (θ saved first)."""
-        if not groups:
-            return
-        norms = [K.sam_norm(params, grads, group["adaptive"], self.foreach)
-                 for group, params, grads in groups]
-        norm = torch.linalg.vector_norm(torch.stack(norms))
-        for group, params, grads in groups:
-            self.save_theta(params)
-            K.sam_ascent(params, grads, scale=scale * self.radius(group) / (norm + K.TINY),
-                         adaptive=group["adaptive"], inplace=self._consume, foreach=self.foreach)
+        slots = self.slots()
+        for s in slots:
+            self.keep(s.params, s.grads)
+        self.sam_ascend(slots, consume=self._consume)
 
     def keep(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Copy gradients into buffers kept across steps (made on first use)."""
-        bufs = [kept_buffer(self._kept, p) for p in params]
+        bufs = self.kept(self._kept, params)
         K.copy_(bufs, grads, self.foreach)
         return bufs
 
     def kept_of(self, params: list[Tensor]) -> list[Tensor]:
-        """The kept buffers of parameters (all must have one)."""
-        return [self._kept[p] for p in params]
+        """The kept buffers of parameters (all must have one), to compute with."""
+        return self.views([self._kept[p] for p in params])
 
-    def global_norm(self, tensors: list[Tensor]) -> Tensor:
-        """‖·‖ over a list of tensors as one vector."""
-        return torch.linalg.vector_norm(K._multi_tensor_norms(tensors) if self.foreach
-                                        else K._single_tensor_norms(tensors))
+    def slots_with_kept(self) -> list[Slot]:
+        """The groups with a gradient whose every parameter has a kept buffer (`_direction`'s input)."""
+        return [s for s in self.slots() if all(p in self._kept for p in s.params)]
 
     def held_buffers(self) -> list[Tensor]:
         """θ copies, guard snapshots and the kept buffers."""

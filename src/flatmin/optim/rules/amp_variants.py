@@ -36,8 +36,7 @@ from torch import Tensor
 from flatmin.errors import UnknownNameError
 from flatmin.optim import _kernels as K
 from flatmin.optim.rules.amp import AMP
-from flatmin.optim.sharded import local, norm_reducer
-from flatmin.optim.theta import by_index, from_index, keep_unless_skipped_, kept_buffer
+from flatmin.optim.theta import by_index, from_index, keep_unless_skipped_
 
 # --- kernels and helpers -------------------------------------------------------------------------
 
@@ -111,7 +110,7 @@ class ReuseAMP(_SubBatch, AMP):
             params = [p for p in group["params"] if p in self._delta]
             if params:
                 self.save_theta(params)
-                K.add_(local(params), local([self._delta[p] for p in params]), self.foreach)
+                K.add_(self.views(params), self.kept(self._delta, params), self.foreach)
 
     def ascent_passes(self) -> int:
         """N passes on a refresh step, none on a reuse step."""
@@ -165,11 +164,10 @@ class OnePassAMP(AMP):
             params = [p for p in group["params"] if p in self._grads] if group["inner_iter"] else []
             if params:
                 self.save_theta(params)
-                scratch = K.clone(local([self._grads[p] for p in params]), self.foreach)
-                K.amp_ascent(local(params), scratch,
-                             local(self.thetas_of(params)), None, step_size=group["inner_lr"],
-                             epsilon=group["epsilon"], ball=group["ball"], first=True,
-                             reduce=norm_reducer(params), foreach=self.foreach)
+                scratch = K.clone(self.kept(self._grads, params), self.foreach)
+                K.amp_ascent(self.views(params), scratch, self.thetas_of(params), None,
+                             step_size=group["inner_lr"], epsilon=group["epsilon"], ball=group["ball"],
+                             first=True, reduce=self.reduce_norms, foreach=self.foreach)
 
     def ascent_passes(self) -> int:
         """No ascent pass: the direction is the previous step's gradient."""
@@ -178,10 +176,9 @@ class OnePassAMP(AMP):
     @torch.no_grad()
     def _after_step(self, found: Tensor | None) -> None:
         """Keep this update's gradient for the next step (the previous one stays if this step was skipped)."""
-        for group in self.param_groups:
-            params, grads = self.params_with_grad(group) if group["inner_iter"] else ([], [])
-            bufs = [kept_buffer(self._grads, p, zero=True) for p in params]
-            keep_unless_skipped_(local(bufs), local(grads), found)
+        for s in self.slots():
+            if s.group["inner_iter"]:
+                keep_unless_skipped_(self.kept(self._grads, s.params, zero=True), s.grads, found)
         self._fresh = True
 
     def held_buffers(self) -> list[Tensor]:

@@ -46,8 +46,8 @@ class FriendlySAM(SharpnessRule):
 
     def _ascend(self, grad_scale: Tensor | float | None = None) -> None:
         """d ← g − σ·m; m ← λm + (1−λ)g; then SAM's ascent along d."""
-        groups = self.grouped()
-        for group, params, grads in groups:
+        slots = self.slots()
+        for group, params, _, grads in slots:
             if grad_scale is not None:
                 torch._foreach_div_(grads, grad_scale)
             fresh = [i for i, p in enumerate(params) if p not in self._kept]
@@ -59,7 +59,7 @@ class FriendlySAM(SharpnessRule):
                 d, m = [grads[i] for i in old], self.kept_of([params[i] for i in old])
                 K.axpby_(d, m, 1.0, -sigma, self.foreach)
                 K.axpby_(m, d, lmbda + (1 - lmbda) * sigma, 1 - lmbda, self.foreach)
-        self.sam_ascend(groups)
+        self.sam_ascend(slots, consume=self._consume)
 
     def carried_state(self) -> list[Tensor]:
         """The EMA m: a skipped step leaves it as it was."""

@@ -81,24 +81,20 @@ class LookSAM(SharpnessRule):
 
     def _direction(self, ratio: Tensor | float | None) -> None:
         """Exact step: g_v ← g_s − c·g in g's buffer (.grad stays g_s); else .grad ← g + α‖g‖/‖g_v‖·g_v."""
-        groups = [
-            (group, params, grads)
-            for group, params, grads in self.grouped()
-            if all(p in self._kept for p in params)
-        ]
-        if not groups:
+        slots = self.slots_with_kept()
+        if not slots:
             return
-        grads = [g for _, _, gs in groups for g in gs]
-        kept = self.kept_of([p for _, params, _ in groups for p in params])
+        grads = [g for s in slots for g in s.grads]
+        kept = self.kept_of([p for s in slots for p in s.params])
         if self._exact:
             self.to_final_units(kept, ratio)
             g_norm, gs_norm = self.global_norm(kept), self.global_norm(grads)
-            cos = K.dot(kept, grads, self.foreach) / (g_norm * gs_norm + K.TINY)
+            cos = self.dot(kept, grads) / (g_norm * gs_norm + K.TINY)
             K.axpby_(kept, grads, -gs_norm * cos / (g_norm + K.TINY), 1.0, self.foreach)
             return
         ratio = self.global_norm(grads) / (self.global_norm(kept) + K.TINY)
-        for group, params, gs in groups:
-            K.axpby_(gs, self.kept_of(params), 1.0, group["alpha"] * ratio, self.foreach)
+        for s in slots:
+            K.axpby_(s.grads, self.kept_of(s.params), 1.0, s.group["alpha"] * ratio, self.foreach)
 
     def carried_state(self) -> list[Tensor]:
         """An exact step rewrites g_v (a skipped one leaves it as it was); the steps between only read it."""

@@ -60,9 +60,7 @@ class WSAM(SharpnessRule):
         final = self._ascent_scale if ratio is None else ratio * (1.0 if self._ascent_scale is None
                                                                    else self._ascent_scale)
         self._inv_scale = 1.0 if final is None else 1.0 / final  # the sharpness step is unscaled
-        for group, params, grads in self.grouped():
-            if not all(p in self._kept for p in params):
-                continue
+        for group, params, _, grads in self.slots_with_kept():
             kept, alpha = self.kept_of(params), self.weight(group)
             self.to_final_units(kept, ratio)
             if not self.decouple:
@@ -86,4 +84,4 @@ class WSAM(SharpnessRule):
             if found is not None:
                 finite_copy_(sharp, sharp)
                 coef = coef * (1 - found.to(sharp[0].dtype))
-            K.axpby_(params, sharp, 1.0, coef, self.foreach)
+            K.axpby_(self.views(params), sharp, 1.0, coef, self.foreach)
