@@ -217,7 +217,7 @@ class PerturbedOptimizer(Optimizer):
         """Abandon the step: θ and what the rule keeps across steps back bit for bit; harmless when
         nothing is under way."""
         if self._state.begun:
-            self.guard.keep(local(self.carried_state()), None)
+            self.guard.keep(self.carried_state(), None)
         self._end_step()
 
     def _end_step(self) -> None:
@@ -308,7 +308,7 @@ class PerturbedOptimizer(Optimizer):
         self.guard.begin()
         self._begin()
         if self.guard.policy != "off" or self._scaled:  # what a skipped step must leave as it was
-            self.guard.hold(self.base_optimizer, local(self.carried_state()))
+            self.guard.hold(self.base_optimizer, self.carried_state())
 
     @torch.no_grad()
     def perturb(self, grad_scale: Tensor | float | None = None) -> None:
@@ -385,7 +385,7 @@ class PerturbedOptimizer(Optimizer):
             self.guard.step(self.base_optimizer, found, before)
         self._after_step(found)
         if found is not None:
-            self.guard.keep(local(self.carried_state()), found)
+            self.guard.keep(self.carried_state(), found)
             self.guard.record(code)
         if scaler is not None and scaler.is_enabled():
             scaler.update()

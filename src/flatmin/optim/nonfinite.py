@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.errors import NonFiniteLossError
+from flatmin.optim.sharded import local
 
 POLICIES = ("raise", "skip", "off")
 OVERFLOW, NONFINITE = 1.0, 2.0  # a step's verdict codes (0: fine); max over ranks keeps the worse
@@ -181,14 +182,15 @@ class StepGuard:
                 buf = torch.empty_like(t)
             self._kept.append(buf)
         if kept:
-            torch._foreach_copy_(self._kept, kept)
+            torch._foreach_copy_(local(self._kept), local(kept))
         self._holding = True
 
     def keep(self, kept: list[Tensor], found: Tensor | None) -> None:
         """The rule's kept state after the step (the tensors `hold` saw, in the same order, then any born
         since): its snapshot where ``found`` is set (a skipped step; one born in the step becomes zeros),
         all of it when ``found`` is None (an abandoned step)."""
-        held, self._holding = (self._kept[:len(kept)] if self._holding else []), False
+        held, self._holding = (local(self._kept[:len(kept)]) if self._holding else []), False
+        kept = local(kept)
         if found is None:
             if held:
                 torch._foreach_copy_(kept[:len(held)], held)
