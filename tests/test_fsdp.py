@@ -1,4 +1,4 @@
-"""FSDP2 (fully_shard) on 2 CPU ranks (gloo): sharded AMP/SAM/RMP steps ≡ unsharded; `--fsdp` ≡ one process.
+"""FSDP2 (fully_shard) on 2 CPU ranks (gloo): every rule's sharded step ≡ unsharded; `--fsdp` ≡ one process.
 
 One spawn of 2 ranks runs everything that needs both (process start-up is the expensive part): the
 optimizer-level comparisons, the trainer runs and an interrupted run resumed. The single-process
@@ -21,8 +21,8 @@ import torch
 import torch.multiprocessing as mp
 
 from flatmin.errors import ConfigError
-from flatmin.optim import AMP, RMP, SAM
-from flatmin.optim.driver import closure_pass, drive
+from flatmin.optim import AMP, BSAM, ERM, ESAM, GSAM, MSAM, RMP, SAM, WSAM, FriendlySAM, LookSAM
+from flatmin.optim.driver import closure_pass, drive, sub_batch
 from flatmin.optim.rules.amp_variants import OnePassAMP, ReuseAMP, SubBatchAMP
 from flatmin.optim.sharded import full_state, is_sharded, shard_optimizer_state
 from flatmin.optim.syncs import count_syncs
@@ -40,24 +40,36 @@ SPIRAL = dict(dataset="spiral", epochs=2, batch_size=21, lr=0.1, dataset_options
               fsdp=True)
 METHODS = {"erm": {}, "amp": {"method": "amp", "ball": "global"},
            "amp_per_tensor": {"method": "amp", "ball": "per_tensor", "epsilon": 0.02},
-           "sam": {"method": "sam"}, "rmp": {"method": "rmp"},
+           "sam": {"method": "sam"}, "rmp": {"method": "rmp"}, "gsam": {"method": "gsam"},
            "amp_accumulate": {"method": "amp", "accumulate": 2}}
 
 # What the torchrun command line of the kill -9 test trains (600 spiral points: 540 train, 25×21 + 15).
 KILL = dict(dataset="spiral", method="amp", epochs=3, batch_size=21, lr=0.1, fsdp=True)
 
-# The optimizer-level cases: (rule, keyword arguments); ε small enough that every ball clips.
+# The optimizer-level cases, every rule: (rule, keyword arguments); ε small enough that every ball clips.
 CASES = {
     "amp_global": (AMP, dict(lr=0.1, epsilon=0.01, ball="global", momentum=0.9)),
     "amp_per_tensor_n2_adam": (AMP, dict(lr=0.01, epsilon=0.01, inner_iter=2, ball="per_tensor",
                                          base_optimizer=torch.optim.Adam)),
     "sam": (SAM, dict(lr=0.1, rho=0.05, momentum=0.9)),
     "asam": (SAM, dict(lr=0.1, rho=0.5, adaptive=True)),
+    "sam_splits": (SAM, dict(lr=0.1, rho=0.05, splits=2, momentum=0.9)),
     "rmp": (RMP, dict(lr=0.1, radius=0.1)),
+    "erm": (ERM, dict(lr=0.1, momentum=0.9)),
     "reuse": (ReuseAMP, dict(lr=0.1, epsilon=0.01, reuse_every=2)),
     "onepass": (OnePassAMP, dict(lr=0.1, epsilon=0.01, momentum=0.9)),
     "subbatch": (SubBatchAMP, dict(lr=0.1, epsilon=0.01, ascent_fraction=0.5)),
+    "gsam": (GSAM, dict(lr=0.1, rho=0.05, alpha=0.4, momentum=0.9)),
+    "gsam_rho_min": (GSAM, dict(lr=0.1, rho=0.05, alpha=0.4, rho_min=0.01, lr_min=0.01)),
+    "fsam": (FriendlySAM, dict(lr=0.1, rho=0.05, lmbda=0.6, momentum=0.9)),
+    "looksam": (LookSAM, dict(lr=0.1, rho=0.05, k=2, momentum=0.9)),
+    "wsam": (WSAM, dict(lr=0.1, rho=0.05, gamma=0.8, momentum=0.9)),
+    "wsam_coupled": (WSAM, dict(lr=0.1, rho=0.05, gamma=0.8, decouple=False, momentum=0.9)),
+    "bsam": (BSAM, dict(num_data=200, lr=0.05, rho=0.05)),
+    "esam": (ESAM, dict(lr=0.1, rho=0.05, beta=0.6, seed=3, momentum=0.9)),
+    "msam": (MSAM, dict(lr=0.1, rho=0.3, momentum=0.9)),
 }
+SEEDED = (RMP, BSAM)  # rules that draw noise: a seeded generator each, the same on every rank
 
 
 class _Net(torch.nn.Module):
@@ -79,26 +91,33 @@ def _net() -> torch.nn.Module:
 
 
 def _step(opt, net, x, y, *, poison: bool = False, reduce_flag=None) -> None:
-    """One step of the driver (the closure slices the batch for sub-batch ascent); ``poison``: this
-    rank reports a NaN loss after a finite backward (so only its own flag is set)."""
-    def closure(ascent: bool = False):
+    """One step of the driver (the closure slices the batch for sub-batch ascent and m-sharpness);
+    ``poison``: this rank reports a NaN loss after a finite backward (so only its own flag is set)."""
+    def closure(ascent: bool = False, split: int = 0, splits: int = 1):
         opt.zero_grad(set_to_none=True)
-        n = opt.ascent_size(len(x)) if ascent else len(x)
-        loss = torch.nn.functional.cross_entropy(net(x[:n]), y[:n])
+        xs, ys = (x[sub_batch(len(x), split, splits)], y[sub_batch(len(y), split, splits)]) if splits > 1 \
+            else (x, y)
+        n = opt.ascent_size(len(xs)) if ascent else len(xs)
+        loss = torch.nn.functional.cross_entropy(net(xs[:n]), ys[:n])
         loss.backward()
         return loss * float("nan") if poison else loss
-    drive(opt, closure_pass(closure, opt), reduce_flag=reduce_flag)
+    drive(opt, closure_pass(closure, opt), reduce_flag=reduce_flag, sub_batches=True)
 
 
 def _build(name: str, params) -> torch.optim.Optimizer:
     rule, kwargs = CASES[name]
-    if rule is RMP:
+    if rule in SEEDED:
         kwargs = {**kwargs, "generator": torch.Generator().manual_seed(7)}
-    return rule(params, **kwargs)
+    opt = rule(params, **kwargs)
+    if name == "gsam_rho_min":  # the learning rate halved (as by a scheduler): ρ_t follows it
+        for group in opt.param_groups:
+            group["lr"] = 0.05
+    return opt
 
 
 def _optimizer_checks() -> dict:
-    """Per case: sharded vs unsharded θ after 4 steps (a checkpoint round trip after 2), syncs, memory."""
+    """Per case: sharded vs unsharded θ after 4 steps (a checkpoint round trip after 2) and the state
+    (base optimizer's and the rule's kept buffers), syncs, memory, a one-rank NaN skipped everywhere."""
     torch.manual_seed(1)
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 5, (16,))  # the same on both ranks
     out = {}
@@ -124,6 +143,7 @@ def _optimizer_checks() -> dict:
                 opt.load_state_dict(shard_optimizer_state(saved, list(net.parameters())))
                 if isinstance(opt, RMP):
                     opt.generator.set_state(saved_gen)
+        state_diff = _max_diff(_tensors(full_state(opt.state_dict())), _tensors(ref_opt.state_dict()))
         full = [p.full_tensor() for p in net.parameters()]
         held = [b for b in opt.held_buffers() if b.dim() > 0]  # (Adam's step counters are scalars)
         before = [p.to_local().clone() for p in net.parameters()]
@@ -134,6 +154,7 @@ def _optimizer_checks() -> dict:
             "skipped": opt.skipped_steps,
             "untouched": all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters())),
             "diff": _max_diff(full, list(ref.parameters())), "layout_diff": layout_diff,
+            "state_diff": state_diff,
             "syncs": [s for s in syncs if s],
             "buffers_sharded": all(is_sharded(b) for b in held) and bool(held),
             "held_local": sum(b.to_local().numel() for b in held), "held_full": sum(b.numel() for b in held)}
@@ -141,9 +162,13 @@ def _optimizer_checks() -> dict:
 
 
 def _tensors(state: dict) -> list[torch.Tensor]:
-    """Every per-parameter tensor of an optimizer state, in order."""
-    return [v for i in sorted(state["state"]) for _, v in sorted(state["state"][i].items())
+    """Every per-parameter tensor of an optimizer state, in order: the base optimizer's, then the rule's
+    kept buffers (a Δ, a gradient, an EMA: the index-keyed dicts of ``"perturbation"``)."""
+    base = [v for i in sorted(state["state"]) for _, v in sorted(state["state"][i].items())
             if isinstance(v, torch.Tensor) and v.dim() > 0]
+    kept = [v for _, d in sorted(state.get("perturbation", {}).items()) if isinstance(d, dict) and d
+            and all(isinstance(k, int) for k in d) for _, v in sorted(d.items())]
+    return base + kept
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -234,6 +259,7 @@ def test_sharded_step_equals_the_unsharded_step(fsdp_runs, case):
         got = rank["optimizer"][case]
         assert got["diff"] < 1e-12, got["diff"]  # float64: the shards' norms round like the whole's
         assert got["layout_diff"] < 1e-12, "a gathered state is not the single-process state"
+        assert got["state_diff"] < 1e-12, "the sharded rule's state (and kept buffers) differ"
         if "adam" not in case:  # torch's unfused Adam reads its CPU step counter with .item() (test_syncs)
             assert got["syncs"] == [], "\n".join(got["syncs"])
         assert got["buffers_sharded"]

@@ -137,3 +137,83 @@ def test_overflow_under_a_grad_scaler_is_skipped_and_backs_off():
     drive(opt, grad_pass, scaler=scaler)
     assert all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
     assert float(scaler.get_scale()) == 2.0**15
+    assert opt.overflow_steps == 1 and opt.skipped_steps == 1
+    assert opt.poll() == 0  # an overflow is not a failure
+
+
+def scaled_pass(model, opt, scaler, *, big=None, poison=None):
+    """A gradient pass under ``scaler``: the loss times ``big`` (finite, but its scaled gradient
+    overflows) in the passes of kind ``big[0]``, times ``poison`` (NaN) in every pass."""
+    def run(p):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), Y)
+        if big is not None and p.kind == big[0]:
+            loss = loss * big[1]
+        if poison is not None:
+            loss = loss * poison
+        scaler.scale(loss).backward()
+        return loss
+    return run
+
+
+@pytest.mark.parametrize("rule", ["amp", "amp2", "sam", "erm"])
+@pytest.mark.parametrize("where", ["ascent", "final"])
+def test_an_overflow_is_skipped_counted_apart_and_never_raised(rule, where):
+    """A scale of 2^40 and a loss of ~1e30: the scaled gradient overflows float32 while every loss
+    is finite. The step is skipped (θ and state exact), the scale halves, poll() does not raise —
+    also when the overflow was in an ascent pass (whose NaN θ+Δ makes the later losses NaN)."""
+    from flatmin.optim import drive
+
+    model = tiny_model(sizes=SIZES)
+    opt = RULES[rule](model.parameters(), dict(BASES["sgd"]))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=1000)
+    drive(opt, scaled_pass(model, opt, scaler), scaler=scaler)  # 2^40 · O(1): finite
+    before = everything(model, opt)
+    if where == "ascent" and not opt.ascent_passes():
+        where = "final"
+    drive(opt, scaled_pass(model, opt, scaler, big=(where, 1e30)), scaler=scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
+    assert float(scaler.get_scale()) == 2.0**39
+    assert opt.poll() == 0 and opt.skipped_steps == 1 and opt.overflow_steps == 1
+    drive(opt, scaled_pass(model, opt, scaler), scaler=scaler)  # and training goes on
+    assert opt.overflow_steps == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
+    other = RULES[rule](model.parameters(), dict(BASES["sgd"]))
+    other.load_state_dict(opt.state_dict())
+    assert other.overflow_steps == 1 and other.poll() == 0
+
+
+@pytest.mark.parametrize("rule", ["amp", "sam", "erm"])
+def test_a_nan_loss_under_a_scaler_still_raises(rule):
+    from flatmin.optim import drive
+
+    model = tiny_model(sizes=SIZES)
+    opt = RULES[rule](model.parameters(), dict(BASES["sgd"]))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    drive(opt, scaled_pass(model, opt, scaler), scaler=scaler)
+    before = everything(model, opt)
+    drive(opt, scaled_pass(model, opt, scaler, poison=float("nan")), scaler=scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
+    assert opt.overflow_steps == 0
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        opt.poll()
+
+
+def test_two_call_form_overflow_under_a_scaler():
+    """``restore_and_step(scaler=...)`` without losses: an overflowed final gradient is an overflow."""
+    model = tiny_model(sizes=SIZES)
+    opt = SAM(model.parameters(), rho=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    before = everything(model, opt)
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(X), Y)).backward()
+    opt.first_step(zero_grad=True)
+    scaler.scale(F.cross_entropy(model(X), Y) * 1e30).backward()
+    opt.restore_and_step(scaler=scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
+    assert opt.poll() == 0 and opt.overflow_steps == 1 and float(scaler.get_scale()) == 2.0**39
+
+
+
+# Every rule × every route × NaN/inf in any pass: tests/conformance/test_conformance_step.py, generated
+# from the rule registry (a hand-kept list of rules here would miss the next rule registered).

@@ -42,6 +42,8 @@ def trainer_fields(case: RuleCase, values: dict | None = None) -> dict | None:
         if name == "lr" and case.info.own_update:
             continue  # the trainer derives bSAM's step size from the protocol's lr
         h = next((h for h in case.info.hypers if h.name == name), None)
+        if h is not None and h.field is None and value == h.default:
+            continue  # a class keyword at its default (GSAM's rho_min=None): what the trainer does anyway
         if h is None or h.field is None:
             return None
         out[h.field] = value

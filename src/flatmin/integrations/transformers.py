@@ -150,12 +150,12 @@ class PerturbedTrainer(Trainer):
         return self._grad_norm
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds the count of skipped (non-finite) steps; under nonfinite="raise" a skip raises, except
-        fp16 overflows, which the loss scale expects."""
+        """Adds the count of skipped steps; under nonfinite="raise" a non-finite one raises (an fp16
+        overflow, which the loss scale expects, never does)."""
         if self.optimizer is not None and "loss" in logs:
             opt = self.perturbed_optimizer
-            fp16 = self.accelerator.scaler is not None and self.accelerator.scaler.is_enabled()
-            logs["skipped_steps"] = opt.skipped_steps if fp16 else opt.poll()
+            opt.poll()
+            logs["skipped_steps"] = opt.skipped_steps
         super().log(logs, *args, **kwargs)
 
     def _take_scaler(self) -> None:
@@ -210,16 +210,16 @@ class PerturbedTrainer(Trainer):
                 scale = grad_scale(scaler)
                 self._grad_norm.copy_(norm / scale if scale is not None else norm)
 
-        counted = scaler is not None and opt.guard.count is not None
-        skipped_before = opt.guard.count.clone() if counted else None
+        skipped_before = opt.guard.skips() if scaler is not None else None
         reduce = _max_over_ranks if self.accelerator.num_processes > 1 else None
         drive(opt, grad_pass, model=self.model, scaler=scaler, max_grad_norm=self.args.max_grad_norm or None,
               on_pass=on_pass, reduce_flag=reduce)
         if "loss" in logged:
             self._tr_loss += logged["loss"].to(self._tr_loss.device)
-        if scaler is not None and opt.guard.count is not None:  # the LR schedule waits, as after an overflow
+        skipped = opt.guard.skips()
+        if scaler is not None and skipped is not None:  # the LR schedule waits after a skipped step
             before = skipped_before if skipped_before is not None else 0
-            self.optimizer._is_overflow = opt.guard.count > before  # read by the Trainer (a host sync there)
+            self.optimizer._is_overflow = skipped > before  # read by the Trainer (a host sync there)
 
     def _heads(self, window: list[Micro], fraction: float) -> list[Micro]:
         """Sub-batch ascent: the head of every micro-batch, with the item count recomputed."""

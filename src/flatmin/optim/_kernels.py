@@ -165,43 +165,23 @@ def _multi_tensor_sam_ascent(
 # --- RMP: a random point on the sphere ---------------------------------------------------------
 
 
-def _draw(params: list[Tensor], generator: torch.Generator | None, shards: list | None) -> list[Tensor]:
-    """d ~ N(0, I) shaped like each parameter — like each *full* parameter when ``shards`` are given."""
-    shapes = [p.shape for p in params] if shards is None else [s.shape for s in shards]
-    return [torch.randn(shape, dtype=p.dtype, device=p.device, generator=generator)
-            for p, shape in zip(params, shapes)]
-
-
-def _keep(ds: list[Tensor], shards: list | None) -> list[Tensor]:
-    """This rank's rows of each full draw (all of it when nothing is sharded)."""
-    return ds if shards is None else [s(d) for s, d in zip(shards, ds)]
-
-
 def _single_tensor_random_perturb(
-    params: list[Tensor], *, radius: float, ball: str, generator: torch.Generator | None,
-    shards: list | None = None,
+    params: list[Tensor], draws: list[Tensor], norms: Tensor, *, radius: float, ball: str,
 ) -> None:
-    """params ← θ + r·d/‖d‖ with d ~ N(0, I): uniform on the sphere of radius r.
-
-    ``shards``: params are local shards; each full tensor is drawn (the same numbers on every rank, and
-    as a single process), its norm taken whole, and only this rank's rows are added (`sharded.ShardOf`).
-    """
-    ds = _draw(params, generator, shards)
-    coefs = rescale_coefficients(_single_tensor_norms(ds), radius, ball)
-    for i, (p, d) in enumerate(zip(params, _keep(ds, shards))):
+    """params ← θ + r·d/‖d‖ with d ~ N(0, I) (``draws``, whose whole tensors have ``norms``): uniform on
+    the sphere of radius r. The draws are consumed."""
+    coefs = rescale_coefficients(norms, radius, ball)
+    for i, (p, d) in enumerate(zip(params, draws)):
         p.add_(d.mul_(coefs if coefs.dim() == 0 else coefs[i]))
 
 
 def _multi_tensor_random_perturb(
-    params: list[Tensor], *, radius: float, ball: str, generator: torch.Generator | None,
-    shards: list | None = None,
+    params: list[Tensor], draws: list[Tensor], norms: Tensor, *, radius: float, ball: str,
 ) -> None:
-    """Foreach twin of `_single_tensor_random_perturb` (same random numbers, same order)."""
-    ds = _draw(params, generator, shards)
-    coefs = rescale_coefficients(_multi_tensor_norms(ds), radius, ball)
-    ds = _keep(ds, shards)
-    torch._foreach_mul_(ds, _as_list(coefs, len(ds)))
-    torch._foreach_add_(params, ds)
+    """Foreach twin of `_single_tensor_random_perturb`."""
+    coefs = rescale_coefficients(norms, radius, ball)
+    torch._foreach_mul_(draws, _as_list(coefs, len(draws)))
+    torch._foreach_add_(params, draws)
 
 
 # --- keeping θ -----------------------------------------------------------------------------------
@@ -214,6 +194,16 @@ def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
     else:
         for d, s in zip(dst, src):
             d.copy_(s)
+
+
+def norms(tensors: list[Tensor], foreach: bool) -> Tensor:
+    """Dispatch to the foreach or the single-tensor stacked per-tensor norms."""
+    return (_multi_tensor_norms if foreach else _single_tensor_norms)(tensors)
+
+
+def clone(src: list[Tensor], foreach: bool) -> list[Tensor]:
+    """Fresh copies, bit for bit (x·1 = x, NaN and −0 included)."""
+    return torch._foreach_mul(src, 1.0) if foreach else [s.clone() for s in src]
 
 
 def add_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
@@ -279,18 +269,17 @@ def _multi_tensor_axpby_(x: list[Tensor], y: list[Tensor], a: float | Tensor, b:
         torch._foreach_add_(x, y, alpha=b)
 
 
-def _single_tensor_bsam_noise(params: list[Tensor], precisions: list[Tensor], *, num_data: int,
-                              generator: torch.Generator | None) -> None:
-    """params ← θ + e, e ~ N(0, 1/(N·s)) element-wise (bSAM's noisy sample)."""
-    for p, s in zip(params, precisions):
-        n = torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator)
+def _single_tensor_bsam_noise(params: list[Tensor], precisions: list[Tensor], draws: list[Tensor], *,
+                              num_data: int) -> None:
+    """params ← θ + e, e = d/√(N·s) element-wise, d ~ N(0, I) (``draws``, consumed): bSAM's noisy sample."""
+    for p, s, n in zip(params, precisions, draws):
         p.add_(n.mul_(s.mul(num_data).reciprocal_().sqrt_()))
 
 
-def _multi_tensor_bsam_noise(params: list[Tensor], precisions: list[Tensor], *, num_data: int,
-                             generator: torch.Generator | None) -> None:
-    """Foreach twin of `_single_tensor_bsam_noise` (same random numbers, same order)."""
-    ns = [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in params]
+def _multi_tensor_bsam_noise(params: list[Tensor], precisions: list[Tensor], draws: list[Tensor], *,
+                             num_data: int) -> None:
+    """Foreach twin of `_single_tensor_bsam_noise`."""
+    ns = draws
     std = torch._foreach_mul(precisions, float(num_data))
     torch._foreach_reciprocal_(std)
     torch._foreach_sqrt_(std)

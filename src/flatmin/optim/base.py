@@ -2,23 +2,30 @@
 
 A method is a *perturbation rule*: how many ascent passes a step makes (`ascent_passes`), what
 an ascent pass does with its gradient (`_ascend`), what happens before any gradient (`_begin`:
-RMP's random draw, a reused Δ) and after the update (`_after_step`: a kept gradient). The pass
-order itself lives once, in `flatmin.optim.driver`; this class owns the update from θ and the
-two-call protocol as a small state machine that refuses misuse:
+RMP's random draw, a reused Δ), how the final gradient becomes the update's direction
+(`_direction`) and what happens after the update (`_after_step`: a kept gradient). The pass order
+itself lives once, in `flatmin.optim.driver`. `PerturbedOptimizer` is thin: it composes the parts
+around a rule —
 
-    begin_step()  →  perturb() × ascent_passes()  →  restore_and_step()
+- `flatmin.optim.theta`: θ's copies and buffers kept across steps, keyed by parameter;
+- `flatmin.optim.protocol`: the step as a state machine that refuses misuse
+  (``begin_step() → perturb() × ascent_passes() → restore_and_step()``);
+- `flatmin.optim.splits`: m-sharpness, the sub-batches' final gradients summed;
+- `flatmin.optim.nonfinite`: the device-side guard (a skipped step changes nothing);
+- `flatmin.optim.sharded`: rules see local tensors and norms already finished across ranks, so no
+  rule knows about FSDP2 —
 
-(`perturb` begins a step itself when none is under way.) The wrapper owns the parameter groups
-*jointly* with the base optimizer (the same dicts), so LR schedulers, ``zero_grad`` and
-per-group hyperparameters act on both; `state_dict` is the base optimizer's plus, under
-``"perturbation"``, the method's kind and what it keeps between steps.
+and writes SAM's normalised ascent ρ·T²d/‖Td‖ once (`sam_ascend`) for SAM, its family and MSAM.
+The wrapper owns the parameter groups *jointly* with the base optimizer (the same dicts), so LR
+schedulers, ``zero_grad`` and per-group hyperparameters act on both; `state_dict` is the base
+optimizer's plus, under ``"perturbation"``, the method's kind and what it keeps between steps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +33,11 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim import driver
-from flatmin.optim.nonfinite import StepGuard, check_and_unscale_, check_policy, loss_flag, supports_found_inf
-from flatmin.optim.sharded import local
+from flatmin.optim.nonfinite import StepGuard, check_policy, supports_found_inf
+from flatmin.optim.protocol import StepState
+from flatmin.optim.sharded import Shards, local
+from flatmin.optim.splits import Splits
+from flatmin.optim.theta import Theta, finite_copy_, kept_buffer, param_order
 
 BALLS = ("global", "per_tensor")
 
@@ -46,13 +56,14 @@ def check_ball(ball: Any) -> None:
         raise ValueError(f"ball must be one of {BALLS}, got {ball!r}")
 
 
-def kept_buffer(store: dict[Tensor, Tensor], p: Tensor, zero: bool = False) -> Tensor:
-    """``store[p]``: a buffer like p kept across steps, (re)made when p's shape, dtype or device changes."""
-    buf = store.get(p)
-    if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-        make = torch.zeros_like if zero else torch.empty_like
-        buf = store[p] = make(p, memory_format=torch.preserve_format)
-    return buf
+class Slot(NamedTuple):
+    """A parameter group as a rule computes with it: the parameters themselves (keys of kept buffers
+    and optimizer state) beside the local tensors the arithmetic runs on."""
+
+    group: dict[str, Any]  # the group's hyperparameters
+    params: list[Tensor]  # the parameters: keys, never computed on
+    weights: list[Tensor]  # their values (under FSDP2: this rank's shards, as views)
+    grads: list[Tensor]  # their gradients — or the direction the rule ascends along — likewise local
 
 
 class PerturbedOptimizer(Optimizer):
@@ -61,7 +72,8 @@ class PerturbedOptimizer(Optimizer):
     ``nonfinite``: what a step with a NaN/±inf loss or gradient does — it is always skipped on the
     device (θ and every optimizer state untouched, no host sync) and counted; ``"raise"`` (default)
     then raises `flatmin.errors.NonFiniteLossError` at the next `poll()`, ``"skip"`` only counts,
-    ``"off"`` checks nothing. ``check_finite=False`` is the older spelling of ``"off"``.
+    ``"off"`` checks nothing. ``check_finite=False`` is the older spelling of ``"off"``. A loss
+    scaler's overflow is skipped too, counted apart (`overflow_steps`) and never raised.
     """
 
     def __init__(
@@ -83,12 +95,12 @@ class PerturbedOptimizer(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.foreach = True if foreach is None else bool(foreach)
         self.guard = StepGuard(check_policy(nonfinite or ("raise" if check_finite else "off")))
-        self._theta: dict[Tensor, Tensor] = {}  # θ while perturbed; buffers reused across steps
-        self._saved: list[tuple[list[Tensor], list[Tensor]]] = []  # (params, θ copies) per group
-        self._begun = False  # a step is under way (begin_step .. restore_and_step)
-        self._ascents = 0  # ascent passes taken in the current step
-        self._split_sum: dict[Tensor, Tensor] = {}  # m-sharpness: finished sub-batches' final gradients
-        self._splits_done = 0  # sub-batches finished in the current step
+        self._theta = Theta(self.foreach)  # θ while perturbed; buffers reused across steps
+        self._state = StepState()
+        self._splits = Splits(self.foreach)
+        self._shards = Shards()
+        self._ascent_scale: Tensor | float | None = None  # the loss scale of this step's ascent gradients
+        self._scaled = False  # the last update was under a loss scaler (its overflows skip even under "off")
 
     # -- parameter groups ----------------------------------------------------------------------
 
@@ -105,6 +117,7 @@ class PerturbedOptimizer(Optimizer):
             param_group.setdefault(key, value)
         self.validate_group(param_group)
         self.base_optimizer.add_param_group(param_group)
+        self._shards.reset()
 
     @staticmethod
     def params_with_grad(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
@@ -112,50 +125,129 @@ class PerturbedOptimizer(Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         return params, [p.grad for p in params]
 
+    # -- what a rule computes with: local tensors, finished norms --------------------------------
+
+    def slot(self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor]) -> Slot:
+        """These parameters of a group, with ``directions`` (gradients, a momentum) to compute with."""
+        return Slot(group, params, local(params), local(directions))
+
+    def slots(self) -> list[Slot]:
+        """Every group with a gradient this pass, with its gradients."""
+        out = []
+        for group in self.param_groups:
+            params, grads = self.params_with_grad(group)
+            if params:
+                out.append(self.slot(group, params, grads))
+        return out
+
+    def views(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The tensors a rule computes on for these (optimizer state it reads, say): in-place ops on
+        them change the originals."""
+        return local(tensors)
+
+    def kept(self, store: dict[Tensor, Tensor], params: list[Tensor], zero: bool = False) -> list[Tensor]:
+        """``store``'s buffers for these parameters (made like them on first use, zeros if ``zero``),
+        to compute with."""
+        return local([kept_buffer(store, p, zero) for p in params])
+
+    @property
+    def reduce_norms(self) -> K.NormReduce | None:
+        """How the per-tensor norms a kernel takes of local tensors become the whole tensors' norms
+        (None: they already are)."""
+        return self._shards.reducer(self.param_groups)
+
+    def finish_norm(self, norm: Tensor) -> Tensor:
+        """A norm over local tensors → the norm over the whole tensors (one all-reduce when sharded)."""
+        reduce = self.reduce_norms
+        return norm if reduce is None else reduce(norm.reshape(1), "global")[0]
+
+    def global_norm(self, tensors: list[Tensor]) -> Tensor:
+        """‖·‖ over a list of (local) tensors as one vector, over the whole tensors."""
+        return self.finish_norm(torch.linalg.vector_norm(K.norms(tensors, self.foreach)))
+
+    def dot(self, a: list[Tensor], b: list[Tensor]) -> Tensor:
+        """Σ_i ⟨a_i, b_i⟩ over (local) tensors, over the whole tensors."""
+        partial = K.dot(a, b, self.foreach)
+        reduce = self.reduce_norms
+        return partial if reduce is None else reduce.total(partial)
+
+    def normal_draws(self, params: list[Tensor], generator: torch.Generator | None,
+                     with_norms: bool = False) -> tuple[list[Tensor], Tensor | None]:
+        """d ~ N(0, I) like each parameter, to compute with, and (``with_norms``) each whole draw's norm —
+        the same numbers for any number of ranks (each draws the whole tensor and keeps its rows)."""
+        reduce = self.reduce_norms
+        full = self._shards.draws(params, generator, reduce)
+        norms = K.norms(full, self.foreach) if with_norms else None
+        return self._shards.keep_rows(params, full, reduce), norms
+
+    def radius(self, group: dict[str, Any]) -> float | Tensor:
+        """SAM's ρ for a group this step (GSAM may schedule it)."""
+        return group["rho"]
+
+    def sam_ascend(self, slots: list[Slot], scale: float | Tensor = 1.0, consume: bool = True) -> None:
+        """θ ← θ + scale·ρ·T²d/‖Td‖ with ONE norm over every group (ρ per group, T = |θ| where the group
+        is ``adaptive``, else I); θ is saved first. ``consume``: e is built in d's storage."""
+        slots = [s for s in slots if s.params]
+        if not slots:
+            return
+        norms = [K.sam_norm(s.weights, s.grads, s.group.get("adaptive", False), self.foreach) for s in slots]
+        norm = self.finish_norm(torch.linalg.vector_norm(torch.stack(norms)))
+        for s in slots:
+            self.save_theta(s.params)
+            K.sam_ascent(s.weights, s.grads, scale=scale * self.radius(s.group) / (norm + K.TINY),
+                         adaptive=s.group.get("adaptive", False), inplace=consume, foreach=self.foreach)
+
     # -- θ kept exactly --------------------------------------------------------------------------
 
     @property
     def perturbed(self) -> bool:
         """True between a perturbation and the matching `restore()`."""
-        return bool(self._saved)
+        return bool(self._theta)
 
     def save_theta(self, params: list[Tensor]) -> None:
         """Copy θ into buffers kept across steps, so that restore is a copy, not θ+Δ−Δ."""
-        thetas = [self._theta_buffer(p) for p in params]
-        K.copy_(local(thetas), local(params), self.foreach)
-        self._saved.append((params, thetas))
-
-    def _theta_buffer(self, p: Tensor) -> Tensor:
-        """The buffer that holds p's θ (made on first use, kept across steps)."""
-        return kept_buffer(self._theta, p)
+        self._theta.save(params)
 
     def thetas_of(self, params: list[Tensor]) -> list[Tensor]:
-        """The saved θ buffers of already-saved parameters."""
-        return [self._theta[p] for p in params]
-
-    def _put_back(self) -> None:
-        """θ back bit for bit from its copies (the step itself goes on)."""
-        for params, thetas in self._saved:
-            K.copy_(local(params), local(thetas), self.foreach)
-        self._saved.clear()
+        """The saved θ of already-saved parameters, to compute with."""
+        return self._theta.of(params)
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put θ back bit for bit and end the step; harmless when nothing is under way."""
-        self._put_back()
-        self._begun, self._ascents, self._splits_done = False, 0, 0
+        """Abandon the step: θ and what the rule keeps across steps back bit for bit; harmless when
+        nothing is under way."""
+        if self._state.begun:
+            self.guard.keep(self.carried_state(), None)
+        self._end_step()
+
+    def _end_step(self) -> None:
+        """θ back from its copies; no step under way any more."""
+        self._theta.put_back()
+        self._state.end()
+        self._splits.done = 0
+        self._ascent_scale = None
 
     def perturbation_norm(self) -> Tensor:
         """‖Δ‖ = ‖(θ+Δ) − θ‖ over what is perturbed now (0 when nothing is): Theorem 2's radius."""
-        pairs = [(p, t) for params, thetas in self._saved for p, t in zip(params, thetas)]
+        pairs = self._theta.pairs()
         if not pairs:
             return torch.zeros((), device=self._device())
-        diffs = torch._foreach_sub([p for p, _ in pairs], [t for _, t in pairs])
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs)).float())
+        diffs = torch._foreach_sub(local(list(pairs)), local(list(pairs.values())))
+        return self.finish_norm(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs)).float()))
 
     def held_buffers(self) -> list[Tensor]:
         """Every buffer kept across steps: θ copies, the guard's snapshots; subclasses add Δ."""
-        return list(self._theta.values()) + list(self._split_sum.values()) + self.guard.buffers()
+        return self._theta.buffers() + self._splits.buffers() + self.guard.buffers()
+
+    # -- the step's state (kept readable under the names rules and tests use) ----------------------
+
+    @property
+    def _begun(self) -> bool:
+        return self._state.begun
+
+    @property
+    def _ascents(self) -> int:
+        return self._state.ascents
 
     # -- the rule (what subclasses define) ---------------------------------------------------------
 
@@ -169,6 +261,16 @@ class PerturbedOptimizer(Optimizer):
     def _ascend(self, grad_scale: Tensor | float | None) -> None:
         """One ascent update from the current gradients."""
         raise NotImplementedError
+
+    def _direction(self, ratio: Tensor | float | None) -> None:
+        """Rewrite ``.grad`` (θ+Δ not yet restored, the verdict taken) into the update direction; default:
+        the final gradient itself. ``ratio``: what a gradient kept from an ascent pass is multiplied by to
+        be in the final gradient's units (None: it already is)."""
+
+    def carried_state(self) -> list[Tensor]:
+        """What this step may change that the next steps read (a kept Δ, an EMA): put back bit for bit
+        when the step is skipped or abandoned. The list must be the same at the step's start and end."""
+        return []
 
     def _after_step(self, found: Tensor | None) -> None:
         """After the update (``found``: the device flag of a skipped step, None if unchecked)."""
@@ -198,66 +300,47 @@ class PerturbedOptimizer(Optimizer):
         """How many examples of a batch an ascent pass uses: what ``closure(ascent=True)`` slices."""
         return driver.head_size(batch_size, self.batch_fraction(True))
 
-    # -- the two-call protocol, as a state machine -----------------------------------------------
+    # -- the step protocol (`protocol.StepState` checks each transition) ---------------------------
 
     def begin_step(self) -> None:
         """Start a step: the rule's perturbation before any gradient, if it has one."""
-        if self._begun:
-            raise RuntimeError(f"{type(self).__name__}.begin_step(): a step is already under way; finish it "
-                               "with restore_and_step() (or abandon it with restore())")
-        self._begun, self._ascents = True, 0
+        self._state.begin(type(self).__name__)
+        self.guard.begin()
         self._begin()
+        if self.guard.policy != "off" or self._scaled:  # what a skipped step must leave as it was
+            self.guard.hold(self.base_optimizer, self.carried_state())
 
     @torch.no_grad()
     def perturb(self, grad_scale: Tensor | float | None = None) -> None:
         """One ascent update from the current gradients (``grad_scale``: a loss scale to divide out)."""
-        began_here = not self._begun
+        began_here = not self._state.begun
         if began_here:
             self.begin_step()
-        if self._ascents >= self.ascent_passes():
+        try:
+            self._state.can_ascend(type(self).__name__, self.ascent_passes())
+        except RuntimeError:
             if began_here:  # a refused call leaves no step behind
                 self.restore()
-            raise RuntimeError(
-                f"{type(self).__name__}.perturb() called {self._ascents + 1} times in one step, but this "
-                f"step makes {self.ascent_passes()} ascent pass(es); after the final backward call "
-                "restore_and_step() (SAM: second_step())")
+            raise
+        self._ascent_scale = grad_scale
+        if grad_scale is not None:  # a scaled gradient: did it overflow? (an overflow, not a failure)
+            grads = [p.grad for p in param_order(self.param_groups) if p.grad is not None]
+            self.guard.ascent(local(grads), self._state.passes, self._device())
         self._ascend(grad_scale)
-        self._ascents += 1
+        self._state.ascended()
 
     @torch.no_grad()
     def next_split(self) -> None:
         """m-sharpness: put the finished sub-batch's final gradient aside, θ back, the next one ascends."""
-        if not self._begun or self._ascents < self.ascent_passes():
-            raise RuntimeError(f"{type(self).__name__}.next_split() before this sub-batch's ascent and final "
-                               "pass: call it between a final backward and the next sub-batch's ascent")
-        self._put_back()
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not self._splits_done:
-            self._split_sum = {p: kept_buffer(self._split_sum, p) for p in params}
-            K.copy_(local(list(self._split_sum.values())), local([p.grad for p in params]), self.foreach)
-        else:
-            for p in params:  # a tensor first reached in this sub-batch starts from zero
-                if p not in self._split_sum:
-                    self._split_sum[p] = torch.zeros_like(p)
-            torch._foreach_add_(local([self._split_sum[p] for p in params]), local([p.grad for p in params]))
-        self._splits_done += 1
-        self._ascents = 0
+        self._state.next_split(type(self).__name__, self.ascent_passes())
+        self._theta.put_back()
+        self._splits.add(self.param_groups)
         self.zero_grad(set_to_none=True)
 
     def fold_splits(self) -> None:
         """The mean of the sub-batches' final gradients into ``.grad`` (the last one is there already);
         `restore_and_step` does it, a framework that unscales first calls it after the last backward."""
-        if not self._splits_done:
-            return
-        summed = [p for p in self._split_sum if p.grad is not None]
-        if summed:
-            torch._foreach_add_(local([p.grad for p in summed]), local([self._split_sum[p] for p in summed]))
-        for p in self._split_sum:  # a tensor the last sub-batch did not reach (rare): its sum alone
-            if p.grad is None:
-                p.grad = self._split_sum[p].clone()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        torch._foreach_div_(local(grads), float(self._splits_done + 1))
-        self._splits_done = 0
+        self._splits.fold(self.param_groups)
 
     @torch.no_grad()
     def restore_and_step(self, step: Callable[[], Any] | None = None, *, losses: Iterable[Any] = (),
@@ -268,62 +351,65 @@ class PerturbedOptimizer(Optimizer):
         ``step``: the caller's own update instead (e.g. ``lambda: scaler.step(opt.base_optimizer)``),
         taken unguarded. Otherwise the update is guarded on the device (see `nonfinite`), with the
         ``losses`` of the step's passes checked too, gradients unscaled by ``scaler`` and clipped to
-        ``max_grad_norm``; ``reduce_flag`` makes data-parallel ranks agree on a skip.
+        ``max_grad_norm``; ``reduce_flag`` makes data-parallel ranks agree on a skip. The verdict is
+        taken on the final gradient as the passes left it, before the rule turns it into its direction.
         """
-        if not self._begun:
-            raise RuntimeError(
-                f"{type(self).__name__}.restore_and_step() with no step under way: call perturb() after the "
-                "ascent backward (begin_step() for rules that perturb first), then the final backward")
-        if self._ascents < self.ascent_passes():
-            raise RuntimeError(
-                f"{type(self).__name__}.restore_and_step() after {self._ascents} of {self.ascent_passes()} "
-                "ascent pass(es): call perturb() after each ascent backward first")
+        self._state.can_finish(type(self).__name__, self.ascent_passes())
         self.fold_splits()
-        before = {p: t for params, thetas in self._saved for p, t in zip(params, thetas)}
-        self.restore()
+        code = None
+        if step is None:
+            code = self._check_gradients(list(losses), scaler, reduce_flag, self._state.passes + 1)
+            self._scaled = scaler is not None and scaler.is_enabled()
+        ascent = self._ascent_scale  # .grad is unscaled now, unless the caller updates (ascent units)
+        self._direction(None if step is not None or ascent is None else 1.0 / ascent)
+        if step is None and max_grad_norm:
+            params = [p for p in param_order(self.param_groups) if p.grad is not None]
+            nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=self.foreach)
+        before = self._theta.pairs()
+        self._end_step()
         if step is not None:
             step()
             self._after_step(None)
+            kept = local(self.carried_state())
+            finite_copy_(kept, kept)  # a step the caller skipped must not poison the next
             return
-        found = self._check_gradients(list(losses), scaler, max_grad_norm, reduce_flag)
+        found = None if code is None else (code > 0).float()  # skip: overflow or non-finite
         if found is None:
             self.base_optimizer.step()
         else:
-            unsaved = [p for g in self.param_groups for p in g["params"]
-                       if p.grad is not None and p not in before]
+            unsaved = [p for p in param_order(self.param_groups) if p.grad is not None and p not in before]
             if unsaved and not supports_found_inf(self.base_optimizer):  # θ kept where perturbations keep it
-                thetas = [self._theta_buffer(p) for p in unsaved]
-                K.copy_(local(thetas), local(unsaved), self.foreach)
-                before.update(zip(unsaved, thetas))
+                self._theta.save(unsaved)
+                before.update(self._theta.pairs())
+                self._theta.saved.clear()
             self.guard.step(self.base_optimizer, found, before)
-            self.guard.record(found)
+        self._after_step(found)
+        if found is not None:
+            self.guard.keep(self.carried_state(), found)
+            self.guard.record(code)
         if scaler is not None and scaler.is_enabled():
             scaler.update()
-        self._after_step(found)
 
     def _check_gradients(self, losses: list[Any], scaler: torch.amp.GradScaler | None,
-                         max_grad_norm: float | None,
-                         reduce_flag: Callable[[Tensor], Tensor] | None) -> Tensor | None:
-        """Unscale, flag non-finite losses/gradients on the device, clip; None when nothing is checked."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+                         reduce_flag: Callable[[Tensor], Tensor] | None, passes: int) -> Tensor | None:
+        """Unscale and take the step's verdict on the device (`nonfinite.StepGuard.verdict`); None when
+        nothing is checked. A skipped step is an inf step to the scaler too, so that it backs off after an
+        ascent pass's overflow and every rank's scaler agrees."""
+        grads = [p.grad for p in param_order(self.param_groups) if p.grad is not None]
         scaling = scaler is not None and scaler.is_enabled()
-        found = None
+        found_inf, per_device = None, {}
         if scaling:
             scaler.unscale_(self.base_optimizer)
             per_device = scaler._per_optimizer_states[id(self.base_optimizer)]["found_inf_per_device"]
-            found = torch.stack([f.to(self._device()) for f in per_device.values()]).amax() \
+            found_inf = torch.stack([f.to(self._device()) for f in per_device.values()]).amax() \
                 if per_device else torch.zeros((), device=self._device())
-        if self.guard.policy != "off":
-            flag = loss_flag(losses, self._device())
-            if not scaling:
-                check_and_unscale_(grads, flag)
-            found = flag if found is None else torch.maximum(found, flag)
-        if found is not None and reduce_flag is not None:
-            found = reduce_flag(found)
-        if max_grad_norm:
-            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=self.foreach)
-        return found
+        code = self.guard.verdict(losses, local(grads), self._device(), found_inf=found_inf, passes=passes)
+        if code is not None and reduce_flag is not None:
+            code = reduce_flag(code)
+        if code is not None:
+            for f in per_device.values():
+                f.copy_(torch.maximum(f, (code > 0).float().to(f.device)))
+        return code
 
     def _device(self) -> torch.device:
         """The device of the first parameter (where flags and counters live)."""
@@ -352,8 +438,15 @@ class PerturbedOptimizer(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for a non-finite loss or gradient (reads the device counter: a host sync)."""
-        return 0 if self.guard.count is None else int(self.guard.count)
+        """Steps skipped, for a non-finite loss or gradient or an overflow (reads the device counters: a
+        host sync); `poll` counts (and raises for) the non-finite ones only."""
+        skips = self.guard.skips()
+        return 0 if skips is None else int(skips)
+
+    @property
+    def overflow_steps(self) -> int:
+        """Of the skipped steps, those a loss scale overflowed (a GradScaler's; never raised; a host sync)."""
+        return 0 if self.guard.overflows is None else int(self.guard.overflows)
 
     @property
     def nonfinite(self) -> str:
@@ -376,7 +469,7 @@ class PerturbedOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state (the groups carry the perturbation hyperparameters too), plus
         ``"perturbation"``: the method's kind, its `extra_state` and the skip counters."""
-        if self._begun or self.perturbed:
+        if self._state.begun or self.perturbed:
             raise RuntimeError(f"{type(self).__name__}.state_dict() in the middle of a step would save θ+Δ; "
                                "call it after restore_and_step() (or restore())")
         extra = {"kind": self.kind(), **self.extra_state()}

@@ -76,7 +76,6 @@ class RuleInfo:
     fixed: Mapping[str, Any] = field(default_factory=dict)  # class keywords this name fixes (asam: adaptive)
     aliases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # more names, each fixing keywords
     own_update: bool = False  # brings its own update (bSAM): no base optimizer, no SGD defaults
-    skip_resets: tuple[str, ...] = ()  # state entries a skipped (non-finite) step resets instead of keeping
     plain_in_factory: bool = False  # create_optimizer hands back the base optimizer itself (erm)
     make: Callable[..., Any] | None = None  # (params, base, **kw) when not ``cls(params, base, **kw)``
     from_config: Callable[[Any], dict[str, Any]] | None = None  # trainer: keywords from the config (a seed)
@@ -217,7 +216,6 @@ def table() -> str:
                            for h in info.hypers) or "—"
         needs = [info.needs] if info.needs else []
         needs += [] if info.sharded else ["not under FSDP"]
-        needs += [f"a skipped step resets {', '.join(info.skip_resets)}"] if info.skip_resets else []
         source = f"{info.paper} · {info.code or '—'}"
         rows.append(f"| `{info.name}` | `{info.cls.__name__}` | {info.summary} | {info.passes} | "
                     f"{info.kept} | {hypers} | {source} | {'; '.join(needs) or '—'} |")

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -44,6 +45,12 @@ class ShardedNorms:
 
     def __init__(self, group: Any) -> None:
         self.group = group
+
+    def total(self, partial: Tensor) -> Tensor:
+        """A sum over the shards (an inner product's): one all-reduce."""
+        out = partial.clone()
+        dist.all_reduce(out, group=self.group)
+        return out
 
     def __call__(self, norms: Tensor, ball: str) -> Tensor:
         """Local per-tensor norms → the full tensors' norms ("per_tensor") or [‖all‖] ("global")."""
@@ -98,6 +105,42 @@ def shards_of(params: Sequence[Tensor]) -> list[ShardOf] | None:
     if norm_reducer(params) is None:
         return None
     return [ShardOf(p) for p in params]
+
+
+class Shards:
+    """What the base hands a rule so that its arithmetic on shards is its arithmetic on whole tensors:
+    norms and inner products finished over the ranks, random draws that do not depend on W. Found once
+    from the parameters (None: nothing is sharded, and every method is the plain computation)."""
+
+    def __init__(self) -> None:
+        self._reducer: ShardedNorms | None = None
+        self._known = False
+
+    def reset(self) -> None:
+        """The parameters changed (a group was added): look again."""
+        self._known = False
+
+    def reducer(self, groups: Sequence[dict[str, Any]]) -> ShardedNorms | None:
+        """How norms over these groups' parameters are finished (None when nothing is sharded)."""
+        if not self._known:
+            params = [p for group in groups for p in group["params"]]
+            self._reducer, self._known = norm_reducer(params) if params else None, bool(params)
+        return self._reducer
+
+    @staticmethod
+    def draws(params: Sequence[Tensor], generator: Any, reducer: ShardedNorms | None) -> list[Tensor]:
+        """d ~ N(0, I) like each parameter, the same numbers for any W: with shards every rank draws the
+        full tensor (the single-process draw, number for number) and keeps its own rows (`ShardOf`).
+        Returns the *full* draws; `keep_rows` cuts them."""
+        shapes = [p.shape for p in params]
+        views = local(list(params))
+        return [torch.randn(shape, dtype=v.dtype, device=v.device, generator=generator)
+                for v, shape in zip(views, shapes)]
+
+    @staticmethod
+    def keep_rows(params: Sequence[Tensor], full: list[Tensor], reducer: ShardedNorms | None) -> list[Tensor]:
+        """This rank's rows of full-size tensors (all of them when nothing is sharded)."""
+        return full if reducer is None else [ShardOf(p)(f) for p, f in zip(params, full)]
 
 
 # --- checkpoints: full state on rank 0, any W on load ---------------------------------------------

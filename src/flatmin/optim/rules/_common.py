@@ -3,8 +3,9 @@
 Each member of the family is a perturbation rule on `PerturbedOptimizer` (θ kept bit for bit, the
 guarded sync-free update, the driver's pass order). A rule whose update direction is not simply
 "the gradient at θ+Δ" keeps what it needs in buffers during `_ascend` and rewrites ``.grad`` in
-`_direction`, which runs inside `restore_and_step` just before the base update; ``_after_step``
-gets the device flag of a skipped step, so kept state is masked without a host read.
+`_direction`, which `restore_and_step` calls after the step's verdict and just before the base
+update; what a rule carries to later steps (`carried_state`) is put back by the base when a step is
+skipped, so no rule masks its own state.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
-from flatmin.optim import driver
-from flatmin.optim.base import PerturbedOptimizer, check_nonnegative, kept_buffer
+from flatmin.optim.base import PerturbedOptimizer, Slot, check_nonnegative
 from flatmin.optim.registry import Hyper, check_group
-from flatmin.optim.rules.amp_variants import _by_index, _from_index, _mask_, finite_copy_
 from flatmin.optim.rules.sam import ADAPTIVE, RHO, first_step
+from flatmin.optim.theta import by_index, from_index
 
-__all__ = ["SharpnessRule", "check_unit", "finite_copy_", "_mask_"]
+__all__ = ["SharpnessRule", "check_unit"]
 
 
 def check_unit(name: str, value: Any, *, low_open: bool = False, high_open: bool = False) -> None:
@@ -65,10 +65,6 @@ class SharpnessRule(PerturbedOptimizer):
         """One ascent pass, as SAM."""
         return 1
 
-    def radius(self, group: dict[str, Any]) -> float | Tensor:
-        """The ascent radius of a group this step (GSAM may schedule it)."""
-        return group["rho"]
-
     # -- the two-call form --------------------------------------------------------------------
 
     _consume = True  # whether e(w) may be built in the gradients' storage
@@ -85,92 +81,33 @@ class SharpnessRule(PerturbedOptimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    # -- hooks around the update ---------------------------------------------------------------
-
-    def _direction(self, ratio: Tensor | float | None) -> None:
-        """Rewrite ``.grad`` (still at θ+Δ, θ not yet restored) into the update direction.
-
-        ``ratio``: final-pass loss scale over the ascent pass's (None: the same), by which a
-        gradient kept from the ascent pass is multiplied before it is combined with ``.grad``.
-        """
-
-    _ascent_scale: Tensor | float | None = None  # the loss scale of this step's ascent gradient
-
-    @torch.no_grad()
-    def perturb(self, grad_scale: Tensor | float | None = None) -> None:
-        """SAM's perturb, remembering the ascent gradient's loss scale for `_direction`."""
-        self._ascent_scale = grad_scale
-        super().perturb(grad_scale)
-
-    @torch.no_grad()
-    def restore_and_step(self, step: Callable[[], Any] | None = None, **kwargs: Any) -> None:
-        """The rule's direction, then the base class's restore and guarded update.
-
-        ``.grad`` is still scaled here when a GradScaler is passed (the driver unscales later) or
-        when the caller updates itself (``step``); otherwise it is already unscaled (Lightning's
-        precision plugin unscales before calling us) or was never scaled.
-        """
-        if self._begun and self._ascents >= self.ascent_passes():  # misuse is refused by super()
-            scaler = kwargs.get("scaler")
-            final = (driver.grad_scale(scaler) if scaler is not None and scaler.is_enabled()
-                     else self._ascent_scale if step is not None else None)
-            ascent = self._ascent_scale
-            ratio = None if final is ascent else (1.0 if final is None else final) / (
-                1.0 if ascent is None else ascent)
-            self._direction(ratio)
-        self._ascent_scale = None
-        super().restore_and_step(step, **kwargs)
+    # -- pieces the rules share ------------------------------------------------------------------
 
     def to_final_units(self, kept: list[Tensor], ratio: Tensor | float | None) -> None:
         """Bring gradients kept from the ascent pass to the final pass's loss scale."""
         if ratio is not None:
             torch._foreach_mul_(kept, ratio)
 
-    # -- pieces the rules share ------------------------------------------------------------------
-
-    def grouped(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
-        """(group, params, grads) for every group with a gradient this pass."""
-        out = []
-        for group in self.param_groups:
-            params, grads = self.params_with_grad(group)
-            if params:
-                out.append((group, params, grads))
-        return out
-
     def _ascend(self, grad_scale: object = None) -> None:
         """Keep g (the rule rewrites the update from it), then SAM's ascent (a loss scale cancels)."""
-        groups = self.grouped()
-        for _, params, grads in groups:
-            self.keep(params, grads)
-        self.sam_ascend(groups)
-
-    def sam_ascend(self, groups: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
-                   scale: float = 1.0) -> None:
-        """θ ← θ + scale·ρ·T²g/‖Tg‖ with one norm over every group (θ saved first)."""
-        if not groups:
-            return
-        norms = [K.sam_norm(params, grads, group["adaptive"], self.foreach)
-                 for group, params, grads in groups]
-        norm = torch.linalg.vector_norm(torch.stack(norms))
-        for group, params, grads in groups:
-            self.save_theta(params)
-            K.sam_ascent(params, grads, scale=scale * self.radius(group) / (norm + K.TINY),
-                         adaptive=group["adaptive"], inplace=self._consume, foreach=self.foreach)
+        slots = self.slots()
+        for s in slots:
+            self.keep(s.params, s.grads)
+        self.sam_ascend(slots, consume=self._consume)
 
     def keep(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Copy gradients into buffers kept across steps (made on first use)."""
-        bufs = [kept_buffer(self._kept, p) for p in params]
+        bufs = self.kept(self._kept, params)
         K.copy_(bufs, grads, self.foreach)
         return bufs
 
     def kept_of(self, params: list[Tensor]) -> list[Tensor]:
-        """The kept buffers of parameters (all must have one)."""
-        return [self._kept[p] for p in params]
+        """The kept buffers of parameters (all must have one), to compute with."""
+        return self.views([self._kept[p] for p in params])
 
-    def global_norm(self, tensors: list[Tensor]) -> Tensor:
-        """‖·‖ over a list of tensors as one vector."""
-        return torch.linalg.vector_norm(K._multi_tensor_norms(tensors) if self.foreach
-                                        else K._single_tensor_norms(tensors))
+    def slots_with_kept(self) -> list[Slot]:
+        """The groups with a gradient whose every parameter has a kept buffer (`_direction`'s input)."""
+        return [s for s in self.slots() if all(p in self._kept for p in s.params)]
 
     def held_buffers(self) -> list[Tensor]:
         """θ copies, guard snapshots and the kept buffers."""
@@ -178,8 +115,8 @@ class SharpnessRule(PerturbedOptimizer):
 
     def kept_state(self) -> dict[int, Tensor]:
         """The kept buffers keyed by parameter position (what a checkpoint stores)."""
-        return _by_index(self, self._kept)
+        return by_index(self.param_groups, self._kept)
 
     def load_kept_state(self, saved: dict[int, Tensor]) -> None:
         """Take back `kept_state`."""
-        self._kept = _from_index(self, saved)
+        self._kept = from_index(self.param_groups, saved)

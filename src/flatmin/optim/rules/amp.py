@@ -16,9 +16,6 @@ Memory. θ is kept in one parameter-sized buffer (reused across steps) so that r
 copy, bit for bit. With N = 1 that is the only extra buffer: Δ is built in place in the
 gradients (which the next backward pass overwrites anyway). N > 1 adds one buffer for Δ.
 
-Sharded parameters (FSDP2's ``fully_shard``): the same arithmetic on each rank's shards, the norms
-finished by one all-reduce each (`flatmin.optim.sharded`); θ and Δ are sharded like the parameters.
-
 Cheaper approximations (perturbation reuse, sub-batch ascent, one pass) live in
 `flatmin.optim.rules.amp_variants`, built by name with `flatmin.optim.build_amp`.
 """
@@ -34,9 +31,8 @@ from torch.optim import Optimizer
 
 from flatmin.checks import NONNEGATIVE, Choice, Number
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, check_nonnegative, kept_buffer
+from flatmin.optim.base import PerturbedOptimizer, check_nonnegative
 from flatmin.optim.registry import Hyper, check_group
-from flatmin.optim.sharded import local, norm_reducer
 
 BALL = Choice(("global", "per_tensor"))
 HYPERS = (
@@ -113,20 +109,16 @@ class AMP(PerturbedOptimizer):
         ``grad_scale``: the loss scale of a gradient scaler, divided out of the gradients.
         """
         first = not self.perturbed
-        for group in self.param_groups:
+        for s in self.slots():
+            group = s.group
             if self._ascents >= group["inner_iter"]:
                 continue
-            params, grads = self.params_with_grad(group)
-            if not params:
-                continue
             if first:
-                self.save_theta(params)
+                self.save_theta(s.params)
             step_size = group["inner_lr"] if grad_scale is None else group["inner_lr"] / grad_scale
-            deltas = self.delta_storage(group, params)
-            K.amp_ascent(local(params), local(grads), local(self.thetas_of(params)),
-                         None if deltas is None else local(deltas), step_size=step_size,
-                         epsilon=group["epsilon"], ball=group["ball"], first=first,
-                         reduce=norm_reducer(params), foreach=self.foreach)
+            K.amp_ascent(s.weights, s.grads, self.thetas_of(s.params), self.delta_storage(group, s.params),
+                         step_size=step_size, epsilon=group["epsilon"], ball=group["ball"], first=first,
+                         reduce=self.reduce_norms, foreach=self.foreach)
 
     def delta_storage(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
         """Where Δ is built: in the gradients when N = 1 (no memory), else in kept buffers."""
@@ -138,5 +130,5 @@ class AMP(PerturbedOptimizer):
 
     def _delta_buffers(self, params: list[Tensor]) -> list[Tensor]:
         """Persistent Δ storage for N > 1 (zeroed at the first iteration of each step)."""
-        return [kept_buffer(self._delta, p, zero=True) for p in params]
+        return self.kept(self._delta, params, zero=True)
 

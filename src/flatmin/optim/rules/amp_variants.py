@@ -16,7 +16,8 @@ Exact AMP (N = 1) costs two forward/backward passes per step. Each variant keeps
   at θ_t by the previous batch's at the previous perturbed point, so Δ ascends the *expected*
   loss, not batch t's own (AMP's per-batch worst case is lost). For plain SGD
   g_{t−1} = (θ_{t−1} − θ_t)/η: the ascent climbs back up the last descent step (a "look-back").
-  The first step, and the step after a skipped one, are unperturbed. Memory: 2× parameters.
+  The first step is unperturbed; a skipped step changes nothing (the next one is perturbed as it would
+  have been). Memory: 2× parameters (a scratch Δ while the step begins).
 
 Each is only a perturbation rule: the pass order is `flatmin.optim.driver`'s, as for exact AMP.
 
@@ -33,10 +34,9 @@ from torch import Tensor
 
 from flatmin.checks import SHARE, Choice, Number
 from flatmin.optim import _kernels as K
-from flatmin.optim.base import PerturbedOptimizer, kept_buffer
 from flatmin.optim.registry import Hyper, RuleInfo, register
 from flatmin.optim.rules.amp import AMP, HYPERS
-from flatmin.optim.sharded import local, norm_reducer
+from flatmin.optim.theta import by_index, from_index, keep_unless_skipped_
 
 # AMP's cheaper variants are AMP with another source of Δ: the trainer picks one by `variant`.
 VARIANT = Hyper("variant", Choice(("exact", "reuse", "subbatch", "onepass")), "exact",
@@ -50,13 +50,6 @@ ASCENT_FRACTION = Hyper("ascent_fraction", SHARE, 0.5, "AMP subbatch variant: sh
 # --- kernels and helpers -------------------------------------------------------------------------
 
 
-def finite_copy_(dst: list[Tensor], src: list[Tensor]) -> None:
-    """dst ← src with NaN/±inf as 0, so one skipped step cannot poison every later one
-    (torch has no foreach nan_to_num: one kernel per tensor, the price of a copy)."""
-    for d, s in zip(dst, src):
-        torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0, out=d)
-
-
 def check_reuse_every(k: Any) -> None:
     """k is a whole number of steps, at least 1 (k = 1 is exact AMP)."""
     REUSE_EVERY.check(k)
@@ -67,25 +60,7 @@ def check_fraction(f: Any) -> None:
     ASCENT_FRACTION.check(f)
 
 
-def _by_index(opt: PerturbedOptimizer, kept: dict[Tensor, Tensor]) -> dict[int, Tensor]:
-    """Kept buffers keyed as torch keys optimizer state: the parameter's position over all groups."""
-    order = [p for group in opt.param_groups for p in group["params"]]
-    return {i: kept[p] for i, p in enumerate(order) if p in kept}
-
-
-def _from_index(opt: PerturbedOptimizer, saved: dict[int, Tensor]) -> dict[Tensor, Tensor]:
-    """The inverse of `_by_index`, copied onto each parameter's device and dtype."""
-    order = [p for group in opt.param_groups for p in group["params"]]
-    return {order[i]: t.detach().to(order[i].device, order[i].dtype, copy=True) for i, t in saved.items()}
-
-
 # --- the variants --------------------------------------------------------------------------------
-
-
-def _mask_(tensors: list[Tensor], found: Tensor | None) -> None:
-    """Zero kept buffers after a skipped step (``found`` = 1), without reading the flag on the host."""
-    if found is not None and tensors:
-        torch._foreach_mul_(tensors, 1 - found.to(tensors[0].dtype))
 
 
 class _SubBatch:
@@ -118,7 +93,7 @@ class ReuseAMP(_SubBatch, AMP):
 
     ``begin_step()`` decides whether this step refreshes (``ascent_passes()`` = N) or reuses
     (``ascent_passes()`` = 0, θ+Δ already set); `perturb` begins a step itself in the two-call
-    form. A refresh whose step is skipped (non-finite) keeps Δ = 0 until the next refresh. The
+    form. A refresh whose step is skipped (non-finite) leaves the previous Δ bit for bit. The
     step counter and Δ go into ``state_dict()["perturbation"]``. Composes with ``ascent_fraction``.
     """
 
@@ -130,7 +105,6 @@ class ReuseAMP(_SubBatch, AMP):
         self.reuse_every, self.ascent_fraction = reuse_every, float(ascent_fraction)
         self._steps = 0  # steps begun
         self._refresh = True  # whether the current step recomputes Δ
-        self._new_delta = False  # Δ was recomputed this step (masked if the step is skipped)
 
     @torch.no_grad()
     def _begin(self) -> None:
@@ -143,7 +117,7 @@ class ReuseAMP(_SubBatch, AMP):
             params = [p for p in group["params"] if p in self._delta]
             if params:
                 self.save_theta(params)
-                K.add_(local(params), local([self._delta[p] for p in params]), self.foreach)
+                K.add_(self.views(params), self.kept(self._delta, params), self.foreach)
 
     def ascent_passes(self) -> int:
         """N passes on a refresh step, none on a reuse step."""
@@ -153,36 +127,27 @@ class ReuseAMP(_SubBatch, AMP):
         """Δ is always built in kept buffers, even for N = 1: the next k−1 steps reuse it."""
         return self._delta_buffers(params)
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        """θ back; after a refresh the kept Δ is made finite (NaN/±inf entries become 0)."""
-        super().restore()
-        if self._refresh:
-            finite_copy_(local(list(self._delta.values())), local(list(self._delta.values())))
-            self._refresh, self._new_delta = False, True
-
-    def _after_step(self, found: Tensor | None) -> None:
-        """A skipped refresh step leaves Δ = 0 for the steps that would reuse it."""
-        if self._new_delta:
-            _mask_(local(list(self._delta.values())), found)
-        self._new_delta = False
+    def carried_state(self) -> list[Tensor]:
+        """A refresh rewrites the kept Δ: a skipped refresh leaves the previous one (zeros if none)."""
+        return list(self._delta.values()) if self._refresh else []
 
     def extra_state(self) -> dict[str, Any]:
         """The step counter (where in the k-cycle we are) and the kept Δ."""
-        return {"steps": self._steps, "delta": _by_index(self, self._delta)}
+        return {"steps": self._steps, "delta": by_index(self.param_groups, self._delta)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Continue the k-cycle with the saved Δ."""
         self._steps = int(state.get("steps", 0))
-        self._delta = _from_index(self, state.get("delta", {}))
+        self._delta = from_index(self.param_groups, state.get("delta", {}))
 
 
 class OnePassAMP(AMP):
     """AMP with Δ from the gradient of the previous update: one forward/backward per step.
 
-    ``begin_step()`` perturbs (from the kept gradient); ``ascent_passes()`` is 0. The gradient is
-    kept after the base update, once unscaled; non-finite entries are kept as 0, and a skipped
-    step keeps none (the next step is unperturbed).
+    ``begin_step()`` perturbs (from the kept gradient, built into Δ in a scratch copy: the kept
+    gradient is only replaced after the update); ``ascent_passes()`` is 0. The gradient is kept after
+    the base update, once unscaled; a skipped step keeps the previous one bit for bit (zeros if none:
+    the next step is then unperturbed), a step the caller updated itself keeps its NaN/±inf as 0.
     """
 
     def __init__(self, params: Iterable, *args: Any, **kwargs: Any) -> None:
@@ -206,10 +171,10 @@ class OnePassAMP(AMP):
             params = [p for p in group["params"] if p in self._grads] if group["inner_iter"] else []
             if params:
                 self.save_theta(params)
-                K.amp_ascent(local(params), local([self._grads[p] for p in params]),
-                             local(self.thetas_of(params)), None, step_size=group["inner_lr"],
-                             epsilon=group["epsilon"], ball=group["ball"], first=True,
-                             reduce=norm_reducer(params), foreach=self.foreach)
+                scratch = K.clone(self.kept(self._grads, params), self.foreach)
+                K.amp_ascent(self.views(params), scratch, self.thetas_of(params), None,
+                             step_size=group["inner_lr"], epsilon=group["epsilon"], ball=group["ball"],
+                             first=True, reduce=self.reduce_norms, foreach=self.foreach)
 
     def ascent_passes(self) -> int:
         """No ascent pass: the direction is the previous step's gradient."""
@@ -217,14 +182,10 @@ class OnePassAMP(AMP):
 
     @torch.no_grad()
     def _after_step(self, found: Tensor | None) -> None:
-        """Copy this update's gradient into buffers kept across steps (zero if it was skipped)."""
-        kept = []
-        for group in self.param_groups:
-            params, grads = self.params_with_grad(group) if group["inner_iter"] else ([], [])
-            bufs = [kept_buffer(self._grads, p) for p in params]
-            finite_copy_(local(bufs), local(grads))
-            kept += bufs
-        _mask_(local(kept), found)
+        """Keep this update's gradient for the next step (the previous one stays if this step was skipped)."""
+        for s in self.slots():
+            if s.group["inner_iter"]:
+                keep_unless_skipped_(self.kept(self._grads, s.params, zero=True), s.grads, found)
         self._fresh = True
 
     def held_buffers(self) -> list[Tensor]:
@@ -233,11 +194,11 @@ class OnePassAMP(AMP):
 
     def extra_state(self) -> dict[str, Any]:
         """The kept gradient (only while it is unused: afterwards it holds Δ)."""
-        return {"fresh": self._fresh, "grad": _by_index(self, self._grads) if self._fresh else {}}
+        return {"fresh": self._fresh, "grad": by_index(self.param_groups, self._grads) if self._fresh else {}}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Perturb the next step with the saved gradient."""
-        self._grads = _from_index(self, state.get("grad", {}))
+        self._grads = from_index(self.param_groups, state.get("grad", {}))
         self._fresh = bool(state.get("fresh", False)) and bool(self._grads)
 
 
@@ -284,8 +245,7 @@ register(RuleInfo(
     kept="Δ (N > 1, reuse); g (onepass)", make=_build,
     aliases={"amp-reuse": {"variant": "reuse"}, "amp-subbatch": {"variant": "subbatch"},
              "amp-onepass": {"variant": "onepass"}},
-    order=10, skip_resets=("delta", "grad"),  # reuse: Δ zeroed till the next refresh; onepass: no Δ
-    neutral={"epsilon": 0.0},
+    order=10, neutral={"epsilon": 0.0},
     examples=({"epsilon": 0.05}, {"epsilon": 0.05, "ball": "per_tensor"}, {"epsilon": 0.05, "inner_iter": 2},
               {"epsilon": 0.05, "variant": "reuse", "reuse_every": 2},
               {"epsilon": 0.05, "variant": "subbatch", "ascent_fraction": 0.5},

@@ -164,11 +164,12 @@ class BSAM(PerturbedOptimizer):
             params, states = self._states(group)
             if params:
                 self.save_theta(params)
+                draws, _ = self.normal_draws(params, self.generator)  # the same noise for any number of ranks
                 K.bsam_noise(
-                    params,
-                    [s["s"] for s in states],
+                    self.views(params),
+                    self.views([s["s"] for s in states]),
+                    draws,
                     num_data=self.num_data,
-                    generator=self.generator,
                     foreach=self.foreach,
                 )
 
@@ -180,17 +181,14 @@ class BSAM(PerturbedOptimizer):
     def _ascend(self, grad_scale: Tensor | float | None = None) -> None:
         """gs ← √s·|g|; θ ← θ + ρ·g/s (g unscaled by the loss scale)."""
         inv = 1.0 if grad_scale is None else 1.0 / grad_scale
-        for group in self.param_groups:
-            params, grads = self.params_with_grad(group)
-            if not params:
-                continue
+        for group, params, weights, grads in self.slots():
             states = [self.base_optimizer.init_state(p, group) for p in params]
             K.bsam_ascent(
-                params,
+                weights,
                 grads,
                 self.thetas_of(params),
-                [s["s"] for s in states],
-                [s["gs"] for s in states],
+                self.views([s["s"] for s in states]),
+                self.views([s["gs"] for s in states]),
                 rho=group["rho"],
                 inv_scale=inv,
                 foreach=self.foreach,
@@ -223,5 +221,4 @@ register(RuleInfo(
     "bsam", BSAM, "Bayesian SAM: a variational posterior learned from SAM's perturbed gradient",
     paper="Möllenhoff & Khan, ICLR 2023", code="team-approx-bayes/bayesian-sam", hypers=HYPERS,
     kept="gm, s, √s·g (own update)", own_update=True, make=_build, protocol=_protocol, neutral=None,
-    skip_resets=("gs",),  # √s·|g|: scratch the next ascent rewrites before any use
     examples=({"num_data": 100, "rho": 0.05, "lr": 0.05},)))

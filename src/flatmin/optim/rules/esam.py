@@ -80,9 +80,16 @@ class ESAM(SharpnessRule):
         return torch.topk((loss_after - loss_before).reshape(-1).float(), k).indices
 
     def _ascend(self, grad_scale: object = None) -> None:
-        """Every tensor back on; ε = (ρ/β)·T²g/‖Tg‖ over the tensors that took part."""
+        """Every tensor back on; ε = (ρ/β)·T²g/‖Tg‖ over the tensors that took part (those that sat out are
+        left out by name too: a wrapper that computes their gradient anyway changes nothing)."""
+        off = set(self._off)
         self.release()
-        self.sam_ascend(self.grouped(), scale=1.0 / self.beta)
+        slots = self.slots()
+        if off:
+            pairs = [[(p, g) for p, g in zip(s.params, s.grads) if p not in off] for s in slots]
+            slots = [self.slot(s.group, [p for p, _ in ps], [g for _, g in ps])
+                     for s, ps in zip(slots, pairs) if ps]
+        self.sam_ascend(slots, scale=1.0 / self.beta, consume=self._consume)
 
     def release(self) -> None:
         """Switch ``requires_grad`` back on for the tensors the draw left out."""

@@ -10,7 +10,7 @@ full-gradient component removed is the EMA *before* this step's gradient enters 
 EMA starts at the first gradient, norms are global. Differences: gradients are unscaled before the
 EMA (a GradScaler's changing scale would otherwise mix scales in m), the EMA is updated as
 m ← (λ + (1−λ)σ)·m + (1−λ)·d (the same value, without a copy of g), and a skipped (non-finite)
-step resets m to 0 — the next step then ascends along its own gradient and m regrows from it.
+step leaves m bit for bit (`carried_state`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from flatmin.checks import NONNEGATIVE, UNIT
 from flatmin.optim import _kernels as K
 from flatmin.optim.registry import Hyper, RuleInfo, register
-from flatmin.optim.rules._common import SharpnessRule, _mask_, finite_copy_
+from flatmin.optim.rules._common import SharpnessRule
 from flatmin.optim.rules.sam import ADAPTIVE, RHO
 
 HYPERS = (RHO, Hyper("sigma", NONNEGATIVE, 1.0, "FriendlySAM: share σ of the gradient EMA removed (1.0)",
@@ -48,8 +48,8 @@ class FriendlySAM(SharpnessRule):
 
     def _ascend(self, grad_scale: Tensor | float | None = None) -> None:
         """d ← g − σ·m; m ← λm + (1−λ)g; then SAM's ascent along d."""
-        groups = self.grouped()
-        for group, params, grads in groups:
+        slots = self.slots()
+        for group, params, _, grads in slots:
             if grad_scale is not None:
                 torch._foreach_div_(grads, grad_scale)
             fresh = [i for i, p in enumerate(params) if p not in self._kept]
@@ -61,14 +61,11 @@ class FriendlySAM(SharpnessRule):
                 d, m = [grads[i] for i in old], self.kept_of([params[i] for i in old])
                 K.axpby_(d, m, 1.0, -sigma, self.foreach)
                 K.axpby_(m, d, lmbda + (1 - lmbda) * sigma, 1 - lmbda, self.foreach)
-        self.sam_ascend(groups)
+        self.sam_ascend(slots, consume=self._consume)
 
-    def _after_step(self, found: Tensor | None) -> None:
-        """After a skipped step the EMA restarts from 0 (finite, no host read)."""
-        if found is not None and self._kept:
-            kept = list(self._kept.values())
-            finite_copy_(kept, kept)
-            _mask_(kept, found)
+    def carried_state(self) -> list[Tensor]:
+        """The EMA m: a skipped step leaves it as it was."""
+        return list(self._kept.values())
 
     def extra_state(self) -> dict[str, Any]:
         """The gradient EMA m."""
@@ -82,5 +79,4 @@ class FriendlySAM(SharpnessRule):
 register(RuleInfo(
     "fsam", FriendlySAM, "FriendlySAM: ascend along the batch-specific part of g (g − σ·EMA(g))",
     paper="Li et al., CVPR 2024", code="nblt/F-SAM", hypers=HYPERS, kept="EMA of g",
-    skip_resets=("momentum",),  # the gradient EMA restarts from 0
     neutral={"rho": 0.0}, examples=({"rho": 0.05},)))

@@ -80,20 +80,19 @@ class GSAM(SharpnessRule):
 
     def _direction(self, ratio: Tensor | float | None) -> None:
         """.grad ← g_p − α·g_⊥ = (1 + α·c)·g_p − α·g,  c = cos·‖g‖/(‖g_p‖ + 1e-12)."""
-        groups = [(group, params, grads) for group, params, grads in self.grouped()
-                  if all(p in self._kept for p in params)]
-        if not groups:
+        slots = self.slots_with_kept()
+        if not slots:
             return
-        new = [g for _, _, grads in groups for g in grads]
-        old = self.kept_of([p for _, params, _ in groups for p in params])
+        new = [g for s in slots for g in s.grads]
+        old = self.kept_of([p for s in slots for p in s.params])
         self.to_final_units(old, ratio)
-        inner = K.dot(old, new, self.foreach)
+        inner = self.dot(old, new)
         new_norm, old_norm = self.global_norm(new), self.global_norm(old)
         cos = inner / (new_norm * old_norm + K.TINY)
         c = cos * old_norm / (new_norm + K.TINY)
-        for group, params, grads in groups:
-            alpha = group["alpha"]
-            K.axpby_(grads, self.kept_of(params), 1 + alpha * c, -alpha, self.foreach)
+        for s in slots:
+            alpha = s.group["alpha"]
+            K.axpby_(s.grads, self.kept_of(s.params), 1 + alpha * c, -alpha, self.foreach)
 
 
 register(RuleInfo(

@@ -15,7 +15,7 @@ with the inner product and norms over the whole model (one vector, as written th
 and normalises each tensor separately; here they are global. Its default k = 10, α = 0.7, ρ = 0.1
 are kept. In the two-call form ``first_step`` does nothing on the reuse steps (as there), so the
 second pass is at θ: the saving is real only through ``step(closure)``, the trainer or `drive`.
-A skipped exact step keeps g_v = 0 (plain steps) until the next exact one.
+A skipped exact step leaves g_v bit for bit (`carried_state`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 from flatmin.checks import NONNEGATIVE, POSITIVE_INT
 from flatmin.optim import _kernels as K
 from flatmin.optim.registry import Hyper, RuleInfo, register
-from flatmin.optim.rules._common import SharpnessRule, _mask_, finite_copy_
+from flatmin.optim.rules._common import SharpnessRule
 from flatmin.optim.rules.sam import ADAPTIVE, RHO
 
 K_STEPS = Hyper("k", POSITIVE_INT, 10, "LookSAM: exact SAM step every k steps (10)", "looksam_k")
@@ -86,31 +86,24 @@ class LookSAM(SharpnessRule):
 
     def _direction(self, ratio: Tensor | float | None) -> None:
         """Exact step: g_v ← g_s − c·g in g's buffer (.grad stays g_s); else .grad ← g + α‖g‖/‖g_v‖·g_v."""
-        groups = [
-            (group, params, grads)
-            for group, params, grads in self.grouped()
-            if all(p in self._kept for p in params)
-        ]
-        if not groups:
+        slots = self.slots_with_kept()
+        if not slots:
             return
-        grads = [g for _, _, gs in groups for g in gs]
-        kept = self.kept_of([p for _, params, _ in groups for p in params])
+        grads = [g for s in slots for g in s.grads]
+        kept = self.kept_of([p for s in slots for p in s.params])
         if self._exact:
             self.to_final_units(kept, ratio)
             g_norm, gs_norm = self.global_norm(kept), self.global_norm(grads)
-            cos = K.dot(kept, grads, self.foreach) / (g_norm * gs_norm + K.TINY)
+            cos = self.dot(kept, grads) / (g_norm * gs_norm + K.TINY)
             K.axpby_(kept, grads, -gs_norm * cos / (g_norm + K.TINY), 1.0, self.foreach)
             return
         ratio = self.global_norm(grads) / (self.global_norm(kept) + K.TINY)
-        for group, params, gs in groups:
-            K.axpby_(gs, self.kept_of(params), 1.0, group["alpha"] * ratio, self.foreach)
+        for s in slots:
+            K.axpby_(s.grads, self.kept_of(s.params), 1.0, s.group["alpha"] * ratio, self.foreach)
 
-    def _after_step(self, found: Tensor | None) -> None:
-        """A skipped exact step leaves g_v = 0 (finite) until the next exact step."""
-        if self._exact and found is not None:
-            kept = list(self._kept.values())
-            finite_copy_(kept, kept)
-            _mask_(kept, found)
+    def carried_state(self) -> list[Tensor]:
+        """An exact step rewrites g_v (a skipped one leaves it as it was); the steps between only read it."""
+        return list(self._kept.values()) if self._exact else []
 
     def extra_state(self) -> dict[str, Any]:
         """Where in the k-cycle we are, and g_v."""
@@ -125,5 +118,4 @@ class LookSAM(SharpnessRule):
 register(RuleInfo(
     "looksam", LookSAM, "LookSAM: SAM's exact step every k steps, its orthogonal direction reused between",
     paper="Liu et al., CVPR 2022", code="", hypers=HYPERS, passes="1 + 1/k", kept="g_v",
-    skip_resets=("g_v",),  # zeroed: plain steps until the next exact one
     neutral={"rho": 0.0, "alpha": 0.0}, examples=({"rho": 0.05, "k": 2},)))

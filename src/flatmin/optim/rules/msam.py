@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer
 from flatmin.optim.registry import RuleInfo, check_group, register
 from flatmin.optim.rules.sam import RHO
@@ -63,20 +62,13 @@ class MSAM(PerturbedOptimizer):
     @torch.no_grad()
     def _begin(self) -> None:
         """θ ← θ − ρ·v/‖v‖ (one norm over every group)."""
-        groups = []
+        slots = []
         for group in self.param_groups:
             pairs = [(p, self.momentum_of(p)) for p in group["params"] if p.requires_grad]
             pairs = [(p, v) for p, v in pairs if v is not None]
             if pairs:
-                groups.append((group, [p for p, _ in pairs], [v for _, v in pairs]))
-        if not groups:
-            return
-        norm = torch.linalg.vector_norm(torch.stack([K.sam_norm(ps, vs, False, self.foreach)
-                                                     for _, ps, vs in groups]))
-        for group, params, moms in groups:
-            self.save_theta(params)
-            K.sam_ascent(params, moms, scale=-group["rho"] / (norm + K.TINY), adaptive=False, inplace=False,
-                         foreach=self.foreach)
+                slots.append(self.slot(group, [p for p, _ in pairs], [v for _, v in pairs]))
+        self.sam_ascend(slots, scale=-1.0, consume=False)  # SAM's ascent along −v
 
     def perturb(self, grad_scale: object = None) -> None:
         """The two-call form's first call (before the forward pass): MSAM perturbs before its one pass."""

@@ -5,9 +5,7 @@ the sphere of radius r (``ball="global"``), or on each tensor's own sphere of ra
 (``ball="per_tensor"``). In high dimension nearly all of a ball's volume lies at its surface, so
 this is also what "uniform in the ball" gives in practice. The gradient at θ+Δ then drives the
 base optimizer from θ. Only one forward/backward per step: RMP costs what ERM costs.
-
-Sharded parameters (FSDP2): every rank draws each full tensor's noise from the same generator and keeps
-its own rows, so Δ is the single-process Δ for any number of ranks (`flatmin.optim.sharded.ShardOf`).
+The draws come from the base's `normal_draws`: the same numbers however the parameters are laid out.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer
 from flatmin.optim.registry import Hyper, RuleInfo, check_group, register
 from flatmin.optim.rules.amp import HYPERS as AMP_HYPERS
-from flatmin.optim.sharded import local, shards_of
 
 BALL = next(h for h in AMP_HYPERS if h.name == "ball")  # the same option as AMP's
 HYPERS = (Hyper("radius", NONNEGATIVE, 0.1, "RMP radius r (0.1)", "rmp_radius"), BALL)
@@ -69,8 +66,9 @@ class RMP(PerturbedOptimizer):
             if not params:
                 continue
             self.save_theta(params)
-            K.random_perturb(local(params), radius=group["radius"], ball=group["ball"],
-                             generator=self.generator, shards=shards_of(params), foreach=self.foreach)
+            draws, norms = self.normal_draws(params, self.generator, with_norms=True)
+            K.random_perturb(self.views(params), draws, norms, radius=group["radius"], ball=group["ball"],
+                             foreach=self.foreach)
 
     def perturb(self, grad_scale: object = None) -> None:
         """The two-call form's first call: RMP perturbs before its one and only pass."""

@@ -17,10 +17,8 @@ import torch
 from torch.optim import Optimizer
 
 from flatmin.checks import NONNEGATIVE, POSITIVE_INT, Flag
-from flatmin.optim import _kernels as K
 from flatmin.optim.base import PerturbedOptimizer
 from flatmin.optim.registry import Hyper, RuleInfo, check_group, register
-from flatmin.optim.sharded import local, norm_reducer
 
 RHO = Hyper("rho", NONNEGATIVE, 0.05, "radius ρ of the ascent", "rho", None)
 ADAPTIVE = Hyper("adaptive", Flag(), False, "ASAM's |w|-scaled sphere instead of SAM's")
@@ -98,25 +96,8 @@ class SAM(PerturbedOptimizer):
     _consume = True  # whether e(w) may be built in the gradients' storage
 
     def _ascend(self, grad_scale: object = None) -> None:
-        """w ← w + e(w); a loss scale cancels in the normalisation."""
-        self._sam_ascent(consume_grads=self._consume)
-
-    def _sam_ascent(self, consume_grads: bool) -> None:
-        """w ← w + e(w); with ``consume_grads`` e(w) is built in the gradients' storage."""
-        groups = [self.params_with_grad(g) for g in self.param_groups]
-        norms = [K.sam_norm(local(params), local(grads), group["adaptive"], self.foreach)
-                 for group, (params, grads) in zip(self.param_groups, groups) if params]
-        if not norms:
-            return
-        norm = torch.linalg.vector_norm(torch.stack(norms))  # one norm over every group
-        if reduce := norm_reducer([p for params, _ in groups for p in params]):
-            norm = reduce(norm.reshape(1), "global")[0]  # shards: ‖·‖² summed over ranks, one all-reduce
-        for group, (params, grads) in zip(self.param_groups, groups):
-            if not params:
-                continue
-            self.save_theta(params)
-            K.sam_ascent(local(params), local(grads), scale=group["rho"] / (norm + K.TINY),
-                         adaptive=group["adaptive"], inplace=consume_grads, foreach=self.foreach)
+        """w ← w + e(w) (the base's `sam_ascend`); a loss scale cancels in the normalisation."""
+        self.sam_ascend(self.slots(), consume=self._consume)
 
     def ascent_passes(self) -> int:
         """One ascent pass (the closure runs twice)."""

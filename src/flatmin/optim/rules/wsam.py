@@ -28,8 +28,9 @@ from torch.optim import Optimizer
 from flatmin.checks import FRACTION, Flag
 from flatmin.optim import _kernels as K
 from flatmin.optim.registry import Hyper, RuleInfo, register
-from flatmin.optim.rules._common import SharpnessRule, finite_copy_
+from flatmin.optim.rules._common import SharpnessRule
 from flatmin.optim.rules.sam import ADAPTIVE, RHO
+from flatmin.optim.theta import finite_copy_
 
 DECOUPLE = Hyper("decouple", Flag(), True, "WSAM: the sharpness step bypasses the base optimizer")
 HYPERS = (RHO, Hyper("gamma", FRACTION, 0.9, "WSAM: sharpness weight γ in [0, 1) (0.9)", "wsam_gamma"),
@@ -63,9 +64,7 @@ class WSAM(SharpnessRule):
         final = self._ascent_scale if ratio is None else ratio * (1.0 if self._ascent_scale is None
                                                                    else self._ascent_scale)
         self._inv_scale = 1.0 if final is None else 1.0 / final  # the sharpness step is unscaled
-        for group, params, grads in self.grouped():
-            if not all(p in self._kept for p in params):
-                continue
+        for group, params, _, grads in self.slots_with_kept():
             kept, alpha = self.kept_of(params), self.weight(group)
             self.to_final_units(kept, ratio)
             if not self.decouple:
@@ -89,7 +88,7 @@ class WSAM(SharpnessRule):
             if found is not None:
                 finite_copy_(sharp, sharp)
                 coef = coef * (1 - found.to(sharp[0].dtype))
-            K.axpby_(params, sharp, 1.0, coef, self.foreach)
+            K.axpby_(self.views(params), sharp, 1.0, coef, self.foreach)
 
 
 register(RuleInfo(
