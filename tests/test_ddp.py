@@ -50,9 +50,9 @@ def trained_model() -> Iterator[dict]:
         process = real(device, **options)
         wrap = process.wrap
 
-        def keep(model: torch.nn.Module, local_ascent: bool) -> torch.nn.Module:
+        def keep(model: torch.nn.Module, *args) -> torch.nn.Module:
             kept["model"] = model
-            return wrap(model, local_ascent)
+            return wrap(model, *args)
 
         process.wrap = keep
         return process

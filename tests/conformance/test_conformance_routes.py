@@ -36,8 +36,11 @@ def sampled(cases: list[RuleCase]) -> list:
 
 
 def trainer_fields(case: RuleCase, values: dict | None = None) -> dict | None:
-    """The case as trainer config fields, None when a keyword has no trainer option (WSAM's decouple)."""
-    out = {}
+    """The case as trainer config fields, None when a keyword has no trainer option (WSAM's decouple).
+    A field whose trainer default is not the class default (ESAM's β, γ) gets the class default unless
+    the case sets it, so the trainer runs the case's setting, not the trainer's preset."""
+    out = {h.field: h.default for h in case.info.trainer_hypers
+           if None not in (h.trainer_default, h.default) and h.trainer_default != h.default}
     for name, value in (values or case.kwargs).items():
         if name == "lr" and case.info.own_update:
             continue  # the trainer derives bSAM's step size from the protocol's lr

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from tests.conformance.rule_db import CASES, N, RuleCase, Step, batch, model
+from tests.conformance.test_conformance_routes import trainer_fields
 
 from flatmin.optim.sharded import is_sharded
 from flatmin.optim.syncs import count_syncs
@@ -29,10 +30,13 @@ pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="torch.distributed with gloo is not available")
 
+# B = 21 over 108 training examples: batches split 11/10 over 2 ranks (uneven shards too)
+TRAIN = dict(dataset="spiral", epochs=1, batch_size=21, lr=0.1, dataset_options={"n_samples": 120})
 SHARDABLE = [c for c in CASES if c.splits == 1 and not c.selects
              and c.build(model().parameters()).batch_fraction(True) == 1]  # a per-rank ascent head too
 MODES = ("ddp", "fsdp")
 STEPS = 3
+TRAINER = [c for c in SHARDABLE if trainer_fields(c) is not None]
 TIMEOUT = 300  # a bound on the spawn, not a timing assertion
 
 
@@ -59,7 +63,7 @@ def _cell(mode: str, case: RuleCase, rank: int) -> dict:
         drv.run("drive", *batch(t))
     # a rule that switches tensors off for its ascent (ESAM's β < 1) needs DDP's unused-parameter
     # search, whose own host syncs are DDP's, not the rule's: that cell's syncs are not counted
-    unused = float(getattr(ref_opt, "beta", 1.0)) < 1
+    unused = case.info.unused_params is not None and case.info.unused_params(case.kwargs)
     net = _wrap(mode, model(), unused)
     opt = case.build(net.parameters())
     torch.manual_seed(1)
@@ -75,6 +79,23 @@ def _cell(mode: str, case: RuleCase, rank: int) -> dict:
     return {"diff": diff, "syncs": syncs}
 
 
+def _full_params(net: torch.nn.Module) -> list[float]:
+    """Every parameter gathered (a collective under FSDP), as one list."""
+    return torch.cat([_full(p).flatten() for p in net.parameters()]).tolist()
+
+
+def _trainer_cell(mode: str, case: RuleCase) -> dict:
+    """The trainer on 2 ranks (``--fsdp`` or DDP): its final weights, to compare with one process."""
+    from tests.test_ddp import trained_model
+
+    from flatmin.train import TrainConfig, train
+
+    with trained_model() as kept:
+        train(TrainConfig(method=case.info.name, fsdp=mode == "fsdp", **TRAIN, **trainer_fields(case)),
+              progress=False)
+    return {"params": _full_params(kept["model"])}
+
+
 def _worker(rank: int, world: int, port: int, answers: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -88,6 +109,13 @@ def _worker(rank: int, world: int, port: int, answers: str) -> None:
             except Exception as err:  # noqa: BLE001 (a failing cell is reported by its test, not the spawn)
                 out[f"{mode}/{case.id}"] = {"error": f"{type(err).__name__}: {err}",
                                             "where": traceback.format_exc(limit=-3)}
+                torch.distributed.barrier()
+        for case in TRAINER:
+            key = f"train/{mode}/{case.id}"
+            try:
+                out[key] = _trainer_cell(mode, case)
+            except Exception as err:  # noqa: BLE001
+                out[key] = {"error": f"{type(err).__name__}: {err}", "where": traceback.format_exc(limit=-3)}
                 torch.distributed.barrier()
     Path(f"{answers}.{rank}").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
@@ -123,3 +151,22 @@ def test_two_ranks_equal_one_process(cells, mode, case):
         assert "error" not in got, f"{where}: {got.get('error')}\n{got.get('where')}"
         assert got["diff"] < 1e-12, f"{where} is {got['diff']:.3g} from one process"
         assert got["syncs"] == 0, f"{where}: {got['syncs']} host syncs"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", TRAINER, ids=lambda c: c.id)
+def test_the_trainer_on_two_ranks_reproduces_one_process(cells, mode, case):
+    """`torchrun --nproc_per_node 2 -m flatmin train --method NAME [--fsdp]`, in-process: the weights of
+    the one-process run (float32; 1e-5: the ranks' partial sums round differently)."""
+    from tests.test_ddp import trained_model
+
+    from flatmin.train import TrainConfig, train
+
+    with trained_model() as kept:
+        train(TrainConfig(method=case.info.name, **TRAIN, **trainer_fields(case)), progress=False)
+    single = torch.tensor(_full_params(kept["model"]))
+    for rank, answers in enumerate(cells):
+        got = answers[f"train/{mode}/{case.id}"]
+        where = f"rank {rank}: {case.id} trainer under {mode}"
+        assert "error" not in got, f"{where}: {got.get('error')}\n{got.get('where')}"
+        torch.testing.assert_close(torch.tensor(got["params"]), single, rtol=0, atol=1e-5)

@@ -52,8 +52,8 @@ class SingleProcess:
         """This rank's part of a global batch of indices: all of it."""
         return idx
 
-    def wrap(self, model: nn.Module, local_ascent: bool) -> nn.Module:
-        """The module the forward passes go through."""
+    def wrap(self, model: nn.Module, local_ascent: bool, unused: bool = False) -> nn.Module:
+        """The module the forward passes go through (``unused``: some tensors sit out a pass)."""
         return model
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
@@ -145,11 +145,13 @@ class TorchrunProcess(SingleProcess):
         self.share = None if len(idx) % self.world_size == 0 else len(part) / len(idx)
         return part
 
-    def wrap(self, model: nn.Module, local_ascent: bool) -> nn.Module:
-        """DDP around the model (it broadcasts rank 0's parameters now), with the weighted all-reduce."""
+    def wrap(self, model: nn.Module, local_ascent: bool, unused: bool = False) -> nn.Module:
+        """DDP around the model (it broadcasts rank 0's parameters now), with the weighted all-reduce;
+        ``unused``: a rule leaves some tensors without a gradient in a pass (ESAM's β < 1), so DDP
+        looks for them in every backward (a cost DDP only pays for such a rule)."""
         self.local_ascent = local_ascent
         ids = [self.device.index] if self.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
         net.register_comm_hook(self, weighted_allreduce)
         return net
 
@@ -210,7 +212,7 @@ class FSDPProcess(TorchrunProcess):
         """share·W on an uneven batch (FSDP's average then gives the global-batch mean), else 1."""
         return 1.0 if self.share is None else self.share * self.world_size
 
-    def wrap(self, model: nn.Module, local_ascent: bool) -> nn.Module:
+    def wrap(self, model: nn.Module, local_ascent: bool, unused: bool = False) -> nn.Module:
         """Shard each layer that owns parameters (gathered one at a time in a pass), then the root."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy

@@ -281,7 +281,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     if saved is not None:
         # before wrapping: DDP broadcasts the loaded weights, FSDP shards them
         _resume_part(out, cfg, lambda: model.load_state_dict(saved["model"]))
-    net = dist.wrap(model, cfg.ddp_local_ascent)
+    net = dist.wrap(model, cfg.ddp_local_ascent, method.unused_params(cfg))
     try:
         opt = method.build_optimizer(model.parameters(), cfg)  # after wrapping: FSDP's sharded parameters
     except ValueError as err:  # an optimizer argument out of range: the user's input

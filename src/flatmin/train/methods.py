@@ -72,6 +72,10 @@ class Method:
         """SGD with the protocol's momentum, Nesterov and weight decay, under the step protocol."""
         return ERM(params, torch.optim.SGD, **sgd_kwargs(cfg))
 
+    def unused_params(self, cfg: TrainConfig) -> bool:
+        """Whether some parameters get no gradient in a pass (DDP must then look for them)."""
+        return False
+
     def prepare(self, model: nn.Module, batch: Batch, cfg: TrainConfig, input_range: float) -> Batch:
         """Turn the augmented batch into what is trained on."""
         return batch
@@ -165,10 +169,18 @@ class RuleMethod(Method):
         """The rule's fields, less those its setting does not read (AMP's reuse_every without reuse)."""
         return self.info.fields_for(cfg.to_dict())
 
+    def kwargs(self, cfg: TrainConfig) -> dict[str, Any]:
+        """The rule's keywords from the config (only the fields its setting reads)."""
+        used = set(self.fields_for(cfg))
+        return {h.name: getattr(cfg, h.field) for h in self.info.trainer_hypers if h.field in used}
+
+    def unused_params(self, cfg: TrainConfig) -> bool:
+        """The registry says whether this setting leaves tensors without a gradient in a pass."""
+        return self.info.unused_params is not None and self.info.unused_params(self.kwargs(cfg))
+
     def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
         """The rule with the config's values, around SGD with the protocol's momentum and decay."""
-        used = set(self.fields_for(cfg))
-        kwargs = {h.name: getattr(cfg, h.field) for h in self.info.trainer_hypers if h.field in used}
+        kwargs = self.kwargs(cfg)
         if self.info.from_config is not None:
             kwargs.update(self.info.from_config(cfg))
         if self.info.own_update:  # bSAM: its own update, its step size and decay from the protocol

@@ -43,7 +43,8 @@ VARIANT = Hyper("variant", Choice(("exact", "reuse", "subbatch", "onepass")), "e
                 "AMP: exact, reuse, subbatch or onepass (the cheaper variants)", "amp_variant")
 REUSE_EVERY = Hyper("reuse_every", Number(int, 1), 5, "AMP reuse variant: new perturbation every k steps",
                     "reuse_every", 1, used_with=("variant", ("reuse",)))
-ASCENT_FRACTION = Hyper("ascent_fraction", SHARE, 0.5, "AMP subbatch variant: share of the batch for ascent",
+ASCENT_FRACTION = Hyper("ascent_fraction", SHARE, None,
+                        "AMP subbatch/reuse variants: share of the batch for ascent (subbatch 0.5, reuse 1)",
                         "ascent_fraction", 1.0, used_with=("variant", ("subbatch", "reuse")))
 
 

@@ -131,5 +131,6 @@ register(RuleInfo(
     "esam", ESAM, "efficient SAM: stochastic weight perturbation (β), sharpness-sensitive data selection (γ)",
     paper="Du et al., ICLR 2022", code="dydjw9/Efficient_SAM", hypers=HYPERS, passes="≈ 1 + β (final on γ·B)",
     needs="per-example losses when gamma < 1", from_config=lambda cfg: {"seed": cfg.seed},
+    unused_params=lambda kw: kw.get("beta", 1.0) < 1,
     neutral={"rho": 0.0, "beta": 1.0, "gamma": 1.0},
     examples=({"rho": 0.05, "beta": 0.5}, {"rho": 0.05, "gamma": 0.5})))
