@@ -4,7 +4,12 @@ weights, the base step from θ). The float64 fixture is `float64` in conftest.py
 
 from __future__ import annotations
 
+import json
 import math
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -128,3 +133,31 @@ def norm(ts):
 
 def dot(a, b):
     return sum(float((x * y).sum()) for x, y in zip(a, b))
+
+
+def free_port() -> int:
+    """A loopback port nobody is listening on (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker: Callable, args: tuple, answers: str, timeout: float, world_size: int = 2,
+                what: str = "ranks") -> list:
+    """``worker(rank, world_size, port, *args, answers)`` on spawned ranks, bounded in time (a bound, not a
+    timing assertion); each rank writes JSON to ``answers.<rank>``, returned in rank order."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(world_size, free_port(), *args, answers), nprocs=world_size,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} did not finish within {timeout:.0f} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+    return [json.loads(Path(f"{answers}.{r}").read_text()) for r in range(world_size)]

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from tests.helpers import spawn_ranks
 
 from flatmin.errors import ConfigError
 from flatmin.train import TrainConfig, train
@@ -29,13 +27,6 @@ pytestmark = pytest.mark.skipif(
 MNIST1D = dict(dataset="mnist1d", epochs=2, batch_size=101, lr=0.05)  # at 0.1 SAM amplifies rounding
 SPIRAL = dict(dataset="spiral", epochs=3, batch_size=20, lr=0.1, dataset_options={"n_samples": 200})
 TIMEOUT = 240  # a bound, not a timing assertion (a loaded 2-core machine is slow)
-
-
-def free_port() -> int:
-    """A loopback port nobody is listening on (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -135,19 +126,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[dict, str | 
 
 def _spawn(jobs: list[tuple[dict, str | None, bool]], tmp_path: Path, world_size: int = 2) -> list[list]:
     """Run the jobs on ``world_size`` spawned ranks, bounded in time; every rank's answers."""
-    answers = str(tmp_path / "answers")
-    ctx = mp.start_processes(_worker, args=(world_size, free_port(), jobs, answers),
-                             nprocs=world_size, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP ranks did not finish within {TIMEOUT} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-    return [json.loads(Path(f"{answers}.{r}").read_text()) for r in range(world_size)]
+    return spawn_ranks(_worker, (jobs,), str(tmp_path / "answers"), TIMEOUT, world_size, "DDP ranks")
 
 
 def _single_run(cfg: dict) -> tuple[dict, torch.Tensor]:

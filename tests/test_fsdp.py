@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from tests.helpers import spawn_ranks
 
 from flatmin.errors import ConfigError
 from flatmin.optim import AMP, BSAM, ERM, ESAM, GSAM, MSAM, RMP, SAM, WSAM, FriendlySAM, LookSAM
@@ -29,7 +29,7 @@ from flatmin.optim.syncs import count_syncs
 from flatmin.train import TrainConfig, train
 from flatmin.train.checkpoint import load_checkpoint
 from flatmin.train.distributed import FSDPProcess, shard_model
-from test_ddp import TIMEOUT, _train_interrupted_then_resumed, free_port, trained_model
+from test_ddp import TIMEOUT, _train_interrupted_then_resumed, trained_model
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -210,19 +210,7 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     jobs["whole"] = (KILL, str(tmp / "whole"), "run")
     jobs["killed"] = (KILL, str(tmp / "killed"), "interrupt")
     jobs["from_w1"] = ({**resume_cfg, "fsdp": True}, str(tmp / "from_w1"), "resume")
-    answers = str(tmp / "answers")
-    ctx = mp.start_processes(_worker, args=(2, free_port(), jobs, answers), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 2 * TIMEOUT
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"FSDP ranks did not finish within {2 * TIMEOUT} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-    ranks = [json.loads(Path(f"{answers}.{r}").read_text()) for r in range(2)]
+    ranks = spawn_ranks(_worker, (jobs,), str(tmp / "answers"), 2 * TIMEOUT, what="FSDP ranks")
     return {"ranks": ranks, "jobs": jobs, "tmp": tmp, "resume_cfg": resume_cfg}
 
 

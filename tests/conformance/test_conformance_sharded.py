@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from tests.conformance.rule_db import CASES, N, RuleCase, Step, batch, model
 from tests.conformance.test_conformance_routes import trainer_fields
+from tests.helpers import spawn_ranks
 
 from flatmin.optim.sharded import is_sharded
 from flatmin.optim.syncs import count_syncs
@@ -123,21 +122,8 @@ def _worker(rank: int, world: int, port: int, answers: str) -> None:
 
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    from tests.test_ddp import free_port
-
     answers = str(tmp_path_factory.mktemp("conformance") / "answers")
-    ctx = mp.start_processes(_worker, args=(2, free_port(), answers), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the conformance ranks did not finish within {TIMEOUT} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-    return [json.loads(Path(f"{answers}.{r}").read_text()) for r in range(2)]
+    return spawn_ranks(_worker, (), answers, TIMEOUT, what="the conformance ranks")
 
 
 @pytest.mark.parametrize("mode", MODES)

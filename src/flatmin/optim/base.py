@@ -39,8 +39,6 @@ from flatmin.optim.sharded import Shards, local
 from flatmin.optim.splits import Splits
 from flatmin.optim.theta import Theta, finite_copy_, kept_buffer, param_order
 
-BALLS = ("global", "per_tensor")
-
 
 def check_nonnegative(name: str, value: Any) -> None:
     """Reject negative or non-finite hyperparameters with a message naming the argument."""
@@ -48,12 +46,6 @@ def check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-
-
-def check_ball(ball: Any) -> None:
-    """Only the two documented projections exist."""
-    if ball not in BALLS:
-        raise ValueError(f"ball must be one of {BALLS}, got {ball!r}")
 
 
 class Slot(NamedTuple):
