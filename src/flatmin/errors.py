@@ -46,3 +46,8 @@ class StoreError(FlatminError):
     """A results store that cannot be used safely; nothing was written to it."""
 
     exit_code = FAILED
+
+
+class FlatminWarning(UserWarning):
+    """Input flatmin accepts but a user likely did not mean (labels that skip a class id); the CLI
+    prints it on one line."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flatmin.checks import POSITIVE_INT, Number, default_workers, parse_seeds
+from flatmin.checks import POSITIVE_INT, Number, default_workers, name_list, parse_seeds
 from flatmin.cli import options
 from flatmin.errors import FlatminError
 from flatmin.experiments import tuning
@@ -71,6 +71,8 @@ def seed_plan(text: str) -> tuple[list[int], int | None]:
 def run(args: argparse.Namespace) -> int:
     """Train every spec × seed (tuning first if asked; with ``--seeds auto`` batch after batch),
     print the table and the paired verdicts, write CSV/Markdown/JSON/PNGs."""
+    if args.variants is not None:
+        name_list(args.variants, "--variants")  # given but empty is a slip, not "no variants"
     specs = parse_specs(args.methods, args.variants)
     baseline = baseline_label(args.baseline, specs)
     seeds, cap = seed_plan(args.seeds)

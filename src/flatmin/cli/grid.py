@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flatmin.checks import POSITIVE_INT, parse_seeds
+from flatmin.checks import POSITIVE_INT, name_list, parse_seeds
 from flatmin.cli import options
-from flatmin.errors import FlatminError
 from flatmin.experiments import tuning
 from flatmin.experiments.grid import run_grid
 from flatmin.experiments.gridfile import load as load_file
@@ -54,9 +53,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dic
     grid.update(options.config_overrides(args))
     for flag, field in LIST_FLAGS.items():
         if getattr(args, flag) is not None:
-            grid[field] = [v.strip() for v in getattr(args, flag).split(",") if v.strip()]
-            if not grid[field]:
-                raise FlatminError(f"--{flag} {getattr(args, flag)!r}: an empty list leaves nothing to run")
+            grid[field] = name_list(getattr(args, flag), f"--{flag}")
     grid.update(tuning.parse_sweep(args.set, "--set"))
     tune.update(tuning.parse_sweep(args.tune, "--tune"))
     if args.seeds is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from flatmin.checks import POSITIVE_INT, check_device
+from flatmin.checks import COUNT, IMAGE_SIZE, NONNEGATIVE, POSITIVE, POSITIVE_INT, THREADS, check_device
 from flatmin.data.registry import canonical_name
 from flatmin.errors import ConfigError, FlatminError
 from flatmin.experiments import backends
@@ -95,7 +95,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
 DATASET_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--train-size": ("train_size", POSITIVE_INT, "train on a seeded random subset of this many examples "
                      "(after the val holdout)"),
-    "--image-size": ("image_size", POSITIVE_INT, "folder: data: resize every image to N x N"),
+    "--image-size": ("image_size", IMAGE_SIZE, "folder: data: resize every image to N x N (N <= 4096)"),
     "--label-column": ("label_column", text, "csv: data: the label column (default: label)"),
     "--layout": ("layout", text, "npz: data: nchw or nhwc for 4-D x (default: inferred)"),
     "--categorical": ("categorical", text, "csv: data: non-numeric columns are an error or onehot"),
@@ -148,7 +148,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """The models are tiny: one thread per process beats two fighting over a core."""
-    parser.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=THREADS, default=1,
+                        help="torch CPU threads (default 1; at most this machine's CPUs)")
 
 
 def use_threads(n: int) -> None:
@@ -164,10 +165,10 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local: a process pool (default); ray: one Ray task per run (extra `ray`)")
     parser.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT|ray://HOST:10001",
                         help="join this Ray cluster (default: start a local one with --workers CPUs)")
-    parser.add_argument("--cpus-per-run", type=float, default=None,
+    parser.add_argument("--cpus-per-run", type=POSITIVE, default=None,
                         help="Ray: CPUs per run, also its torch threads (1)")
-    parser.add_argument("--gpus-per-run", type=float, default=None, help="Ray: GPUs per run (0)")
-    parser.add_argument("--max-retries", type=int, default=None,
+    parser.add_argument("--gpus-per-run", type=NONNEGATIVE, default=None, help="Ray: GPUs per run (0)")
+    parser.add_argument("--max-retries", type=COUNT, default=None,
                         help="Ray: retries of a run whose worker died (3); a run's own error is not retried")
 
 

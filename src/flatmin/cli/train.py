@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from flatmin.checks import POSITIVE_INT, check_out
+from flatmin.checks import THREADS, check_out
 from flatmin.cli import options
 from flatmin.errors import FlatminError
 from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
 from flatmin.train.config import TrainConfig, check_config
 from flatmin.train.loop import train
+from flatmin.train.methods import ignored_fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=POSITIVE_INT, default=None,
-                        help="torch CPU threads (small models run fastest on 1)")
+    parser.add_argument("--threads", type=THREADS, default=None,
+                        help="torch CPU threads (small models run fastest on 1; at most this machine's CPUs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**overrides)
     check_config(cfg)
+    _refuse_ignored(cfg, overrides)
     if args.out is not None:
         check_out(args.out)
     result = train(cfg, args.out, resume=args.resume, progress=False if args.quiet else None)
@@ -53,6 +55,18 @@ def run(args: argparse.Namespace) -> int:
                    "time_s": round(result["time_s"], 2)}, sys.stdout, indent=2)
         print()
     return 0
+
+
+def _refuse_ignored(cfg: TrainConfig, overrides: dict[str, Any]) -> None:
+    """A method's option given to a method that does not read it (``--method erm --ball global``):
+    the run would silently ignore it, so name the method, the option and who reads it."""
+    flags = {field: flag for flag, (field, _, _) in options.OPTIONS.items()}
+    if ignored := ignored_fields(cfg, [k for k in overrides if k in flags]):
+        field, readers = next(iter(ignored.items()))
+        fix = (f"choose the setting of {cfg.method} that reads it (see --help)" if cfg.method in readers
+               else f"use a method that reads it ({', '.join(readers)})")
+        raise FlatminError(f"{flags[field]}: method {cfg.method} does not read {field}, so the value would "
+                           f"change nothing; drop it, or {fix}")
 
 
 def _resumed_config(out: Path, overrides: dict[str, Any]) -> TrainConfig:

@@ -50,6 +50,7 @@ class Dataset:
     mean: tuple[float, ...] | None = None  # per channel, in [0,1] pixel units; images only
     std: tuple[float, ...] | None = None
     augment: str = "none"
+    classes: list[str] | None = None  # class names by id, when the data names them (folders, CSV text)
     _transform: Transform | None = field(default=None, repr=False, compare=False)
 
     def transform(self, x: Tensor, train: bool, generator: torch.Generator | None = None

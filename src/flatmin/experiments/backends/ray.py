@@ -81,6 +81,17 @@ def check_address(address: str) -> None:
                            f"({err.strerror or err}); start one with `ray start --head`") from None
 
 
+def check_resources(nodes: list[dict[str, Any]], wanted: dict[str, float]) -> None:
+    """Refuse, before any task is submitted, a run no live node can hold: Ray would queue it forever."""
+    flags = {"CPU": "--cpus-per-run", "GPU": "--gpus-per-run"}
+    for resource, amount in wanted.items():
+        most = max((n.get("Resources", {}).get(resource, 0) for n in nodes), default=0)
+        if amount > most:
+            raise FlatminError(f"{flags.get(resource, resource)} {amount:g}: no node of this Ray cluster has "
+                               f"{amount:g} {resource}(s) (the most on one node: {most:g}); runs would wait "
+                               "forever; ask for less or add a node that has them")
+
+
 class RayBackend:
     """Runs as Ray tasks: all submitted at once (Ray queues them on the cluster's free resources)."""
 
@@ -107,8 +118,12 @@ class RayBackend:
         total = ray.cluster_resources()
         log(f"Ray: {len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs; "
             f"each run takes {cpus_per_run:g} CPU(s), {gpus_per_run:g} GPU(s)")
-        if gpus_per_run > max((n["Resources"].get("GPU", 0) for n in nodes), default=0):
-            log(f"warning: no Ray node has {gpus_per_run:g} GPU(s) now; runs wait until one joins")
+        try:
+            check_resources(nodes, {"CPU": cpus_per_run, "GPU": gpus_per_run})
+        except FlatminError:
+            self.close()
+            raise
+
 
     def run(self, tasks: list[Task], ledger: Ledger) -> None:
         """Submit every claimed task, report each as it returns, cancel the rest on Ctrl-C."""
