@@ -302,6 +302,62 @@ def test_a_damaged_store_is_never_written_and_names_the_rebuild(args, tmp_path, 
     assert "re-run" in err and f"mv {db}" in err
 
 
+def flip_tensor_bytes(ckpt: Path, n: int = 64) -> None:
+    """Overwrite n bytes in the middle of the largest tensor of a torch.save file (stored, not
+    compressed: the bytes sit in the file as they are), as a bad sector or a bad copy would."""
+    import zipfile
+
+    with zipfile.ZipFile(ckpt) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(ckpt.read_bytes())
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:][:2], "little"), int.from_bytes(
+        data[info.header_offset + 28:][:2], "little")
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2 - n // 2
+    data[start:start + n] = bytes(255 - b for b in data[start:start + n])
+    ckpt.write_bytes(bytes(data))
+
+
+def other_files(root: Path) -> dict[str, Path]:
+    """Files flatmin did not write: a 0-byte file, an empty SQLite file, another program's database."""
+    (root / "zero.db").write_bytes(b"")
+    sqlite3.connect(root / "empty.db").execute("VACUUM")
+    db = sqlite3.connect(root / "people.db")
+    db.execute("CREATE TABLE people (name TEXT)")
+    db.execute("INSERT INTO people VALUES ('ada')")
+    db.commit()
+    db.close()
+    return {p.name: p for p in root.glob("*.db")}
+
+
+@pytest.mark.parametrize("args", [
+    ["report", "{dir}/zero.db"], ["report", "{dir}/empty.db"], ["report", "{dir}/people.db"],
+    ["report", "{dir}/people.db", "--out", "{dir}/rep"],
+    ["calibration", "--db", "{dir}/people.db", "--out", "{dir}/c"],
+    ["calibration", "--db", "{dir}/zero.db", "--out", "{dir}/c"],
+    ["grid", "--methods", "erm", "--dataset", "spiral", "--epochs", "1", "--db", "{dir}/people.db",
+     "--out", "{dir}/g"],
+    ["landscape", "{dir}/run/checkpoint.pt", "--points", "3", "--out", "{dir}/l"],
+    ["sharpness", "{dir}/run/checkpoint.pt", "--iters", "2", "--out", "{dir}/s"],
+    ["train", "--dataset", "spiral", "--epochs", "2", "--quiet", "--resume", "--out", "{dir}/run"],
+], ids=lambda a: " ".join(a[:2]) + " " + next(x for x in a if "{dir}/" in x).rsplit("/", 1)[-1])
+def test_a_file_flatmin_did_not_write_or_a_damaged_one_is_refused_untouched(args, work, tmp_path, capsys):
+    """report/calibration on a store flatmin did not write, an analysis or a resume on a checkpoint with
+    64 bytes flipped inside a tensor: one line naming the file, every byte unchanged, nothing written."""
+    other_files(tmp_path)
+    shutil.copytree(work / "run", tmp_path / "run")
+    flip_tensor_bytes(tmp_path / "run" / "checkpoint.pt")
+    contents = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = snapshot(tmp_path)
+    rc = main([a.format(dir=tmp_path) for a in args])
+    out, err = capsys.readouterr()
+    check(rc, out, err, before, snapshot(tmp_path))
+    assert {p: p.read_bytes() for p in contents} == contents
+    named = next(a for a in args if "{dir}/" in a and not a.endswith(("/rep", "/c", "/g", "/l", "/s")))
+    assert Path(named.format(dir=tmp_path)).name in err
+    if "checkpoint" in named or args[0] == "train":
+        assert "damaged" in err
+
+
 def test_one_line_for_each_user_caused_os_error(monkeypatch, capsys, tmp_path):
     """A full disk mid-run is a failed run (exit 1), a permission a usage error (exit 2): one line each."""
     import errno

@@ -9,6 +9,7 @@ bottom of the import graph, so that experiments and analyses call them without i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -245,3 +246,30 @@ def parse_seeds(spec: str, flag: str = "--seeds") -> list[int]:
 def default_workers() -> int:
     """The cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a payload's content (tensors' dtype, shape and bytes; plain values by repr), the same
+    after a torch.save/torch.load round trip on any device: what a checkpoint or cache entry carries so
+    that a byte flipped on disk is caught at load instead of used."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(o.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}:".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{type(o).__name__[0]}{len(o)}:".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"{type(o).__name__}:{o!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatmin.checks import MAX_CLASSES, check_bytes
+from flatmin.checks import MAX_CLASSES, check_bytes, digest
 from flatmin.data.decoded import SPLITS, Arrays
 from flatmin.data.download import default_data_dir
 from flatmin.data.images import read_folder
@@ -41,7 +41,7 @@ OPTIONS = {"npz": ("layout",), "folder": ("image_size",), "csv": ("label_column"
 DEFAULTS = {"epochs": 30, "lr": 0.05, "batch_size": 50, "weight_decay": 1e-4}
 DEFAULT_MODEL = "mlp"  # works on any input shape; images usually want --model preactresnet18 or yours
 LAYOUTS = ("nchw", "nhwc")
-CACHE_VERSION = 2  # 2: inputs checked finite, CSV text labels mapped, index column dropped
+CACHE_VERSION = 2  # 2: inputs checked finite, CSV text labels mapped, index column dropped, digest
 
 
 def class_ids(name: str, y: np.ndarray) -> Tensor:
@@ -182,7 +182,8 @@ class UserLoader:
         if file.is_file():
             try:
                 p = torch.load(file, weights_only=True)
-                return Arrays({k: tuple(v) for k, v in p["splits"].items()}, p["classes"], p["notes"])
+                if p.pop("digest") == digest(p):  # a changed byte: rebuilt, never trusted
+                    return Arrays({k: tuple(v) for k, v in p["splits"].items()}, p["classes"], p["notes"])
             except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never trusted
                 pass
         if self.kind == "npz":
@@ -193,7 +194,8 @@ class UserLoader:
             arrays = read_folder(self.path, options.get("image_size"))
         cache.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(arrays.to_payload(), tmp)
+        payload = arrays.to_payload()
+        torch.save({**payload, "digest": digest(payload)}, tmp)
         os.replace(tmp, file)  # atomic: a concurrent reader sees the old entry or the whole new one
         return arrays
 
