@@ -133,7 +133,11 @@ def test_a_wrong_ray_address_is_one_message_and_writes_nothing(cluster, tmp_path
     out = tmp_path / "never"
     for flags, says in ((["--ray-address", f"127.0.0.1:{port}"], "no Ray cluster answers at 127.0.0.1"),
                         (["--ray-address", "nonsense"], "expected auto, HOST:PORT or ray://HOST:10001"),
-                        (["--cpus-per-run", "0"], "--cpus-per-run must be > 0")):
+                        (["--cpus-per-run", "0"], "--cpus-per-run: expected a finite number > 0"),
+                        (["--cpus-per-run", "nan"], "--cpus-per-run: expected a finite number > 0"),
+                        # more than any node has: refused before a task is submitted, never a hang
+                        (["--ray-address", cluster, "--cpus-per-run", "3"], "--cpus-per-run 3: no node"),
+                        (["--ray-address", cluster, "--gpus-per-run", "64"], "--gpus-per-run 64: no node")):
         assert main(["compare", *FAST, "--backend", "ray", *flags, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
