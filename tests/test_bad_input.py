@@ -445,3 +445,14 @@ def test_a_full_disk_is_one_line_and_exit_1(full_disk, capsys, monkeypatch):
     assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert os.strerror(28) in err and str(out) in err
     assert not list(out.glob(".*.tmp")) and not (out / "checkpoint.pt").exists()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`flatmin train ... | true`: the reader has left before the first write; no BrokenPipeError
+    traceback, exit 141 (128 + SIGPIPE, what a shell shows), the run itself saved."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    cmd = (f"{sys.executable} -m flatmin train --dataset spiral --epochs 1 --quiet --out {tmp_path / 'r'} "
+           "| true; echo ${PIPESTATUS[0]}")
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.stderr == "" and proc.stdout.strip() == "141", (proc.stdout, proc.stderr)
+    assert (tmp_path / "r" / "metrics.json").is_file()

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from flatmin.checks import COUNT, IMAGE_SIZE, NONNEGATIVE, POSITIVE, POSITIVE_INT, THREADS, check_device
-from flatmin.data.registry import canonical_name
+from flatmin.data.registry import DATASETS, canonical_name
+from flatmin.data.user import UserLoader as USER_DATA
 from flatmin.errors import ConfigError, FlatminError
 from flatmin.experiments import backends
 from flatmin.optim import registry
-from flatmin.train.config import FIELD_RULES, PRECISIONS
+from flatmin.train.config import DEFAULT_LR_SCHEDULE, FIELD_RULES, PRECISIONS
 from flatmin.train.methods import METHODS
 
 
@@ -48,6 +49,28 @@ def _flag(field: str, help_: str, typ: Any = None) -> tuple[str, Any, str]:
     return field, typ or FIELD_RULES.get(field, text), help_
 
 
+def _schedule_help() -> str:
+    """--lr-schedule's help with each dataset's default, read from the datasets' own defaults."""
+    by: dict[str, list[str]] = {}
+    for name, loader in {**DATASETS, "npz:/folder:/csv: (your data)": USER_DATA}.items():
+        by.setdefault(loader.defaults.get("lr_schedule", DEFAULT_LR_SCHEDULE), []).append(name)
+    default = "; ".join(f"{k} for {', '.join(v)}" for k, v in by.items()) if len(by) > 1 else (
+        f"{next(iter(by))} for every dataset")
+    return ("learning-rate schedule: step (x --lr-gamma at each of --milestones, the paper's 0.1 at 50%% and "
+            f"75%% of the epochs), cosine (from --lr toward 0) or constant; default: {default}")
+
+
+def _milestones(value: str) -> tuple[float, ...]:
+    """``0.5,0.75`` -> fractions of the epochs, each in (0, 1), increasing."""
+    try:
+        out = tuple(float(v) for v in text(value).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions such as 0.5,0.75, got {value!r}") from None
+    if not all(0 < v < 1 for v in out) or list(out) != sorted(set(out)):
+        raise argparse.ArgumentTypeError(f"expected increasing fractions in (0, 1), got {value!r}")
+    return out
+
+
 # The flags of the optimizer rules' own fields, kept in one dict of their own so that the optimizers'
 # registry can replace it with flags generated from its list of rules.
 def _rule_options() -> dict[str, tuple[str, Any, str]]:
@@ -70,7 +93,11 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--method": _flag("method", f"one of {', '.join(METHODS)}"),
     "--epochs": _flag("epochs", "training epochs"),
     "--batch-size": _flag("batch_size", "global batch size"),
-    "--lr": _flag("lr", "initial learning rate (divided by 10 at 50%% and 75%% of the epochs)"),
+    "--lr": _flag("lr", "initial learning rate (then it follows --lr-schedule)"),
+    "--lr-schedule": _flag("lr_schedule", _schedule_help()),
+    "--milestones": _flag("milestones", "step schedule: fractions of the epochs where the lr is multiplied "
+                          "by --lr-gamma (0.5,0.75)", _milestones),
+    "--lr-gamma": _flag("lr_gamma", "step schedule: factor at each milestone (0.1)"),
     "--momentum": _flag("momentum", "SGD momentum (0.9)"),
     "--weight-decay": _flag("weight_decay", "weight decay"),
     "--grad-clip": _flag("grad_clip", "clip the gradient norm (the authors use 50)"),

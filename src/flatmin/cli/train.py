@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from flatmin.checks import THREADS, check_out
 from flatmin.cli import options
+from flatmin.data.registry import folder_name
 from flatmin.errors import FlatminError
 from flatmin.train.checkpoint import CHECKPOINT, load_checkpoint
 from flatmin.train.config import TrainConfig, check_config
@@ -24,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`flatmin train` flags."""
     options.add_config_arguments(parser)
     parser.add_argument("--out", type=options.path, default=None,
-                        help="output folder: log.jsonl, metrics.json, checkpoint.pt")
+                        help="output folder: log.jsonl, metrics.json, checkpoint.pt (default: a new "
+                             "runs/<method>_<dataset>_s<seed>_<date-time>, printed)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,16 +48,28 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**overrides)
     check_config(cfg)
     _refuse_ignored(cfg, overrides)
-    if args.out is not None:
-        check_out(args.out)
-    result = train(cfg, args.out, resume=args.resume, progress=False if args.quiet else None)
+    out = args.out if args.out is not None else default_run_folder(cfg)
+    check_out(out)
+    if args.out is None:
+        print(f"run folder: {out} (choose another with --out)", file=sys.stderr)
+    result = train(cfg, out, resume=args.resume, progress=False if args.quiet else None)
     if result is not None:
         summary = {split: {k: result[split][k] for k in ("error", "nll", "ece")}
                    for split in ("train", "val", "test") if result.get(split)}
-        json.dump({"out": str(args.out) if args.out else None, **summary,
-                   "time_s": round(result["time_s"], 2)}, sys.stdout, indent=2)
+        json.dump({"out": str(out), **summary, "time_s": round(result["time_s"], 2)}, sys.stdout, indent=2)
         print()
     return 0
+
+
+def default_run_folder(cfg: TrainConfig, root: Path = Path("runs")) -> Path:
+    """``runs/<method>_<dataset>_s<seed>_<date-time>``: a new folder per run (a second one in the same
+    second gets a suffix), so that every run writes its log, metrics and checkpoint somewhere."""
+    stem = root / f"{cfg.method}_{folder_name(cfg.dataset)}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = stem, 1
+    while out.exists():
+        n += 1
+        out = stem.with_name(f"{stem.name}-{n}")
+    return out
 
 
 def _refuse_ignored(cfg: TrainConfig, overrides: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -215,6 +216,13 @@ def canonical_name(name: str) -> str:
     config still finds the files from another working directory; other names unchanged."""
     loader = get_loader(name)
     return f"{loader.kind}:{loader.path}" if hasattr(loader, "kind") else name
+
+
+def folder_name(name: str) -> str:
+    """A dataset name safe in a folder name: the user's files by kind and file name
+    (``npz:/a/b.npz`` -> ``npz-b.npz``), other names as they are."""
+    kind, _, path = name.partition(":")
+    return re.sub(r"[^\w.-]+", "-", f"{kind}-{Path(path).name}" if path else kind)
 
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, val_fraction: float = 0.1,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from flatmin.data.registry import canonical_name, get_loader
+from flatmin.data.registry import canonical_name, folder_name, get_loader
 from flatmin.experiments.backends import Backend, Ledger
 from flatmin.experiments.backends.base import Task, measured, usable_cores  # noqa: F401 (re-exported)
 from flatmin.experiments.backends.local import LocalBackend
@@ -53,7 +52,7 @@ def config_key(cfg: TrainConfig) -> str:
     c = resolved(cfg)
     skip = set(NOT_IN_KEY) | set(unused_fields(c))
     d = {k: v for k, v in c.to_dict().items() if k not in skip}
-    for late, default in (("accumulate", 1), ("eval_every", 1), ("sam_splits", 1)):
+    for late, default in (("accumulate", 1), ("eval_every", 1), ("sam_splits", 1), ("lr_schedule", "step")):
         if d.get(late) == default:  # fields added later stay out of the key at their default
             del d[late]
     if fingerprint := getattr(get_loader(c.dataset), "fingerprint", None):  # the user's files
@@ -66,9 +65,7 @@ def config_key(cfg: TrainConfig) -> str:
 def make_task(cfg: TrainConfig, label: str, root: str | Path) -> Task:
     """A task for ``cfg`` whose folder is ``root/runs/<method>_<dataset>_s<seed>_<key>``."""
     c, key = resolved(cfg), config_key(cfg)
-    kind, _, path = c.dataset.partition(":")  # the user's files: npz:/a/b.npz -> npz-b.npz
-    dataset = re.sub(r"[^\w.-]+", "-", f"{kind}-{Path(path).name}" if path else kind)
-    return Task(key, label, c, Path(root) / "runs" / f"{c.method}_{dataset}_s{c.seed}_{key}")
+    return Task(key, label, c, Path(root) / "runs" / f"{c.method}_{folder_name(c.dataset)}_s{c.seed}_{key}")
 
 
 def execute(tasks: list[Task], store: Store, workers: int | Backend = 1,

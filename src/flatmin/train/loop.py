@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive
 from flatmin.optim.driver import grad_scale, head_size, split_sizes
 from flatmin.optim.sharded import local, norm_reducer
 from flatmin.train import checkpoint as ckpt
-from flatmin.train.config import TrainConfig, resolve
+from flatmin.train.config import DEFAULT_LR_SCHEDULE, TrainConfig, resolve
 from flatmin.train.distributed import current
 from flatmin.train.logging import LOG, RunLogger, read_epochs
 from flatmin.train.methods import Batch, Method, get_method
@@ -45,7 +46,12 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Step schedule: lr divided by 10 at each milestone (fractions of the epochs; paper 50%, 75%)."""
+    """The epoch's learning rate. step (the paper's): lr × lr_gamma at each milestone (fractions of the
+    epochs; 50% and 75%); cosine: from lr down toward 0 over the epochs; constant: lr throughout."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
     passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
     return cfg.lr * cfg.lr_gamma ** passed
 
@@ -265,6 +271,7 @@ def _check_resumable(out: Path, resume: bool) -> dict | None:
 def _config_mismatch(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """Fields in which a resumed run would differ from the saved one."""
     a, b = saved.to_dict(), wanted.to_dict()
+    a["lr_schedule"] = a["lr_schedule"] or DEFAULT_LR_SCHEDULE  # saved before the field: step, the only one
     free = ("device", "tensorboard", "fsdp")  # where and how it runs, what it logs: not the run itself
     return [f"{k}: saved {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k] and k not in free]
 
