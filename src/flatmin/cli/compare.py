@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-metric", default="error", choices=tuning.METRICS,
                         help="validation metric minimised by --tune (error)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    options.add_quiet_argument(parser)
     options.add_backend_arguments(parser)
 
 
@@ -84,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
     tune_seeds = parse_seeds(args.tune_seeds, "--tune-seeds")
     compare(specs, baseline, seeds, cap, overrides=overrides, sweep=sweep, tune_seeds=tune_seeds,
             tune_metric=args.tune_metric, out=args.out, cost_epochs=args.cost_epochs,
-            figures=not args.no_figures,
+            figures=not args.no_figures, progress=False if args.quiet else None,
             backend=lambda: options.create_backend(args, args.workers or default_workers()))
     return 0

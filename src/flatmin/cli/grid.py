@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-metric", default=None, choices=tuning.METRICS, help="val metric (error)")
     parser.add_argument("--out", type=options.path, default=None, help="run folders and DB (runs/grid)")
     parser.add_argument("--db", type=options.path, default=None, help="results DB (default OUT/results.db)")
+    options.add_quiet_argument(parser)
     parser.add_argument("--workers", type=POSITIVE_INT, default=None,
                         help="parallel processes (default: cores)")
     options.add_backend_arguments(parser)
@@ -72,5 +73,6 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dic
 def run(args: argparse.Namespace) -> int:
     """Tune (if asked) and run the grid, then print Table 1 of the DB; exit 1 if any run failed."""
     grid, tune, opts = build(args)
-    run_grid(grid, tune, opts, args.db, lambda workers: options.create_backend(args, workers))
+    run_grid(grid, tune, opts, args.db, lambda workers: options.create_backend(args, workers),
+             progress=False if args.quiet else None)
     return 0

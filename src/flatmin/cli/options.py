@@ -173,6 +173,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cuda")
 
 
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    """`--quiet` of compare and grid: no overall progress bar (it shows on a terminal only anyway)."""
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (runs done, ETA, what trains now; shown on a terminal only)")
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """The models are tiny: one thread per process beats two fighting over a core."""
     parser.add_argument("--threads", type=THREADS, default=1,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from flatmin.errors import FlatminError
 from flatmin.experiments.backends.base import Ledger, Task, describe, train_run
@@ -136,8 +135,7 @@ class RayBackend:
         remote = ray.remote(_run_task)
         opts = dict(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries,
                     retry_exceptions=False)
-        in_flight: dict[Any, Task] = {}
-        bar = tqdm(total=len(tasks), unit="run", desc="runs finished", mininterval=1.0)
+        in_flight: dict[Any, Task] = {}  # the overall progress bar is the driver's (runner.execute)
         try:
             for t in tasks:
                 if ledger.claim(t):
@@ -145,15 +143,11 @@ class RayBackend:
                     ref = remote.options(name=name, **opts).remote(
                         t.config.to_dict(), str(t.run_dir.resolve()), self.threads)
                     in_flight[ref] = t
-                else:
-                    bar.total -= 1
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=ledger.heartbeat_s)
                 ledger.renew(list(in_flight.values()))
                 for ref in ready:
-                    with tqdm.external_write_mode():
-                        self._report(ref, in_flight.pop(ref), ledger)
-                    bar.update()
+                    self._report(ref, in_flight.pop(ref), ledger)
         except KeyboardInterrupt:
             self.log(f"\ninterrupted: cancelling {len(in_flight)} unfinished runs; finished runs are stored "
                      "and a re-run trains only what is missing")
@@ -169,7 +163,6 @@ class RayBackend:
                     ray.cancel(ref)
                 if running:
                     ray.wait(running, num_returns=len(running), timeout=CANCEL_WAIT_S)
-            bar.close()
 
     @staticmethod
     def _report(ref: Any, t: Task, ledger: Ledger) -> None:
