@@ -123,7 +123,8 @@ DATASET_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--train-size": ("train_size", POSITIVE_INT, "train on a seeded random subset of this many examples "
                      "(after the val holdout)"),
     "--image-size": ("image_size", IMAGE_SIZE, "folder: data: resize every image to N x N (N <= 4096)"),
-    "--label-column": ("label_column", text, "csv: data: the label column (default: label)"),
+    "--label-column": ("label_column", text, "csv: data: the label column (default: label), class ids 0..K-1 "
+                       "or text names (sorted: a name's id is its place; the mapping is in metrics.json)"),
     "--layout": ("layout", text, "npz: data: nchw or nhwc for 4-D x (default: inferred)"),
     "--categorical": ("categorical", text, "csv: data: non-numeric columns are an error or onehot"),
 }
