@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     _refuse_ignored(cfg, overrides)
     out = args.out if args.out is not None else default_run_folder(cfg)
     check_out(out)
-    if args.out is None:
+    if args.out is None and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone writes
         print(f"run folder: {out} (choose another with --out)", file=sys.stderr)
     result = train(cfg, out, resume=args.resume, progress=False if args.quiet else None)
     if result is not None:
