@@ -329,3 +329,21 @@ def test_train_without_out_writes_a_printed_default_run_folder(tmp_path, monkeyp
         assert {"log.jsonl", "metrics.json", "checkpoint.pt"} <= {p.name for p in run.iterdir()}
         assert json.loads((run / "metrics.json").read_text())["config"]["lr_schedule"] == "constant"
     assert f'"out": "runs/{runs[1].name}"' in captured.out
+
+
+def test_a_checkpoint_carries_a_digest_checked_at_load_and_version_1_still_loads(tmp_path):
+    from flatmin.train.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "history": [{"epoch": 1, "lr": 0.1}]}
+    save_checkpoint(tmp_path / "a.pt", payload)
+    loaded = load_checkpoint(tmp_path / "a.pt")
+    assert loaded["version"] == 2 and "digest" not in loaded
+    assert torch.equal(loaded["model"]["w"], payload["model"]["w"])
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    raw["model"]["w"][0, 0] = 1.0  # what a flipped byte does: the content no longer matches its digest
+    torch.save(raw, tmp_path / "b.pt")
+    with pytest.raises(FlatminError, match=r"b.pt is damaged.*not used"):
+        load_checkpoint(tmp_path / "b.pt")
+    old = {k: v for k, v in raw.items() if k != "digest"} | {"version": 1}
+    torch.save(old, tmp_path / "v1.pt")  # written before the digest existed: read, unverified
+    assert load_checkpoint(tmp_path / "v1.pt")["version"] == 1
