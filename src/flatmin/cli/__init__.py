@@ -15,7 +15,7 @@ import sqlite3
 import sys
 import warnings
 
-from flatmin.errors import FAILED, USAGE, FlatminError, FlatminWarning
+from flatmin.errors import FAILED, USAGE, FlatminError, one_line_warnings
 
 # This package is the top of the import graph: the dispatcher (here), the shared options
 # (`flatmin.cli.options`) and one module per command; nothing in the library imports it.
@@ -90,25 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     prog = f"flatmin {name}"
     with warnings.catch_warnings():
-        warnings.showwarning = _warning_line(prog, warnings.showwarning)
+        warnings.showwarning = one_line_warnings(prog, warnings.showwarning)
         try:
             code = _dispatch(name, rest)
             sys.stdout.flush()  # here, not at exit, so that a reader who left is met below
             return code
         except BrokenPipeError:
             return _closed_pipe()
-
-
-def _warning_line(prog: str, show):
-    """flatmin's own warnings as one line (`flatmin train: warning: ...`); others as Python shows them."""
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, FlatminWarning):
-            print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
-        else:
-            show(message, category, filename, lineno, file, line)
-
-    return showwarning
 
 
 def _closed_pipe() -> int:
