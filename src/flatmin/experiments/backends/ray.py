@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import socket
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flatmin.errors import FlatminError
+from flatmin.errors import FlatminError, one_line_warnings
 from flatmin.experiments.backends.base import Ledger, Task, describe, train_run
 
 try:
@@ -35,6 +36,7 @@ def _run_task(config: dict[str, Any], run_dir: str, threads: int) -> tuple[str, 
     """Ray task body: the same computation as a local run (same seed, same thread count); the run's
     own exception is returned as a value so that Ray never retries it."""
     torch.set_num_threads(threads)
+    warnings.showwarning = one_line_warnings("flatmin worker", warnings.showwarning)
     try:
         return "ok", train_run(config, run_dir)
     except Exception as err:  # noqa: BLE001 - recorded once by the driver, never retried
