@@ -141,10 +141,24 @@ class Contender:
         return statistics.median(steps), share
 
 
+def input_shape(model_name: str) -> tuple[int, ...]:
+    """One example's shape: a sequence for the 1-D models, a 32x32 RGB image for the others."""
+    return (1, 40) if model_name in ("cnn1d", "mlp") else (3, 32, 32)
+
+
+def skipped(model_name: str, precision: str) -> str | None:
+    """Why a cell cannot run (channels_last is a layout of 4-D NCHW batches only), else None."""
+    if precision == "channels_last" and len(input_shape(model_name)) != 3:
+        dims = len(input_shape(model_name)) + 1
+        return (f"channels_last skipped for {model_name}: its batches are {dims}-D and channels_last "
+                "applies to 4-D (image) batches only")
+    return None
+
+
 def batch(args: argparse.Namespace, model_name: str,
           device: torch.device) -> tuple[nn.Module, Tensor, Tensor]:
     """A model from the registry and one random batch of its input shape."""
-    shape = (1, 40) if model_name in ("cnn1d", "mlp") else (3, 32, 32)
+    shape = input_shape(model_name)
     torch.manual_seed(0)
     model = create_model(model_name, 10, input_shape=shape).to(device).train()
     x = torch.randn(args.batch_size, *shape, device=device)
@@ -236,7 +250,7 @@ def memory(args: argparse.Namespace, model_name: str, device: torch.device, fuse
 
 def fp16_overflow(model_name: str, device: torch.device, fused: bool) -> dict[str, Any]:
     """A step whose scaled gradients overflow: skipped on the device, θ exact, scale backed off."""
-    shape = (1, 40) if model_name in ("cnn1d", "mlp") else (3, 32, 32)
+    shape = input_shape(model_name)
     model = create_model(model_name, 10, input_shape=shape).to(device).train()
     x, y = torch.randn(8, *shape, device=device), torch.randint(0, 10, (8,), device=device)
     opt = rules(fused)["amp"](model.parameters())
@@ -318,8 +332,12 @@ def main() -> None:
     model, x, y = batch(args, args.models[0], device)
     out["syncs"] = check_syncs(model, x, y, fused)
     print("syncs:", ", ".join(f"{k} {v}" for k, v in out["syncs"].items()))
-    out["step_cost"] = {}
+    out["step_cost"], out["skipped"] = {}, {}
     for model_name, precision, methods in plan(args, device):
+        if why := skipped(model_name, precision):
+            out["skipped"][f"{model_name}/{precision}"] = why
+            print(f"{model_name:16s} {precision:13s} {why}")
+            continue
         cell = step_costs(args, model_name, precision, methods, device, fused)
         out["step_cost"][f"{model_name}/{precision}"] = cell
         print(f"{model_name:16s} {precision:13s} " + "  ".join(

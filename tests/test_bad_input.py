@@ -81,7 +81,84 @@ def bad_cases() -> list[tuple[str, list[str]]]:
             ("cost", ["--methods", "amp,nope"]),
             ("report", ["{file}"]), ("report", ["{work}"]), ("calibration", ["--db", ""]),
             ("landscape", ["{file}"]), ("gradnorm", ["--train", "--methods", ""])]
+    out += [(cmd, ["--threads", "100000"]) for cmd in ("train", "radius", "gradnorm", "spiral", "cost")]
+    out += [("compare", ["--seeds", "1000000000000"]), ("grid", ["--seeds", "100000000000"]),
+            ("compare", ["--tune-seeds", "20000"]),
+            ("compare", ["--backend", "ray", "--cpus-per-run", "nan"]),
+            ("compare", ["--backend", "ray", "--gpus-per-run", "-1"]),
+            ("compare", ["--backend", "ray", "--max-retries", "1.5"]),
+            ("compare", ["--variants", ""]), ("compare", ["--variants", ","]),
+            ("cost", ["--methods", ""]), ("cost", ["--methods", ","]), ("cost", ["--models", ""]),
+            ("cost", ["--models", ","]), ("landscape", ["--splits", ","]),
+            *[("train", ["--method", m, flag, v]) for m, flag, v in (  # an option the method ignores
+                ("erm", "--ball", "square"), ("erm", "--ball", "global"), ("erm", "--epsilon", "0.1"),
+                ("sam", "--dropout", "0.2"), ("amp", "--reuse-every", "3"))]]
+    out += [("train", ["--dataset", f"{kind}:{{work}}/data/{name}", *extra])
+            for name, (kind, extra) in DATA.items()]
     return out
+
+
+# The user's own data files that must be refused in one line: name -> (dataset kind, extra flags).
+DATA = {
+    "empty.npz": ("npz", []), "huge_header.npz": ("npz", []), "label_1e9.npz": ("npz", []),
+    "nan.npz": ("npz", []), "inf.npz": ("npz", []), "test_label_7.npz": ("npz", []),
+    "images.npz": ("npz", ["--model", "cnn1d"]), "images_3_logits.npz": ("npz", ["--model", "{factory}"]),
+    "label_1e9_csv": ("csv", []), "binary_csv": ("csv", []), "bomb_png": ("folder", []),
+    "small_png": ("folder", ["--image-size", "100000"]),
+}
+
+
+def write_data(root: Path) -> None:
+    """The files of `DATA` (tiny: the point is what they declare, not what they hold)."""
+    import io
+    import struct
+    import zipfile
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    x, y = np.random.default_rng(0).random((30, 4), dtype=np.float32), np.arange(30) % 3
+
+    def npz(name: str, **change) -> None:
+        np.savez(root / name, **{"x_train": x, "y_train": y, "x_test": x[:6], "y_test": y[:6], **change})
+
+    (root / "empty.npz").write_bytes(b"")
+    npz("nan.npz", x_train=np.where(np.arange(4) == 2, np.nan, x).astype(np.float32))
+    npz("inf.npz", x_test=np.where(np.arange(4) == 1, np.inf, x[:6]).astype(np.float32))
+    npz("label_1e9.npz", y_train=np.where(np.arange(30) == 0, 10**9, y))
+    npz("test_label_7.npz", y_test=np.full(6, 7))
+    img = np.random.default_rng(0).random((30, 1, 6, 6), dtype=np.float32)
+    npz("images.npz", x_train=img, x_test=img[:6])
+    npz("images_3_logits.npz", x_train=x[:, :3], x_test=x[:6, :3], y_train=np.arange(30) % 5, y_test=y[:6])
+    d = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000000000, 1000), }"
+    head = d + " " * (63 - (10 + len(d)) % 64) + "\n"
+    with zipfile.ZipFile(root / "huge_header.npz", "w") as z:
+        magic = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head))
+        z.writestr("x_train.npy", magic + head.encode() + bytes(64))
+        for k, a in (("y_train", y), ("x_test", x), ("y_test", y)):
+            buf = io.BytesIO()
+            np.save(buf, a)
+            z.writestr(f"{k}.npy", buf.getvalue())
+    for name, label in (("label_1e9_csv", 10**9), ("binary_csv", None)):
+        (root / name).mkdir()
+        for split in ("train", "test"):
+            text = "a,b,label\n" + "".join(f"{i},{i % 2},{label if i == 0 else i % 3}\n" for i in range(20))
+            (root / name / f"{split}.csv").write_bytes(text.encode() if label else bytes(range(256)) * 4)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    for name in ("bomb_png", "small_png"):
+        for split in ("train", "test"):
+            for c in ("a", "b"):
+                (root / name / split / c).mkdir(parents=True)
+                pixels = np.full((4, 4), 40 if c == "a" else 200, np.uint8)
+                Image.fromarray(pixels).save(root / name / split / c / "0.png")
+    (root / "bomb_png" / "train" / "a" / "big.png").write_bytes(  # a header declaring 60000 x 60000
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(bytes(10))) + chunk(b"IEND", b""))
 
 
 GRID_FILES = {  # name -> content: each is refused before any run
@@ -96,6 +173,7 @@ GRID_FILES = {  # name -> content: each is refused before any run
     "unknown_field.toml": '[grid]\nmethod = "erm"\nepsilonn = 0.1\n',
     "unknown_table.toml": '[grdi]\nmethod = "erm"\n',
     "seeds.toml": '[grid]\nmethod = "erm"\nseeds = -2\n',
+    "many_seeds.toml": '[grid]\nmethod = "erm"\nseeds = 100000000000\n',
     "lr.toml": '[grid]\nlr = ["fast"]\n',
     "nan.toml": '[grid]\nlr = nan\n',
     "empty_list.toml": '[grid]\nmethod = []\n',
@@ -122,16 +200,27 @@ def work() -> Path:
     gf.mkdir()
     for name, content in GRID_FILES.items():
         (gf / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    write_data(root / "data")
+    (root / "three_logits.py").write_text(FACTORY)
     for p in root.rglob("*"):
         p.chmod(p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0))
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
+FACTORY = """
+from torch import nn
+
+
+def net(num_classes, input_shape):  # a head with the wrong number of logits: 3, whatever the data
+    return nn.Linear(input_shape[0], 3)
+"""
+
+
 def fill(args: list[str], work: Path) -> list[str]:
     """Put the fixture's paths into an argument list."""
     names = {"run": work / "run", "ckpt": work / "run" / "checkpoint.pt", "db": work / "results.db",
-             "file": work / "file", "work": work, "ro": work / "ro"}
+             "file": work / "file", "work": work, "ro": work / "ro", "factory": f"{work}/three_logits.py:net"}
     return [a.format(**{k: str(v) for k, v in names.items()}) for a in args]
 
 
@@ -162,8 +251,9 @@ def test_every_command_is_in_the_table():
 
 
 @pytest.mark.parametrize("cmd, bad", bad_cases(), ids=lambda v: " ".join(v) if isinstance(v, list) else v)
-def test_bad_value_is_one_line_and_writes_nothing(cmd, bad, work, capsys, monkeypatch):
+def test_bad_value_is_one_line_and_writes_nothing(cmd, bad, work, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(work)
+    monkeypatch.setenv("FLATMIN_DATA", str(tmp_path))  # the decoded-data cache: outside the snapshot
     before = snapshot(work)
     rc = main(command_line(cmd, bad, work))
     out, err = capsys.readouterr()
@@ -210,6 +300,62 @@ def test_a_damaged_store_is_never_written_and_names_the_rebuild(args, tmp_path, 
     check(rc, out, err, before, snapshot(tmp_path), expect_rc=1)
     assert db.read_bytes() == before_bytes
     assert "re-run" in err and f"mv {db}" in err
+
+
+def flip_tensor_bytes(ckpt: Path, n: int = 64) -> None:
+    """Overwrite n bytes in the middle of the largest tensor of a torch.save file (stored, not
+    compressed: the bytes sit in the file as they are), as a bad sector or a bad copy would."""
+    import zipfile
+
+    with zipfile.ZipFile(ckpt) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(ckpt.read_bytes())
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:][:2], "little"), int.from_bytes(
+        data[info.header_offset + 28:][:2], "little")
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2 - n // 2
+    data[start:start + n] = bytes(255 - b for b in data[start:start + n])
+    ckpt.write_bytes(bytes(data))
+
+
+def other_files(root: Path) -> dict[str, Path]:
+    """Files flatmin did not write: a 0-byte file, an empty SQLite file, another program's database."""
+    (root / "zero.db").write_bytes(b"")
+    sqlite3.connect(root / "empty.db").execute("VACUUM")
+    db = sqlite3.connect(root / "people.db")
+    db.execute("CREATE TABLE people (name TEXT)")
+    db.execute("INSERT INTO people VALUES ('ada')")
+    db.commit()
+    db.close()
+    return {p.name: p for p in root.glob("*.db")}
+
+
+@pytest.mark.parametrize("args", [
+    ["report", "{dir}/zero.db"], ["report", "{dir}/empty.db"], ["report", "{dir}/people.db"],
+    ["report", "{dir}/people.db", "--out", "{dir}/rep"],
+    ["calibration", "--db", "{dir}/people.db", "--out", "{dir}/c"],
+    ["calibration", "--db", "{dir}/zero.db", "--out", "{dir}/c"],
+    ["grid", "--methods", "erm", "--dataset", "spiral", "--epochs", "1", "--db", "{dir}/people.db",
+     "--out", "{dir}/g"],
+    ["landscape", "{dir}/run/checkpoint.pt", "--points", "3", "--out", "{dir}/l"],
+    ["sharpness", "{dir}/run/checkpoint.pt", "--iters", "2", "--out", "{dir}/s"],
+    ["train", "--dataset", "spiral", "--epochs", "2", "--quiet", "--resume", "--out", "{dir}/run"],
+], ids=lambda a: " ".join(a[:2]) + " " + next(x for x in a if "{dir}/" in x).rsplit("/", 1)[-1])
+def test_a_file_flatmin_did_not_write_or_a_damaged_one_is_refused_untouched(args, work, tmp_path, capsys):
+    """report/calibration on a store flatmin did not write, an analysis or a resume on a checkpoint with
+    64 bytes flipped inside a tensor: one line naming the file, every byte unchanged, nothing written."""
+    other_files(tmp_path)
+    shutil.copytree(work / "run", tmp_path / "run")
+    flip_tensor_bytes(tmp_path / "run" / "checkpoint.pt")
+    contents = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = snapshot(tmp_path)
+    rc = main([a.format(dir=tmp_path) for a in args])
+    out, err = capsys.readouterr()
+    check(rc, out, err, before, snapshot(tmp_path))
+    assert {p: p.read_bytes() for p in contents} == contents
+    named = next(a for a in args if "{dir}/" in a and not a.endswith(("/rep", "/c", "/g", "/l", "/s")))
+    assert Path(named.format(dir=tmp_path)).name in err
+    if "checkpoint" in named or args[0] == "train":
+        assert "damaged" in err
 
 
 def test_one_line_for_each_user_caused_os_error(monkeypatch, capsys, tmp_path):
@@ -299,3 +445,14 @@ def test_a_full_disk_is_one_line_and_exit_1(full_disk, capsys, monkeypatch):
     assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert os.strerror(28) in err and str(out) in err
     assert not list(out.glob(".*.tmp")) and not (out / "checkpoint.pt").exists()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`flatmin train ... | true`: the reader has left before the first write; no BrokenPipeError
+    traceback, exit 141 (128 + SIGPIPE, what a shell shows), the run itself saved."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    cmd = (f"{sys.executable} -m flatmin train --dataset spiral --epochs 1 --quiet --out {tmp_path / 'r'} "
+           "| true; echo ${PIPESTATUS[0]}")
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.stderr == "" and proc.stdout.strip() == "141", (proc.stdout, proc.stderr)
+    assert (tmp_path / "r" / "metrics.json").is_file()

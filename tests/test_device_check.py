@@ -26,3 +26,14 @@ def test_reduced_device_check_runs_and_meets_the_non_timing_goals(tmp_path):
     assert all(v["s_per_step"] > 0 for cell in cells.values() for v in cell.values())
     assert all(v > 0 for v in result["augment_images_per_s"].values())
     assert "goals:" in proc.stdout and "memory over ERM" in proc.stdout
+
+
+def test_channels_last_is_skipped_saying_why_for_models_without_4d_inputs():
+    """The default CPU model cnn1d takes 3-D batches: its channels_last cell is skipped, not a crash."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert "channels_last skipped for cnn1d" in check.skipped("cnn1d", "channels_last")
+    assert check.skipped("preactresnet18", "channels_last") is None and check.skipped("cnn1d", "fp32") is None

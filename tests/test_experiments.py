@@ -95,14 +95,59 @@ def test_compare_figures_and_report(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", *FAST[:-1], "--methods", "erm,amp", "--variants", "onepass", "--seeds", "2",
                  "--out", str(out)]) == 0
-    for name in ("metrics.png", "curves.png", "reliability.png"):
+    for name in ("metrics.png", "curves.png", "reliability.png", "verdicts.png"):
         assert (out / name).stat().st_size > 1000
     assert "| amp:variant=onepass | 2 |" in capsys.readouterr().out
+    before = (out / "results.db").read_bytes()
     assert main(["report", str(out / "results.db"), "--out", str(tmp_path / "rep")]) == 0
+    assert (out / "results.db").read_bytes() == before  # opened read-only
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "## Table 1: test error (%)" in text and "AMP (amp_variant=onepass)" in text
     assert "## Table 2" in text and "AMP − ERM" not in text and "vs ERM: test error" in text
     assert (tmp_path / "rep" / "metrics_spiral_mlp_standard.png").exists()
+    assert (tmp_path / "rep" / "reliability_spiral_mlp_standard.png").exists()
+
+
+def _run(seed, ece, counts):
+    """A finished run's metrics as the figures read them (10 reliability bins)."""
+    bins = [i / 10 for i in range(11)]
+    return {"config": {"seed": seed}, "test": {"error": 10.0 + seed, "nll": 0.3, "ece": ece},
+            "reliability": {"test": {"lower": bins[:-1], "upper": bins[1:], "count": counts,
+                                     "confidence": [b + 0.05 for b in bins[:-1]], "accuracy": [0.5] * 10}}}
+
+
+def test_figures_draw_every_method_grey_sparse_bins_and_the_forest_plot(tmp_path, monkeypatch):
+    """All methods in the reliability figure (a bin of one example drawn grey, counts written), bars from
+    0 with a labelled error bar, and one forest plot of the paired differences from the baseline."""
+    pytest.importorskip("matplotlib")
+    from flatmin.experiments import figures, paired
+    from flatmin.results import plot
+
+    groups = {m: [_run(s, 0.05 * (i + 1), [0] * 9 + [1] if m == "sam" else [50] * 10) for s in range(3)]
+              for i, m in enumerate(("erm", "amp", "sam", "rmp", "gsam"))}
+    drawn = {}
+    real = plot.save_figure
+
+    def keep(fig, path):
+        drawn[path.name] = fig
+        return real(fig, path)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    figures.reliability(groups, tmp_path / "reliability.png")
+    panels = [ax for ax in drawn["reliability.png"].axes if ax.get_visible()]
+    assert [ax.get_title().split(":")[0] for ax in panels] == list(groups)
+    sam = panels[2]
+    assert sam.patches[9].get_facecolor()[:3] == pytest.approx((0.75, 0.75, 0.75))  # 3 examples: grey
+    assert [t.get_text() for t in sam.texts] == ["3"]  # one example per seed, pooled
+    figures.metric_spread(groups, tmp_path / "metrics.png")
+    axes = drawn["metrics.png"].axes
+    assert all(ax.get_ylim()[0] == 0 for ax in axes)
+    assert "mean ± std over seeds" in [t.get_text() for t in axes[0].get_legend().get_texts()]
+    comps = paired.comparisons(groups, "erm")
+    figures.forest(comps, tmp_path / "verdicts.png")
+    forest = drawn["verdicts.png"].axes
+    assert [ax.get_title() for ax in forest] == [f"test {m}: method − erm" for m in ("error", "nll", "ece")]
+    assert [t.get_text() for t in forest[0].get_yticklabels()] == ["gsam", "rmp", "sam", "amp"]
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
@@ -110,3 +155,18 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.db")]) == 2
     assert main(["grid", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_one_progress_bar_counts_runs_and_names_what_trains_on_a_terminal_only(tmp_path):
+    from flatmin.experiments.runner import Progress, make_task
+
+    logs: list[str] = []
+    bar = Progress(2, logs.append, enabled=True)
+    t = make_task(TrainConfig(dataset="spiral", method="amp"), "amp", tmp_path)
+    bar.started(t)
+    assert "0/2" in str(bar.bar) and "training amp s0" in str(bar.bar)
+    bar.ended(t, "amp seed 0: done")
+    assert logs == ["amp seed 0: done"] and bar.bar.n == 1 and "training" not in str(bar.bar)
+    bar.close()
+    assert Progress(2, logs.append).bar is None  # stderr is not a terminal here (a pipe, CI)
+    assert Progress(2, logs.append, enabled=False).bar is None  # --quiet

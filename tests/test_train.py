@@ -283,3 +283,67 @@ def test_msharp_and_esam_selection_train_and_are_recorded(tmp_path):
         assert r["train"]["nll"] < untrained["train"]["nll"] - 0.03
     with pytest.raises(ConfigError, match="sam_splits"):
         train(TrainConfig(method="sam", sam_splits=0, **SPIRAL22), progress=False)
+
+
+def test_lr_schedules_and_the_default_is_the_papers_step():
+    from flatmin.train.loop import lr_at
+
+    cfg = TrainConfig(dataset="spiral", lr=0.1, epochs=8)
+    from flatmin.experiments.runner import resolved
+
+    step = resolved(cfg)
+    assert step.lr_schedule == "step"  # no dataset changes the paper's schedule
+    assert [round(lr_at(step, e), 6) for e in range(8)] == [0.1] * 4 + [0.01] * 2 + [0.001] * 2
+    moved = step.replace(milestones=(0.25,), lr_gamma=0.5)
+    assert [lr_at(moved, e) for e in (0, 1, 2, 7)] == [0.1, 0.1, 0.05, 0.05]
+    assert {lr_at(step.replace(lr_schedule="constant"), e) for e in range(8)} == {0.1}
+    cos = [lr_at(step.replace(lr_schedule="cosine"), e) for e in range(8)]
+    assert cos[0] == 0.1 and all(a > b > 0 for a, b in zip(cos, cos[1:]))
+    with pytest.raises(ConfigError, match="lr_schedule must be one of step, cosine, constant"):
+        resolved(cfg.replace(lr_schedule="linear"))
+
+
+def test_a_new_field_at_its_default_keeps_every_existing_run_key():
+    """Keys pinned from before lr_schedule existed: a stored run is still found, not retrained."""
+    from flatmin.experiments.runner import config_key
+
+    configs = ({"dataset": "spiral"}, {"dataset": "spiral", "method": "amp", "seed": 3},
+               {"dataset": "mnist1d", "method": "sam"},
+               {"dataset": "digits", "method": "amp", "accumulate": 2})
+    assert [config_key(TrainConfig(**kw)) for kw in configs] == [
+        "4853407e1fb55587", "ba117d46cd7a272d", "607386eff64d67e4", "5e3449c7e9c020a5"]
+    assert config_key(TrainConfig(dataset="spiral", lr_schedule="cosine")) != "4853407e1fb55587"
+
+
+def test_train_without_out_writes_a_printed_default_run_folder(tmp_path, monkeypatch, capsys):
+    from flatmin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--dataset", "spiral", "--epochs", "1", "--quiet", "--lr-schedule", "constant"]
+    assert main(args) == 0 and main(args) == 0
+    captured = capsys.readouterr()
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and runs[0].name.startswith("erm_spiral_s0_")  # never the same folder twice
+    assert f"run folder: runs/{runs[0].name}" in captured.err
+    for run in runs:
+        assert {"log.jsonl", "metrics.json", "checkpoint.pt"} <= {p.name for p in run.iterdir()}
+        assert json.loads((run / "metrics.json").read_text())["config"]["lr_schedule"] == "constant"
+    assert f'"out": "runs/{runs[1].name}"' in captured.out
+
+
+def test_a_checkpoint_carries_a_digest_checked_at_load_and_version_1_still_loads(tmp_path):
+    from flatmin.train.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "history": [{"epoch": 1, "lr": 0.1}]}
+    save_checkpoint(tmp_path / "a.pt", payload)
+    loaded = load_checkpoint(tmp_path / "a.pt")
+    assert loaded["version"] == 2 and "digest" not in loaded
+    assert torch.equal(loaded["model"]["w"], payload["model"]["w"])
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    raw["model"]["w"][0, 0] = 1.0  # what a flipped byte does: the content no longer matches its digest
+    torch.save(raw, tmp_path / "b.pt")
+    with pytest.raises(FlatminError, match=r"b.pt is damaged.*not used"):
+        load_checkpoint(tmp_path / "b.pt")
+    old = {k: v for k, v in raw.items() if k != "digest"} | {"version": 1}
+    torch.save(old, tmp_path / "v1.pt")  # written before the digest existed: read, unverified
+    assert load_checkpoint(tmp_path / "v1.pt")["version"] == 1

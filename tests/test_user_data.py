@@ -13,7 +13,7 @@ import torch
 
 from flatmin.cli import main
 from flatmin.data import load_dataset
-from flatmin.errors import FlatminError, UnknownNameError
+from flatmin.errors import FlatminError, FlatminWarning, UnknownNameError
 from flatmin.models import create_model
 
 Image = pytest.importorskip("PIL.Image")
@@ -228,7 +228,7 @@ ABL = ("a", "b", "label")
 
 @pytest.mark.parametrize("train_rows, header, message", [
     ([(1, "red", 0), (2, "blue", 1)], ABL, "column 'b' is not numeric.*line 2: 'red'.*--categorical onehot"),
-    ([(1, 2, "cat"), (2, 3, "dog")], ABL, "line 2: label 'cat' in column 'label' is not a class"),
+    ([(1, 2, "cat"), (2, 3, "dog")], ABL, r"test.csv: label '0' is not among .*labels \(cat, dog\)"),
     ([(1, 2, 0.5), (2, 3, 1)], ABL, "label '0.5'"),
     ([(1, 2, 0), (2, 3, 1)], ("a", "b", "y"),
      r"no label column 'label' \(columns: a, b, y\).*--label-column"),
@@ -242,6 +242,42 @@ def test_csv_bad_input_is_one_clear_message(tmp_path, train_rows, header, messag
     write_csv(tmp_path / "test.csv", [(1, 2, 0)], header)
     with pytest.raises(FlatminError, match=message):
         load_dataset(f"csv:{tmp_path}")
+
+
+def test_csv_text_labels_are_sorted_class_names_saved_with_the_run(tmp_path, capsys):
+    names = ("setosa", "versicolor", "virginica")
+    header = ("a", "b", "species")
+    write_csv(tmp_path / "train.csv", [(i, i % 5, names[(i + 1) % 3]) for i in range(30)], header)
+    write_csv(tmp_path / "test.csv", [(1, 2, "virginica"), (2, 1, "setosa")], ("a", "b", "species"))
+    ds = load_dataset(f"csv:{tmp_path}", label_column="species", val_fraction=0.0)
+    assert ds.classes == list(names) and ds.num_classes == 3
+    assert ds.train.y[:3].tolist() == [1, 2, 0] and ds.test.y.tolist() == [2, 0]
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"csv:{tmp_path}", "--label-column", "species", "--epochs", "1",
+                 "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["classes"] == list(names)
+
+
+def test_csv_unnamed_index_column_is_not_a_feature_and_is_named(tmp_path):
+    header = ("", "a", "b", "label")
+    write_csv(tmp_path / "train.csv", [(i, i * 0.5, 1.0, i % 2) for i in range(20)], header)
+    write_csv(tmp_path / "test.csv", [(0, 1.0, 2.0, 1)], header)
+    for _ in range(2):  # decoded, then from the cache: the warning both times
+        with pytest.warns(FlatminWarning, match="read as the row index"):
+            ds = load_dataset(f"csv:{tmp_path}", val_fraction=0.0)
+        assert ds.input_shape == (2,)
+    write_csv(tmp_path / "train.csv", [(i, "", i % 2) for i in range(4)], ("a", "", "label"))
+    write_csv(tmp_path / "test.csv", [(0, 1.0, 1)], ("a", "", "label"))
+    with pytest.raises(FlatminError, match="column 2 has no name"):
+        load_dataset(f"csv:{tmp_path}")
+
+
+def test_labels_that_skip_zero_are_warned_about(tmp_path):
+    write_csv(tmp_path / "train.csv", [(i, 1.0, 1 + i % 3) for i in range(30)])
+    write_csv(tmp_path / "test.csv", [(1, 2.0, 3)])
+    with pytest.warns(FlatminWarning, match=r"skip class id\(s\) 0; the model gets 4 outputs"):
+        ds = load_dataset(f"csv:{tmp_path}")
+    assert ds.num_classes == 4
 
 
 def test_csv_categorical_columns_one_hot_when_asked(tmp_path):

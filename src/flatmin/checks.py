@@ -9,6 +9,7 @@ bottom of the import graph, so that experiments and analyses call them without i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -143,6 +144,36 @@ class Flag:
 
 UNIT = Number(float, 0, 1)  # a weight or decay in [0, 1]
 
+# Sizes a user gives or a file declares, bounded before anything is allocated: past these a run
+# segfaults (OpenMP's per-thread stacks), or asks for more memory than any machine has.
+THREADS = Number(int, 1, max(os.cpu_count() or 1, 1))  # torch CPU threads: at most the machine's CPUs
+MAX_SEEDS = 10_000  # seeds of one comparison or grid
+MAX_CLASSES = 100_000  # class ids 0..99999 (a label is an index into the model's output)
+IMAGE_SIZE = Number(int, 1, 4096)  # --image-size N: N x N pixels
+
+
+def memory_limit() -> int:
+    """The most bytes flatmin allocates for one dataset: half of this machine's memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # not Linux/macOS: 8 GiB
+        return 8 << 30
+
+
+def check_bytes(nbytes: int, what: str) -> None:
+    """A FlatminError naming the limit when ``what`` would need more than `memory_limit` bytes."""
+    if nbytes > (limit := memory_limit()):
+        raise FlatminError(f"{what} needs {nbytes / 2**30:,.1f} GiB; flatmin reads at most "
+                           f"{limit / 2**30:,.1f} GiB per dataset (half this machine's memory)")
+
+
+def name_list(text: str, flag: str) -> list[str]:
+    """``a,b`` -> [a, b]; a list with no name (``''``, ``,``) is a ConfigError, never 'all' or 'none'."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"{flag} {text!r}: name at least one")
+    return names
+
 
 def check_device(text: str) -> str:
     """A device this machine has; anything else a ConfigError saying what is available."""
@@ -190,7 +221,11 @@ def out_dir(folder: str | Path, flag: str = "--out") -> Path:
 
 
 def check_seeds(value: Any, where: str) -> list[int]:
-    """A count (>= 1) or a non-empty list of distinct seeds (>= 0), as seeds."""
+    """A count (>= 1) or a non-empty list of distinct seeds (>= 0), as seeds; at most `MAX_SEEDS`."""
+    n = value if isinstance(value, int) and not isinstance(value, bool) else (
+        len(value) if isinstance(value, list) else 0)
+    if n > MAX_SEEDS:
+        raise ConfigError(f"{where} asks for {n} seeds; at most {MAX_SEEDS} seeds per run of flatmin")
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return list(range(value))
     if (isinstance(value, list) and value and len(set(value)) == len(value)
@@ -211,3 +246,30 @@ def parse_seeds(spec: str, flag: str = "--seeds") -> list[int]:
 def default_workers() -> int:
     """The cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a payload's content (tensors' dtype, shape and bytes; plain values by repr), the same
+    after a torch.save/torch.load round trip on any device: what a checkpoint or cache entry carries so
+    that a byte flipped on disk is caught at load instead of used."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(o.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}:".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{type(o).__name__[0]}{len(o)}:".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"{type(o).__name__}:{o!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()

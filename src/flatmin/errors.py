@@ -6,6 +6,10 @@ run that failed (a grid with runs missing, a non-finite loss, a full disk, a dam
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 USAGE, FAILED = 2, 1
 
 
@@ -46,3 +50,21 @@ class StoreError(FlatminError):
     """A results store that cannot be used safely; nothing was written to it."""
 
     exit_code = FAILED
+
+
+class FlatminWarning(UserWarning):
+    """Input flatmin accepts but a user likely did not mean (labels that skip a class id); the CLI
+    prints it on one line."""
+
+
+def one_line_warnings(prog: str, show: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``warnings.showwarning`` that prints flatmin's own warnings as one line (``flatmin train:
+    warning: ...``) and leaves every other warning to ``show``: the CLI and its worker processes."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, FlatminWarning):
+            print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning

@@ -47,7 +47,7 @@ def db_records(db: str | Path) -> list[dict[str, Any]]:
     """The records of every run in a results database of `flatmin grid` / `flatmin compare`."""
     if not Path(db).is_file():
         raise FlatminError(f"no results database at {db}")
-    store = Store(db)
+    store = Store(db, read_only=True)
     try:
         rows = store.rows()
     finally:

@@ -178,7 +178,7 @@ def plot_sharpness(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
     names = [r["name"] for r in rows]
     for ax, key, label in zip(axes, ("lambda_max", "trace", "eps_sharpness"),
-                              ("Hessian λ_max", "Hessian trace (Hutchinson)",
+                              ("Hessian λ_max", "Hessian trace (Hutchinson), bars ± s.e.",
                                f"ε-sharpness (ε = {rows[0]['epsilon']:g})")):
         err = [r["trace_stderr"] for r in rows] if key == "trace" else None
         colors = [f"C{i % 10}" for i in range(len(rows))]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sqlite3
 import sys
+import warnings
 
-from flatmin.errors import FAILED, USAGE, FlatminError
+from flatmin.errors import FAILED, USAGE, FlatminError, one_line_warnings
 
 # This package is the top of the import graph: the dispatcher (here), the shared options
 # (`flatmin.cli.options`) and one module per command; nothing in the library imports it.
@@ -86,10 +88,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = _Parser(prog=f"flatmin {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
     prog = f"flatmin {name}"
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warnings(prog, warnings.showwarning)
+        try:
+            code = _dispatch(name, rest)
+            sys.stdout.flush()  # here, not at exit, so that a reader who left is met below
+            return code
+        except BrokenPipeError:
+            return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """`flatmin ... | head`: the reader left; stop quietly (no traceback, nothing more written to stdout)."""
+    try:  # Python would flush stdout again at exit and print an error: point it at /dev/null
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in a test)
+        pass
+    return 141  # 128 + SIGPIPE: what a shell reports for a process a closed pipe ended
+
+
+def _dispatch(name: str, rest: list[str]) -> int:
+    """Run one subcommand behind the one error boundary."""
+    module = importlib.import_module(COMMANDS[name][0])
+    prog = f"flatmin {name}"
+    parser = _Parser(prog=prog, description=COMMANDS[name][1])
+    module.add_arguments(parser)
     try:
         return int(module.run(parser.parse_args(rest)) or 0)
     except UsageError as err:

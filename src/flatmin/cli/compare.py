@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flatmin.checks import POSITIVE_INT, Number, default_workers, parse_seeds
+from flatmin.checks import POSITIVE_INT, Number, default_workers, name_list, parse_seeds
 from flatmin.cli import options
 from flatmin.errors import FlatminError
 from flatmin.experiments import tuning
@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-metric", default="error", choices=tuning.METRICS,
                         help="validation metric minimised by --tune (error)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    options.add_quiet_argument(parser)
     options.add_backend_arguments(parser)
 
 
@@ -71,6 +72,8 @@ def seed_plan(text: str) -> tuple[list[int], int | None]:
 def run(args: argparse.Namespace) -> int:
     """Train every spec × seed (tuning first if asked; with ``--seeds auto`` batch after batch),
     print the table and the paired verdicts, write CSV/Markdown/JSON/PNGs."""
+    if args.variants is not None:
+        name_list(args.variants, "--variants")  # given but empty is a slip, not "no variants"
     specs = parse_specs(args.methods, args.variants)
     baseline = baseline_label(args.baseline, specs)
     seeds, cap = seed_plan(args.seeds)
@@ -82,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
     tune_seeds = parse_seeds(args.tune_seeds, "--tune-seeds")
     compare(specs, baseline, seeds, cap, overrides=overrides, sweep=sweep, tune_seeds=tune_seeds,
             tune_metric=args.tune_metric, out=args.out, cost_epochs=args.cost_epochs,
-            figures=not args.no_figures,
+            figures=not args.no_figures, progress=False if args.quiet else None,
             backend=lambda: options.create_backend(args, args.workers or default_workers()))
     return 0

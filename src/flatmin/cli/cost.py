@@ -9,7 +9,7 @@ import torch
 
 from flatmin.analysis._runs import print_table
 from flatmin.analysis.cost import cost_rows, plot_cost
-from flatmin.checks import POSITIVE_INT, out_dir
+from flatmin.checks import POSITIVE_INT, name_list, out_dir
 from flatmin.cli import options
 from flatmin.data import load_dataset
 from flatmin.errors import FlatminError
@@ -37,12 +37,12 @@ def run(args: argparse.Namespace) -> int:
     options.use_threads(args.threads)
     if args.epochs < 1:
         raise FlatminError(f"--epochs must be >= 1, got {args.epochs}")
-    methods = list(dict.fromkeys(["erm"] + [m.strip() for m in args.methods.split(",") if m.strip()]))
+    methods = list(dict.fromkeys(["erm", *name_list(args.methods, "--methods")]))
     for m in methods:
         get_method(m)  # an unknown name lists the valid ones
     base = check_config(TrainConfig(**options.config_overrides(args)))
-    if args.models:
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.models is not None:
+        models = name_list(args.models, "--models")
     else:
         models = [load_dataset(base.dataset, data_dir=base.data_dir, download=base.download,
                                **base.dataset_options).default_model]

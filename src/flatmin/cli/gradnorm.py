@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flatmin.analysis._runs import read_run_dir, train_runs
 from flatmin.analysis.gradnorm import gradnorm_rows, omega_params, plot_gradnorm
-from flatmin.checks import NONNEGATIVE, out_dir
+from flatmin.checks import NONNEGATIVE, check_out, name_list, out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
 from flatmin.results.plot import write_csv, write_json
@@ -37,9 +37,7 @@ def run(args: argparse.Namespace) -> int:
     options.use_threads(args.threads)
     paths = [Path(p) for p in args.runs]
     if args.train:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        if not methods:
-            raise FlatminError(f"--methods {args.methods!r}: name at least one method")
+        methods = name_list(args.methods, "--methods")
         base = check_config(TrainConfig(**options.config_overrides(args)))
         for m in methods:
             get_method(m)  # an unknown name lists the valid ones, before anything is written
@@ -50,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
         raise FlatminError("training flags need --train (without it the runs are only read)")
     if not paths:
         raise FlatminError("give RUN_DIRs to read, or --train to train ERM and AMP first")
-    out = out_dir(args.out)
+    check_out(args.out)
     runs = [read_run_dir(p) for p in paths]
+    out = out_dir(args.out)
     eps, zeta = omega_params(runs, args.omega_epsilon, args.omega_inner_lr)
     rows = gradnorm_rows(runs, eps, zeta)
     summary = {r.label: {"path": str(r.path), "final_grad_norm": r.log[-1]["grad_norm"],

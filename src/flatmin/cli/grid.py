@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flatmin.checks import POSITIVE_INT, parse_seeds
+from flatmin.checks import POSITIVE_INT, name_list, parse_seeds
 from flatmin.cli import options
-from flatmin.errors import FlatminError
 from flatmin.experiments import tuning
 from flatmin.experiments.grid import run_grid
 from flatmin.experiments.gridfile import load as load_file
@@ -42,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-metric", default=None, choices=tuning.METRICS, help="val metric (error)")
     parser.add_argument("--out", type=options.path, default=None, help="run folders and DB (runs/grid)")
     parser.add_argument("--db", type=options.path, default=None, help="results DB (default OUT/results.db)")
+    options.add_quiet_argument(parser)
     parser.add_argument("--workers", type=POSITIVE_INT, default=None,
                         help="parallel processes (default: cores)")
     options.add_backend_arguments(parser)
@@ -54,9 +54,7 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dic
     grid.update(options.config_overrides(args))
     for flag, field in LIST_FLAGS.items():
         if getattr(args, flag) is not None:
-            grid[field] = [v.strip() for v in getattr(args, flag).split(",") if v.strip()]
-            if not grid[field]:
-                raise FlatminError(f"--{flag} {getattr(args, flag)!r}: an empty list leaves nothing to run")
+            grid[field] = name_list(getattr(args, flag), f"--{flag}")
     grid.update(tuning.parse_sweep(args.set, "--set"))
     tune.update(tuning.parse_sweep(args.tune, "--tune"))
     if args.seeds is not None:
@@ -75,5 +73,6 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dic
 def run(args: argparse.Namespace) -> int:
     """Tune (if asked) and run the grid, then print Table 1 of the DB; exit 1 if any run failed."""
     grid, tune, opts = build(args)
-    run_grid(grid, tune, opts, args.db, lambda workers: options.create_backend(args, workers))
+    run_grid(grid, tune, opts, args.db, lambda workers: options.create_backend(args, workers),
+             progress=False if args.quiet else None)
     return 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from flatmin.analysis._common import load_runs
 from flatmin.analysis.landscape import landscape_rows, plot_1d, plot_2d
-from flatmin.checks import COUNT, POSITIVE, Number, out_dir
+from flatmin.checks import COUNT, POSITIVE, Number, check_out, name_list, out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
 from flatmin.results.plot import write_csv, write_json
@@ -29,11 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Landscapes of each checkpoint along the same seeded directions; figures + numbers."""
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    if args.span <= 0 or args.points < 2 or not splits:
-        raise FlatminError("--span must be > 0, --points >= 2 and --splits non-empty")
+    splits = name_list(args.splits, "--splits")
+    if args.span <= 0 or args.points < 2:
+        raise FlatminError("--span must be > 0 and --points >= 2")
+    check_out(args.out)
+    runs = load_runs(args.checkpoints, args.device)  # a damaged checkpoint is refused before --out is made
     out = out_dir(args.out)
-    runs = load_runs(args.checkpoints, args.device)
     rows = landscape_rows(runs, splits, np.linspace(-args.span, args.span, args.points), seed=args.seed,
                           dim=args.dim, max_examples=args.max_examples, batch_size=args.batch_size)
     stem = f"landscape_{args.dim}d"

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from flatmin.checks import POSITIVE_INT, check_device
-from flatmin.data.registry import canonical_name
+from flatmin.checks import COUNT, IMAGE_SIZE, NONNEGATIVE, POSITIVE, POSITIVE_INT, THREADS, check_device
+from flatmin.data.registry import DATASETS, canonical_name
+from flatmin.data.user import UserLoader as USER_DATA
 from flatmin.errors import ConfigError, FlatminError
 from flatmin.experiments import backends
 from flatmin.optim import registry
-from flatmin.train.config import FIELD_RULES, PRECISIONS
+from flatmin.train.config import DEFAULT_LR_SCHEDULE, FIELD_RULES, PRECISIONS
 from flatmin.train.methods import METHODS
 
 
@@ -48,6 +49,28 @@ def _flag(field: str, help_: str, typ: Any = None) -> tuple[str, Any, str]:
     return field, typ or FIELD_RULES.get(field, text), help_
 
 
+def _schedule_help() -> str:
+    """--lr-schedule's help with each dataset's default, read from the datasets' own defaults."""
+    by: dict[str, list[str]] = {}
+    for name, loader in {**DATASETS, "npz:/folder:/csv: (your data)": USER_DATA}.items():
+        by.setdefault(loader.defaults.get("lr_schedule", DEFAULT_LR_SCHEDULE), []).append(name)
+    default = "; ".join(f"{k} for {', '.join(v)}" for k, v in by.items()) if len(by) > 1 else (
+        f"{next(iter(by))} for every dataset")
+    return ("learning-rate schedule: step (x --lr-gamma at each of --milestones, the paper's 0.1 at 50%% and "
+            f"75%% of the epochs), cosine (from --lr toward 0) or constant; default: {default}")
+
+
+def _milestones(value: str) -> tuple[float, ...]:
+    """``0.5,0.75`` -> fractions of the epochs, each in (0, 1), increasing."""
+    try:
+        out = tuple(float(v) for v in text(value).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions such as 0.5,0.75, got {value!r}") from None
+    if not all(0 < v < 1 for v in out) or list(out) != sorted(set(out)):
+        raise argparse.ArgumentTypeError(f"expected increasing fractions in (0, 1), got {value!r}")
+    return out
+
+
 # The flags of the optimizer rules' own fields, kept in one dict of their own so that the optimizers'
 # registry can replace it with flags generated from its list of rules.
 def _rule_options() -> dict[str, tuple[str, Any, str]]:
@@ -70,7 +93,11 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--method": _flag("method", f"one of {', '.join(METHODS)}"),
     "--epochs": _flag("epochs", "training epochs"),
     "--batch-size": _flag("batch_size", "global batch size"),
-    "--lr": _flag("lr", "initial learning rate (divided by 10 at 50%% and 75%% of the epochs)"),
+    "--lr": _flag("lr", "initial learning rate (then it follows --lr-schedule)"),
+    "--lr-schedule": _flag("lr_schedule", _schedule_help()),
+    "--milestones": _flag("milestones", "step schedule: fractions of the epochs where the lr is multiplied "
+                          "by --lr-gamma (0.5,0.75)", _milestones),
+    "--lr-gamma": _flag("lr_gamma", "step schedule: factor at each milestone (0.1)"),
     "--momentum": _flag("momentum", "SGD momentum (0.9)"),
     "--weight-decay": _flag("weight_decay", "weight decay"),
     "--grad-clip": _flag("grad_clip", "clip the gradient norm (the authors use 50)"),
@@ -95,8 +122,9 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
 DATASET_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--train-size": ("train_size", POSITIVE_INT, "train on a seeded random subset of this many examples "
                      "(after the val holdout)"),
-    "--image-size": ("image_size", POSITIVE_INT, "folder: data: resize every image to N x N"),
-    "--label-column": ("label_column", text, "csv: data: the label column (default: label)"),
+    "--image-size": ("image_size", IMAGE_SIZE, "folder: data: resize every image to N x N (N <= 4096)"),
+    "--label-column": ("label_column", text, "csv: data: the label column (default: label), class ids 0..K-1 "
+                       "or text names (sorted: a name's id is its place; the mapping is in metrics.json)"),
     "--layout": ("layout", text, "npz: data: nchw or nhwc for 4-D x (default: inferred)"),
     "--categorical": ("categorical", text, "csv: data: non-numeric columns are an error or onehot"),
 }
@@ -146,9 +174,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cuda")
 
 
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    """`--quiet` of compare and grid: no overall progress bar (it shows on a terminal only anyway)."""
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (runs done, ETA, what trains now; shown on a terminal only)")
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """The models are tiny: one thread per process beats two fighting over a core."""
-    parser.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=THREADS, default=1,
+                        help="torch CPU threads (default 1; at most this machine's CPUs)")
 
 
 def use_threads(n: int) -> None:
@@ -164,10 +199,10 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local: a process pool (default); ray: one Ray task per run (extra `ray`)")
     parser.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT|ray://HOST:10001",
                         help="join this Ray cluster (default: start a local one with --workers CPUs)")
-    parser.add_argument("--cpus-per-run", type=float, default=None,
+    parser.add_argument("--cpus-per-run", type=POSITIVE, default=None,
                         help="Ray: CPUs per run, also its torch threads (1)")
-    parser.add_argument("--gpus-per-run", type=float, default=None, help="Ray: GPUs per run (0)")
-    parser.add_argument("--max-retries", type=int, default=None,
+    parser.add_argument("--gpus-per-run", type=NONNEGATIVE, default=None, help="Ray: GPUs per run (0)")
+    parser.add_argument("--max-retries", type=COUNT, default=None,
                         help="Ray: retries of a run whose worker died (3); a run's own error is not retried")
 
 

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         raise FlatminError(f"no results database at {args.db}")
     if args.out is not None:
         check_out(args.out)
-    store = Store(args.db)
+    store = Store(args.db, read_only=True)
     try:
         text = render(store, None if args.no_figures or args.out is None else args.out)
     finally:

@@ -7,7 +7,7 @@ import argparse
 
 from flatmin.analysis._common import load_runs
 from flatmin.analysis.sharpness import markdown, measure, plot_sharpness
-from flatmin.checks import COUNT, POSITIVE, POSITIVE_INT, out_dir
+from flatmin.checks import COUNT, POSITIVE, POSITIVE_INT, check_out, out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
 from flatmin.results.plot import write_csv, write_json
@@ -33,10 +33,13 @@ def run(args: argparse.Namespace) -> int:
     """Tabulate λ_max, tr(H) and ε-sharpness per checkpoint; plot them with --out."""
     if args.epsilon <= 0 or min(args.iters, args.samples, args.steps) < 1:
         raise FlatminError("--epsilon must be > 0 and --iters/--samples/--steps >= 1")
+    if args.out:
+        check_out(args.out)
+    runs = load_runs(args.checkpoints, args.device)  # a damaged checkpoint is refused before --out is made
     out = out_dir(args.out) if args.out else None
     rows = [measure(r, split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
                     seed=args.seed, epsilon=args.epsilon, iters=args.iters, samples=args.samples,
-                    steps=args.steps) for r in load_runs(args.checkpoints, args.device)]
+                    steps=args.steps) for r in runs]
     print(markdown(rows))
     if out is not None:
         for f in (write_csv(out / "sharpness.csv", rows), write_json(out / "sharpness.json", rows),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from flatmin.analysis.spiral import spiral_figure
-from flatmin.checks import NONNEGATIVE, POSITIVE_INT, Number, out_dir
+from flatmin.checks import NONNEGATIVE, POSITIVE_INT, Number, name_list, out_dir
 from flatmin.cli import options
 from flatmin.errors import FlatminError
 from flatmin.train import TrainConfig, get_method
@@ -32,12 +32,10 @@ def run(args: argparse.Namespace) -> int:
     options.use_threads(args.threads)
     if args.grid_points < 2:
         raise FlatminError(f"--grid-points must be >= 2, got {args.grid_points}")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = tuple(name_list(args.methods, "--methods"))
     data = {k: v for k, v in (("n_samples", args.n_samples), ("noise", args.noise)) if v is not None}
     base = TrainConfig(**{**options.config_overrides(args), "dataset": "spiral", "dataset_options": data})
     check_config(base)
-    if not methods:
-        raise FlatminError(f"--methods {args.methods!r}: name at least one method")
     for m in methods:
         get_method(m)  # an unknown name lists the valid ones, before anything is written
     result = spiral_figure(base, out_dir(args.out), methods, args.grid_points)

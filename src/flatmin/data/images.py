@@ -8,11 +8,16 @@ to image_size × image_size (bilinear).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from flatmin.checks import IMAGE_SIZE, check_bytes
 from flatmin.data.decoded import Arrays
 from flatmin.errors import FlatminError
 
@@ -62,24 +67,25 @@ def list_images(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]
 
 def read_folder(root: Path, image_size: int | None = None) -> Arrays:
     """Decode every image once; unreadable files and mixed sizes (without image_size) are named."""
-    if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
-        raise FlatminError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size is not None:
+        IMAGE_SIZE.check(image_size, "image_size")
     image = _pillow()
     classes, splits = list_images(root)
     modes, first = set(), None
     for path, _ in (item for items in splits.values() for item in items):
-        try:
-            with image.open(path) as im:  # reads the header only
-                modes.add(im.mode)
-                size = im.size
-        except (OSError, ValueError) as err:
-            raise FlatminError(f"cannot read image {path}: {err}") from None
+        with _opened(image, path) as im:  # reads the header only
+            modes.add(im.mode)
+            size = im.size
         if first is None:
             first = (path, size)
         elif image_size is None and size != first[1]:
             raise FlatminError(f"images differ in size: {first[0]} is {first[1][0]}x{first[1][1]}, {path} "
                                f"is {size[0]}x{size[1]}; pass --image-size N to resize them all to NxN")
     mode = "L" if modes <= set(GREY_MODES) else "RGB"
+    side = (image_size, image_size) if image_size is not None else first[1]
+    count = sum(len(items) for items in splits.values())
+    check_bytes(count * side[0] * side[1] * (1 if mode == "L" else 3),
+                f"{root}: {count} images of {side[0]}x{side[1]} {mode}")
     out = {}
     for split, items in splits.items():
         x = np.stack([_decode(image, path, mode, image_size) for path, _ in items])
@@ -89,13 +95,26 @@ def read_folder(root: Path, image_size: int | None = None) -> Arrays:
     return Arrays(out, classes)
 
 
+@contextmanager
+def _opened(image, path: Path) -> Iterator[Any]:
+    """An image opened (header read); unreadable data, or more pixels than Pillow's decompression-bomb
+    limit, is one error naming the file and the limit."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", image.DecompressionBombWarning)
+            with image.open(path) as im:
+                yield im
+    except (image.DecompressionBombError, image.DecompressionBombWarning):
+        raise FlatminError(f"image {path} declares more pixels than flatmin decodes (Pillow's limit, "
+                           f"{image.MAX_IMAGE_PIXELS:,} pixels); shrink it or drop it") from None
+    except (OSError, ValueError) as err:  # truncated or corrupt data fails at open() or later
+        raise FlatminError(f"cannot read image {path}: {err}") from None
+
+
 def _decode(image, path: Path, mode: str, size: int | None) -> np.ndarray:
     """One image as uint8 H×W (greyscale) or H×W×3."""
-    try:
-        with image.open(path) as im:
-            im = im.convert(mode)
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError) as err:  # truncated or corrupt data fails here, not at open()
-        raise FlatminError(f"cannot read image {path}: {err}") from None
+    with _opened(image, path) as im:
+        im = im.convert(mode)
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,6 +51,7 @@ class Dataset:
     mean: tuple[float, ...] | None = None  # per channel, in [0,1] pixel units; images only
     std: tuple[float, ...] | None = None
     augment: str = "none"
+    classes: list[str] | None = None  # class names by id, when the data names them (folders, CSV text)
     _transform: Transform | None = field(default=None, repr=False, compare=False)
 
     def transform(self, x: Tensor, train: bool, generator: torch.Generator | None = None
@@ -214,6 +216,13 @@ def canonical_name(name: str) -> str:
     config still finds the files from another working directory; other names unchanged."""
     loader = get_loader(name)
     return f"{loader.kind}:{loader.path}" if hasattr(loader, "kind") else name
+
+
+def folder_name(name: str) -> str:
+    """A dataset name safe in a folder name: the user's files by kind and file name
+    (``npz:/a/b.npz`` -> ``npz-b.npz``), other names as they are."""
+    kind, _, path = name.partition(":")
+    return re.sub(r"[^\w.-]+", "-", f"{kind}-{Path(path).name}" if path else kind)
 
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, val_fraction: float = 0.1,

@@ -1,9 +1,13 @@
 """A table (`csv:DIR` with train.csv, test.csv, optional val.csv) as float32 features and class ids.
 
-Every column but the label column is a feature. A column is categorical when some value in
-train.csv is not a number: with ``categorical="error"`` (default) that is an error naming it;
-with ``"onehot"`` it becomes one 0/1 feature per value seen in train.csv (a value seen only in
-val/test gets all zeros). Empty cells in numeric columns are errors, never silently 0.
+Every column but the label column is a feature, except an unnamed first column: pandas' ``to_csv``
+writes the row index there, so it is read as the index (named ``(index)``, with a warning), never as
+a feature. Labels are class ids 0..K-1, or text (``versicolor``): then the sorted names of train.csv
+are the classes, a name's id is its index, and the mapping is saved with the run. A column is
+categorical when some value in train.csv is not a number: with ``categorical="error"`` (default)
+that is an error naming it; with ``"onehot"`` it becomes one 0/1 feature per value seen in
+train.csv (a value seen only in val/test gets all zeros). Empty cells in numeric columns are
+errors, never silently 0.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatmin.checks import check_bytes
 from flatmin.data.decoded import SPLITS, Arrays
 from flatmin.errors import FlatminError
 
 CATEGORICAL = ("error", "onehot")
+INDEX = "(index)"  # the name given to an unnamed leading column (pandas' row index)
 
 
 def _number(value: str) -> float | None:
@@ -50,11 +56,19 @@ def read_csv(root: Path, label_column: str | None = None, categorical: str = "er
                 continue
             raise FlatminError(f"{root} has no {s}.csv (csv: datasets need train.csv and test.csv, "
                                "val.csv optional)")
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise FlatminError(f"{path} is not a text CSV file ({type(err).__name__}: {err}); "
+                               "save it as UTF-8 text with a header row") from None
         if len(rows) < 2:
             raise FlatminError(f"{path} has no rows" + (" (only a header)" if rows else ""))
         names = [n.strip() for n in rows[0]]
+        if names and not names[0]:
+            names[0] = INDEX  # pandas' to_csv: an unnamed leading column holding the row index
+        if unnamed := [i + 1 for i, n in enumerate(names) if not n]:
+            raise FlatminError(f"{path}: column {unnamed[0]} has no name in the header; name every column")
         if header is None:
             header = names
             if label not in header:
@@ -67,8 +81,12 @@ def read_csv(root: Path, label_column: str | None = None, categorical: str = "er
                 raise FlatminError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
         tables[s] = (path, rows[1:])
     li = header.index(label)
-    features = [i for i in range(len(header)) if i != li]
+    notes = [f"{root}: the first column has no name, so it is read as the row index (pandas' to_csv "
+             "writes one) and not used as a feature; give it a name in the header to use it"
+             ] if _index(header, label) else []
+    features = [i for i in range(len(header)) if i not in (li, *_index(header, label))]
     path, train_rows = tables["train"]
+    names = label_names(tables, li)
     categories: dict[int, list[str]] = {}
     for i in features:
         values = [_number(row[i]) for row in train_rows]
@@ -82,16 +100,40 @@ def read_csv(root: Path, label_column: str | None = None, categorical: str = "er
                                f"{train_rows[bad][i]!r}); flatmin reads numeric columns only: drop it, "
                                "encode it, or pass --categorical onehot")
         categories[i] = sorted({row[i] for row in train_rows})
-    return Arrays({s: _parse(p, header, rows, li, features, categories) for s, (p, rows) in tables.items()})
+    splits = {s: _parse(p, header, rows, li, features, categories, names) for s, (p, rows) in tables.items()}
+    return Arrays(splits, names, notes)
+
+
+def _index(header: list[str], label: str) -> tuple[int, ...]:
+    """The position of the unnamed row-index column, if the table has one (and it is not the label)."""
+    return (0,) if header[0] == INDEX and label != INDEX else ()
+
+
+def label_names(tables: dict[str, tuple[Path, list[list[str]]]], li: int) -> list[str] | None:
+    """Text labels (``versicolor``) as class names, sorted, so that a name's class id is its index;
+    None when every label in train.csv is a number (class ids as written). A split naming a class
+    train.csv lacks is named."""
+    path, rows = tables["train"]
+    if all(_number(row[li]) is not None for row in rows):
+        return None
+    names = sorted({row[li].strip() for row in rows})
+    for p, other in tables.values():
+        if unknown := sorted({r[li].strip() for r in other} - set(names)):
+            raise FlatminError(f"{p}: label {unknown[0]!r} is not among train.csv's labels "
+                               f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''})")
+    return names
 
 
 def _parse(path: Path, header: list[str], rows: list[list[str]], li: int, features: list[int],
-           categories: dict[int, list[str]]) -> tuple[Tensor, Tensor]:
-    """Features (one-hot blocks for categorical columns) and integer labels of one file."""
+           categories: dict[int, list[str]], names: list[str] | None) -> tuple[Tensor, Tensor]:
+    """Features (one-hot blocks for categorical columns) and integer labels of one file (text labels:
+    their index in ``names``)."""
     width = sum(len(categories[i]) if i in categories else 1 for i in features)
+    check_bytes(len(rows) * width * 4, f"{path} ({len(rows)} rows x {width} features)")
     x = np.zeros((len(rows), width), dtype=np.float32)
     y = np.empty(len(rows), dtype=np.int64)
     index = {i: {v: k for k, v in enumerate(c)} for i, c in categories.items()}
+    ids = {n: k for k, n in enumerate(names)} if names is not None else None
     for r, row in enumerate(rows):
         j = 0
         for i in features:
@@ -108,6 +150,9 @@ def _parse(path: Path, header: list[str], rows: list[list[str]], li: int, featur
                 raise _missing(path, header[i], r + 2)
             x[r, j] = v
             j += 1
+        if ids is not None:
+            y[r] = ids[row[li].strip()]
+            continue
         v = _number(row[li])
         if v is None or np.isnan(v) or not v.is_integer() or v < 0:
             raise FlatminError(f"{path} line {r + 2}: label {row[li]!r} in column {header[li]!r} is "

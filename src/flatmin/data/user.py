@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import warnings
+import zipfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatmin.checks import MAX_CLASSES, check_bytes, digest
 from flatmin.data.decoded import SPLITS, Arrays
 from flatmin.data.download import default_data_dir
 from flatmin.data.images import read_folder
 from flatmin.data.registry import USER_KINDS, Dataset, Split, holdout, with_transform
 from flatmin.data.tabular import read_csv
-from flatmin.errors import FlatminError
+from flatmin.errors import FlatminError, FlatminWarning
 
 KINDS = ("npz", "folder", "csv")
 OPTIONS = {"npz": ("layout",), "folder": ("image_size",), "csv": ("label_column", "categorical")}
@@ -37,7 +41,7 @@ OPTIONS = {"npz": ("layout",), "folder": ("image_size",), "csv": ("label_column"
 DEFAULTS = {"epochs": 30, "lr": 0.05, "batch_size": 50, "weight_decay": 1e-4}
 DEFAULT_MODEL = "mlp"  # works on any input shape; images usually want --model preactresnet18 or yours
 LAYOUTS = ("nchw", "nhwc")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: inputs checked finite, CSV text labels mapped, index column dropped, digest
 
 
 def class_ids(name: str, y: np.ndarray) -> Tensor:
@@ -63,8 +67,42 @@ def features(name: str, x: np.ndarray) -> Tensor:
         raise FlatminError(f"{name} has dtype {x.dtype}; inputs must be numeric arrays")
     if x.dtype == np.uint8 and x.ndim == 4:
         return torch.from_numpy(np.ascontiguousarray(x))
+    if x.dtype.kind == "f" and not (finite := np.isfinite(x)).all():
+        where = np.unravel_index(np.argmin(finite), x.shape)
+        raise FlatminError(f"{name} holds {x[where].item()} at index {tuple(int(i) for i in where)}; inputs "
+                           "must be finite (fill or drop the missing values first)")
     x = np.ascontiguousarray(x, dtype=np.float32)  # a transposed (NHWC) array: one memory order
     return torch.from_numpy(x.reshape(len(x), 1) if x.ndim == 1 else x)
+
+
+def declared_sizes(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Each array's shape and byte size as its .npy header declares them, read before any array is:
+    a header that claims more than the member holds, or more than `memory_limit`, is named."""
+    out: dict[str, tuple[tuple[int, ...], int]] = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                    start = f.tell()
+                nbytes = math.prod(shape) * dtype.itemsize
+                name = info.filename[:-4]
+                check_bytes(nbytes, f"{path}: {name} (shape {shape}, {dtype})")
+                if nbytes != info.file_size - start:
+                    raise FlatminError(f"{path}: {name} declares shape {shape} of {dtype} ({nbytes:,} bytes) "
+                                       f"but holds {max(info.file_size - start, 0):,} bytes; the file is "
+                                       "damaged or not written by numpy.savez")
+                out[name] = (shape, nbytes)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise FlatminError(f"cannot read {path} as .npz of numeric arrays: "
+                           f"{err or type(err).__name__} (an .npz is a zip written by numpy.savez)") from None
+    check_bytes(sum(n for _, n in out.values()), f"{path} (all arrays)")
+    return out
 
 
 def read_npz(path: Path, layout: str | None = None) -> Arrays:
@@ -72,6 +110,7 @@ def read_npz(path: Path, layout: str | None = None) -> Arrays:
     the last axis has 1, 3 or 4 entries and axis 1 does not (``layout`` overrides)."""
     if layout is not None and layout not in LAYOUTS:
         raise FlatminError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    declared_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             present = set(z.files)
@@ -82,7 +121,7 @@ def read_npz(path: Path, layout: str | None = None) -> Arrays:
             if ("x_val" in present) != ("y_val" in present):
                 raise FlatminError(f"{path} has only one of x_val, y_val; give both or neither")
             raw = {s: (z[f"x_{s}"], z[f"y_{s}"]) for s in SPLITS if f"x_{s}" in present}
-    except (OSError, ValueError) as err:  # not a zip, or object arrays (allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # not a zip, or object arrays (allow_pickle=False)
         raise FlatminError(f"cannot read {path} as .npz of numeric arrays: {err}") from None
     shape = raw["train"][0].shape
     if layout is not None and len(shape) != 4:
@@ -98,7 +137,7 @@ def read_npz(path: Path, layout: str | None = None) -> Arrays:
         if x.shape[1:] != raw["train"][0].shape[1:]:
             raise FlatminError(f"{path}: x_{s} examples have shape {x.shape[1:]}, x_train's "
                                f"{raw['train'][0].shape[1:]}")
-        splits[s] = (features(f"x_{s}", x), class_ids(f"y_{s}", y))
+        splits[s] = (features(f"{path}: x_{s}", x), class_ids(f"{path}: y_{s}", y))
     return Arrays(splits)
 
 
@@ -143,7 +182,8 @@ class UserLoader:
         if file.is_file():
             try:
                 p = torch.load(file, weights_only=True)
-                return Arrays({k: tuple(v) for k, v in p["splits"].items()}, p["classes"])
+                if p.pop("digest") == digest(p):  # a changed byte: rebuilt, never trusted
+                    return Arrays({k: tuple(v) for k, v in p["splits"].items()}, p["classes"], p["notes"])
             except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never trusted
                 pass
         if self.kind == "npz":
@@ -154,7 +194,8 @@ class UserLoader:
             arrays = read_folder(self.path, options.get("image_size"))
         cache.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(arrays.to_payload(), tmp)
+        payload = arrays.to_payload()
+        torch.save({**payload, "digest": digest(payload)}, tmp)
         os.replace(tmp, file)  # atomic: a concurrent reader sees the old entry or the whole new one
         return arrays
 
@@ -170,21 +211,49 @@ class UserLoader:
         options = {k: v for k, v in options.items() if v is not None}
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         arrays = self.read(root / "user-cache", **options)
+        for note in arrays.notes:
+            warnings.warn(note, FlatminWarning, stacklevel=2)
         x, y = arrays.splits["train"]
         if "val" in arrays.splits:
             train, val = Split(x, y), Split(*arrays.splits["val"])
         else:
             train, val = holdout(Split(x, y), val_fraction, seed)
         test = Split(*arrays.splits["test"])
-        ys = [s.y for s in (train, val, test) if s is not None and len(s)]
-        num_classes = max(int(t.max()) for t in ys) + 1
-        if len(torch.unique(train.y)) < 2:
-            raise FlatminError(f"{self.name}: the training split has a single class; need at least two")
+        num_classes = check_label_ranges(self.name, {"train": train, "val": val, "test": test},
+                                         arrays.classes)
         if x.dtype != torch.uint8:
             standardise(train, val, test)
         ds = Dataset(self.name, train, val, test, num_classes, tuple(x.shape[1:]), self.default_model,
-                     dict(self.defaults))
+                     dict(self.defaults), classes=arrays.classes)
         return with_transform(ds, augment)
+
+
+def check_label_ranges(name: str, splits: dict[str, Split | None], classes: list[str] | None = None) -> int:
+    """The number of classes K (train's largest id + 1), once every split's labels are checked against
+    train's before any allocation: ids below `MAX_CLASSES`, no split with an id train never had, at
+    least two classes; ids train skips (labels 1..K, say) are a warning: an empty class is an output
+    the model learns to never predict."""
+    top = {s: int(sp.y.max()) for s, sp in splits.items() if sp is not None and len(sp)}
+    worst = max(top, key=top.get)
+    if top[worst] >= MAX_CLASSES:
+        raise FlatminError(f"{name}: y_{worst} holds label {top[worst]}; class ids must be "
+                           f"0..{MAX_CLASSES - 1} (at most {MAX_CLASSES} classes)")
+    present = torch.unique(splits["train"].y)
+    if len(present) < 2:
+        raise FlatminError(f"{name}: the training split has a single class; need at least two")
+    k = top["train"] + 1
+    if extra := [s for s in top if top[s] >= k]:
+        raise FlatminError(f"{name}: y_{extra[0]} holds label {top[extra[0]]}, which the training split "
+                           f"never has (its labels are 0..{k - 1}); a model cannot learn a class it never "
+                           "sees")
+    if len(present) < k:
+        missing = sorted(set(range(k)) - set(present.tolist()))
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        names = f" ({', '.join(classes)})" if classes else ""
+        warnings.warn(f"{name}: the training labels skip class id(s) {shown}{names}; the model gets {k} "
+                      f"outputs, {len(missing)} of them for classes with no example (labels are class "
+                      "ids 0..K-1: subtract the smallest, or map them)", FlatminWarning, stacklevel=2)
+    return k
 
 
 def standardise(train: Split, *others: Split | None) -> None:

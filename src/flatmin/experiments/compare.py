@@ -78,14 +78,16 @@ def baseline_label(name: str | None, specs: list[Spec]) -> str:
 
 def compare(specs: list[Spec], baseline: str, seeds: list[int], cap: int | None, *,
             overrides: dict[str, Any], sweep: dict[str, list[Any]], tune_seeds: list[int], tune_metric: str,
-            out: Path, backend: Callable[[], Backend], cost_epochs: int, figures: bool) -> None:
+            out: Path, backend: Callable[[], Backend], cost_epochs: int, figures: bool,
+            progress: bool | None = None) -> None:
     """Train every spec × seed (tuning first if asked; with a ``cap``, batch after batch of seeds until
     the first spec's verdict against the baseline is clear), print the table and the paired
     verdicts, write CSV/Markdown/JSON/PNGs into ``out``."""
     t0 = time.perf_counter()
     rounds: list[dict[str, Any]] = []
     while True:
-        res, done = train_specs(specs, seeds, overrides, sweep, tune_seeds, tune_metric, out, backend)
+        res, done = train_specs(specs, seeds, overrides, sweep, tune_seeds, tune_metric, out, backend,
+                                progress)
         tasks = dict(enumerate(res.tasks))
         groups = {specs[i].label: [_result(done[t.key]) for t in tasks[i]] for i in range(len(specs))}
         if cap is None:
@@ -106,8 +108,8 @@ def compare(specs: list[Spec], baseline: str, seeds: list[int], cap: int | None,
 
 
 def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], sweep: dict[str, list[Any]],
-                tune_seeds: list[int], tune_metric: str, out: Path, make_backend: Callable[[], Backend]
-                ) -> tuple[tuning.Outcome, dict]:
+                tune_seeds: list[int], tune_metric: str, out: Path, make_backend: Callable[[], Backend],
+                progress: bool | None = None) -> tuple[tuning.Outcome, dict]:
     """Tune (if asked) and train every spec over ``seeds``; finished runs are read back, not retrained."""
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
     sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
@@ -117,7 +119,7 @@ def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], 
     store = Store(check_out(out) / "results.db")
     try:
         res = tuning.tune_and_run(bases, [s.label for s in specs], sweeps, seeds,
-                                  tune_seeds, out, store, backend, tune_metric)
+                                  tune_seeds, out, store, backend, tune_metric, progress=progress)
         done = {r["key"]: r for r in store.rows()}
     finally:
         store.close()
@@ -166,7 +168,9 @@ def write_outputs(out: Path, groups: dict[str, list[dict]], tasks: dict[int, lis
         fig.metric_spread(groups, out / "metrics.png")
         fig.training_curves({s.label: [fig.read_log(t.run_dir) for t in tasks[i]]
                              for i, s in enumerate(specs)}, out / "curves.png")
-        pair = {k: groups[k] for k in groups if k == "erm" or k.startswith("amp")}
-        fig.reliability(pair if len(pair) > 1 else groups, out / "reliability.png")
-    pngs = ", metrics.png, curves.png, reliability.png" if figures else ""
+        fig.reliability(groups, out / "reliability.png")
+        if ev.comps:
+            fig.forest(ev.comps, out / "verdicts.png")
+    pngs = (", metrics.png, curves.png, reliability.png" + (", verdicts.png" if ev.comps else "")
+            if figures else "")
     print(f"wrote {out}/results.csv, table.md, summary.json, summary.md{pngs}")

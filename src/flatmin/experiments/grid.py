@@ -34,7 +34,7 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_grid(grid: dict[str, Any], tune: dict[str, Any], run: dict[str, Any], db: Path | None,
-             make_backend: Callable[[int], Backend]) -> None:
+             make_backend: Callable[[int], Backend], progress: bool | None = None) -> None:
     """Tune (if asked) and run the grid of a grid file's tables, then print Table 1 of the DB; a
     RunFailedError names the runs missing at the end."""
     seeds = check_seeds(grid.pop("seeds", grid.pop("seed", [0])), "seeds")
@@ -52,7 +52,7 @@ def run_grid(grid: dict[str, Any], tune: dict[str, Any], run: dict[str, Any], db
     store = Store(db or out / "results.db")
     try:
         res = tuning.tune_and_run(bases, [b.method for b in bases], sweeps, seeds, tune_seeds, out, store,
-                                  backend, metric)
+                                  backend, metric, progress=progress)
         print(render(store, figures_dir=None))
     finally:
         store.close()

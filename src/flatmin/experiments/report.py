@@ -57,7 +57,7 @@ def verdicts(groups: list) -> str:
 
 
 def write_figures(groups: list, folder: Path) -> str:
-    """Per dataset/model/augment cell: metric spread and ERM-vs-AMP reliability diagrams."""
+    """Per dataset/model/augment cell: metric spread and every method's reliability diagram."""
     folder = out_dir(folder)
     written = []
     for cell in sorted({(g.dataset, g.model, g.augment) for g in groups}):
@@ -65,7 +65,5 @@ def write_figures(groups: list, folder: Path) -> str:
                 if (g.dataset, g.model, g.augment) == cell}
         name = "_".join(cell)
         written.append(figures.metric_spread(here, folder / f"metrics_{name}.png"))
-        pair = {k: v for k, v in here.items() if k.startswith(("ERM", "AMP"))}
-        if len(pair) > 1:
-            written.append(figures.reliability(pair, folder / f"reliability_{name}.png"))
+        written.append(figures.reliability(here, folder / f"reliability_{name}.png"))
     return "\nfigures: " + ", ".join(str(p) for p in written) + "\n"

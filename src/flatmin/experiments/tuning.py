@@ -171,10 +171,11 @@ class Outcome:
 def tune_and_run(bases: list[TrainConfig], labels: list[str], sweeps: list[dict[str, list[Any]]],
                  seeds: list[int], tune_seeds: list[int], root: str | Path, store: Store,
                  workers: int | Backend, metric: str = "error",
-                 log: Callable[[str], None] = print) -> Outcome:
+                 log: Callable[[str], None] = print, progress: bool | None = None) -> Outcome:
     """Tune on val where a sweep has more than one candidate, then run every base over ``seeds``.
 
-    Bases with nothing to tune train alongside the tuning runs, so the cores stay busy.
+    Bases with nothing to tune train alongside the tuning runs, so the cores stay busy. ``progress``:
+    the overall bar of `runner.execute` (None: on a terminal only).
     """
     p = plan(bases, sweeps, tune_seeds, root, labels)
 
@@ -186,10 +187,12 @@ def tune_and_run(bases: list[TrainConfig], labels: list[str], sweeps: list[dict[
     if p.runs():
         log(f"tuning {', '.join(sorted({k for g in p.grids if len(g) > 1 for k in g[0]}))} on the "
             f"validation split: {len(p.runs())} runs")
-    failed = execute(p.runs() + [t for ts in tasks.values() for t in ts], store, workers, log)
+    first = p.runs() + [t for ts in tasks.values() for t in ts]
+    failed = execute(first, store, workers, log, progress=progress)
     chosen = choose(p, store, metric, log)
     tasks.update({i: final(i, chosen[i]) for i in range(len(bases)) if i not in fixed})
-    failed += execute([t for i in range(len(bases)) if i not in fixed for t in tasks[i]], store, workers, log)
+    failed += execute([t for i in range(len(bases)) if i not in fixed for t in tasks[i]], store, workers, log,
+                      progress=progress)
     return Outcome([tasks[i] for i in range(len(bases))], chosen, p, failed)
 
 

@@ -76,13 +76,32 @@ def rebuild_hint(path: Path) -> str:
             "filled it (finished runs are read back from their run folders, nothing is retrained)")
 
 
-class Store:
-    """A results database; every method opens its own short transaction."""
+RUN_COLUMNS = ("key", "config", "metrics", "label")  # what a table must have to be flatmin's runs
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
-    def __init__(self, path: str | Path, lease_s: float = LEASE_S) -> None:
-        self.path, self.lease_s, self.owner = Path(path), lease_s, owner_id()
+
+def _read_only_uri(path: Path) -> str:
+    """With no WAL beside it, nobody has the file open: read it as immutable (not even SQLite's
+    -wal/-shm side files are created); else read-only beside the writer's WAL."""
+    quiet = not Path(f"{path}-wal").exists()
+    return path.resolve().as_uri() + ("?immutable=1" if quiet else "?mode=ro")
+
+
+class Store:
+    """A results database; every method opens its own short transaction.
+
+    ``read_only`` (what `report` and `calibration` use): the file must already be a flatmin store,
+    and it is opened so that SQLite cannot write to it. A writer creates flatmin's tables only in a
+    new file (or a 0-byte or table-less one); a database holding other tables is refused untouched.
+    """
+
+    def __init__(self, path: str | Path, lease_s: float = LEASE_S, *, read_only: bool = False) -> None:
+        self.path, self.lease_s, self.owner, self.read_only = Path(path), lease_s, owner_id(), read_only
         if self.path.is_dir():
             raise FlatminError(f"{self.path} is a folder, not a results database")
+        if read_only:
+            self._open_read_only()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._check()
@@ -92,22 +111,57 @@ class Store:
             raise StoreError(f"{self.path} is not a usable results database ({err}); nothing was written "
                              f"to it; {rebuild_hint(self.path)}") from None
 
+    def _open_read_only(self) -> None:
+        """Open an existing flatmin store for reading; anything else is one error, the file unchanged."""
+        what = "flatmin compare and flatmin grid write one (results.db in their --out)"
+        if not self.path.is_file():
+            raise FlatminError(f"no results database at {self.path}; {what}")
+        with open(self.path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+        if not head:
+            raise FlatminError(f"{self.path} is an empty file, not a results database; {what}")
+        if head != SQLITE_MAGIC:
+            raise FlatminError(f"{self.path} is not an SQLite database, so not a results database; {what}")
+        try:
+            self._check()
+            self.db = sqlite3.connect(_read_only_uri(self.path), uri=True, timeout=60.0, isolation_level=None)
+            self.db.execute("PRAGMA query_only=ON")
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path} is not a usable results database ({err}); nothing was written "
+                             f"to it; {rebuild_hint(self.path)}") from None
+        if "runs" not in self._tables():
+            self.db.close()
+            raise FlatminError(f"{self.path} is an SQLite database but not flatmin's results (no table "
+                               f"'runs' with flatmin's columns); {what}")
+
+    def _tables(self, db: sqlite3.Connection | None = None) -> set[str]:
+        """flatmin's tables in the database (``runs`` only when it has flatmin's columns)."""
+        db = db or self.db
+        names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "runs" in names:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            if not set(RUN_COLUMNS) <= columns:
+                names.discard("runs")
+        return names
+
     def _check(self) -> None:
-        """Refuse a damaged database before the first write (a header SQLite reads can hide damage).
-        With no WAL beside it, nobody has it open: read it as immutable, so not even SQLite's -wal/-shm
-        side files are created next to a damaged store."""
+        """Refuse a damaged database, or another program's, before the first write (a header SQLite
+        reads can hide damage)."""
         if not self.path.is_file() or self.path.stat().st_size == 0:
             return  # a new store (an empty file is one too)
-        quiet = not Path(f"{self.path}-wal").exists()
-        uri = self.path.resolve().as_uri() + ("?immutable=1" if quiet else "")
-        db = sqlite3.connect(uri, uri=True, timeout=60.0)
+        db = sqlite3.connect(_read_only_uri(self.path), uri=True, timeout=60.0)
         try:
             problems = [r for (r,) in db.execute("PRAGMA quick_check").fetchall()]
+            tables = self._tables(db) if problems == ["ok"] else set()
         finally:
             db.close()
         if problems != ["ok"]:
             raise StoreError(f"{self.path} is damaged ({problems[0]}); nothing was written to it; "
                              f"{rebuild_hint(self.path)}")
+        if tables and "runs" not in tables:
+            raise FlatminError(f"{self.path} is another program's SQLite database (tables: "
+                               f"{', '.join(sorted(tables))}); flatmin creates its tables only in a file "
+                               "of its own: choose another path; nothing was written to it")
 
     def _setup(self, deadline_s: float = 60.0) -> None:
         """WAL mode and the schema. Two processes creating one database at once can get an immediate
@@ -239,6 +293,8 @@ class Store:
                         json.dumps(chosen), metric, "val", json.dumps(scores), time.time()))
 
     def selections(self) -> list[dict[str, Any]]:
+        if self.read_only and "selections" not in self._tables():
+            return []  # a store from before tuning recorded its choices
         cur = self.db.execute("SELECT * FROM selections ORDER BY cell")
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, v)) for v in cur.fetchall()]

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatmin.checks import digest
 from flatmin.data import load_dataset
 from flatmin.errors import FlatminError, UnknownNameError
 from flatmin.models import create_model
 from flatmin.train.config import TrainConfig
 from flatmin.train.methods import get_method
 
-FORMAT, VERSION = "flatmin-checkpoint", 1
+FORMAT, VERSION = "flatmin-checkpoint", 2  # 2: the payload's digest (1: none, read unverified)
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -54,8 +55,9 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Tag the payload as flatmin's and write it atomically."""
-    atomic_write_bytes(path, lambda f: _torch_save({"format": FORMAT, "version": VERSION, **payload}, f))
+    """Tag the payload as flatmin's, with the digest of its content, and write it atomically."""
+    tagged = {"format": FORMAT, "version": VERSION, **payload}
+    atomic_write_bytes(path, lambda f: _torch_save({**tagged, "digest": digest(tagged)}, f))
 
 
 def _torch_save(obj: Any, f: Any) -> None:
@@ -82,9 +84,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FlatminError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FlatminError(f"{path} is not a flatmin checkpoint (no '{FORMAT}' tag)")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in (1, VERSION):
         raise FlatminError(f"{path} has checkpoint version {payload.get('version')}; "
-                           f"this flatmin reads version {VERSION}")
+                           f"this flatmin reads versions 1 and {VERSION}")
+    if payload["version"] >= 2:
+        saved = payload.pop("digest", None)
+        if saved != digest(payload):
+            raise FlatminError(f"{path} is damaged: its content does not match the digest saved with it "
+                               "(a changed byte on disk); it was not used. Re-train, or resume from a copy")
     return payload
 
 

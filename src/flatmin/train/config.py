@@ -19,12 +19,15 @@ from flatmin.checks import (
     POSITIVE,
     POSITIVE_INT,
     SHARE,
+    Choice,
     check_device,
 )
 from flatmin.errors import ConfigError
 from flatmin.optim import registry
 
 PRECISIONS = ("32", "bf16", "fp16")
+LR_SCHEDULES = Choice(("step", "cosine", "constant"))
+DEFAULT_LR_SCHEDULE = "step"  # the paper's: lr x lr_gamma at each milestone (50% and 75% of the epochs)
 
 
 @dataclass
@@ -41,8 +44,9 @@ class _Protocol:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float | None = None
-    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs (the step schedule)
     lr_gamma: float = 0.1
+    lr_schedule: str | None = None  # step (at the milestones), cosine or constant; None: the dataset's
     grad_clip: float | None = None  # the authors clip the gradient norm at 50
     accumulate: int = 1  # micro-batches per pass (gradient accumulation; the step is the same)
     # data
@@ -113,6 +117,7 @@ FIELD_RULES: dict[str, Any] = {
     "eval_every": POSITIVE_INT, "val_fraction": FRACTION, **RULE_FIELD_RULES,
     "dropout": FRACTION, "label_smoothing": FRACTION, "flood_level": NONNEGATIVE, "mixup_alpha": POSITIVE,
     "adv_epsilon": NONNEGATIVE, "seed": COUNT, "eval_batch_size": POSITIVE_INT, "lr_gamma": SHARE,
+    "lr_schedule": LR_SCHEDULES,
 }
 DEFAULTS = TrainConfig().to_dict()
 FIELDS = list(DEFAULTS)
@@ -203,6 +208,8 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
     for key in ("epochs", "batch_size", "lr", "weight_decay"):
         if getattr(c, key) is None:
             setattr(c, key, dataset_defaults[key])
+    if c.lr_schedule is None:
+        c.lr_schedule = dataset_defaults.get("lr_schedule", DEFAULT_LR_SCHEDULE)
     if c.dataset in PAPER_DATASETS:
         eps, zeta = paper_amp_preset(c.model, c.augment)
         preset = dict(epsilon=eps, inner_lr=zeta, ball="per_tensor", rho=PAPER_RHO, asam_rho=PAPER_ASAM_RHO)
@@ -233,6 +240,7 @@ def validate(c: TrainConfig) -> None:
             raise ConfigError(f"{key} must be a finite number >= 0, got {v!r}")
     if not 0 <= c.val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {c.val_fraction!r}")
+    LR_SCHEDULES.check(c.lr_schedule, "lr_schedule")
     if c.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     if c.dropout >= 1 or c.label_smoothing >= 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive
 from flatmin.optim.driver import grad_scale, head_size, split_sizes
 from flatmin.optim.sharded import local, norm_reducer
 from flatmin.train import checkpoint as ckpt
-from flatmin.train.config import TrainConfig, resolve
+from flatmin.train.config import DEFAULT_LR_SCHEDULE, TrainConfig, resolve
 from flatmin.train.distributed import current
 from flatmin.train.logging import LOG, RunLogger, read_epochs
 from flatmin.train.methods import Batch, Method, get_method
@@ -45,7 +46,12 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Step schedule: lr divided by 10 at each milestone (fractions of the epochs; paper 50%, 75%)."""
+    """The epoch's learning rate. step (the paper's): lr × lr_gamma at each milestone (fractions of the
+    epochs; 50% and 75%); cosine: from lr down toward 0 over the epochs; constant: lr throughout."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
     passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
     return cfg.lr * cfg.lr_gamma ** passed
 
@@ -202,6 +208,27 @@ def run_epoch(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, ds: 
             "grad_norm": float(sums[2]) / len(steps) / ctx.dist.world_size}
 
 
+def check_model(model: nn.Module, ds: Dataset, name: str) -> None:
+    """Before the first batch: the model takes two training examples and returns one logit per class
+    for each (a factory with the wrong head fails here in one line, not mid-training or silently)."""
+    was_training = model.training
+    model.eval()  # no running statistic moves, no dropout mask is drawn
+    try:
+        with torch.no_grad():
+            out = model(ds.transform(ds.train.x[:2], False))
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model {name} cannot take inputs of shape {tuple(ds.input_shape)} from "
+                          f"{ds.name}: {first}") from None
+    finally:
+        model.train(was_training)
+    want = (min(2, len(ds.train)), ds.num_classes)
+    if not isinstance(out, Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigError(f"model {name} returns {got} for a batch of {want[0]} examples; {ds.name} has "
+                          f"{ds.num_classes} classes, so it must return logits of shape {want}")
+
+
 def _evaluates(cfg: TrainConfig, epoch: int) -> bool:
     """Val/test every ``eval_every`` epochs and after the last: evaluation changes no weight."""
     return (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
@@ -244,6 +271,7 @@ def _check_resumable(out: Path, resume: bool) -> dict | None:
 def _config_mismatch(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """Fields in which a resumed run would differ from the saved one."""
     a, b = saved.to_dict(), wanted.to_dict()
+    a["lr_schedule"] = a["lr_schedule"] or DEFAULT_LR_SCHEDULE  # saved before the field: step, the only one
     free = ("device", "tensorboard", "fsdp")  # where and how it runs, what it logs: not the run itself
     return [f"{k}: saved {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k] and k not in free]
 
@@ -264,8 +292,6 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     out = Path(out) if out is not None else None
     saved = _check_resumable(out, resume) if out is not None else None
     dist.barrier()  # every rank has read the checkpoint before rank 0 writes a new one
-    if out is not None and dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     if saved is not None:
         if diff := _config_mismatch(TrainConfig.from_dict(saved["config"]), cfg):
             raise FlatminError(f"cannot resume {out}: the configuration differs ({'; '.join(diff)})")
@@ -275,9 +301,14 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
         progress = sys.stderr.isatty() and dist.is_main
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=ds.num_classes, in_channels=ds.input_shape[0],
-                         input_shape=ds.input_shape, dropout=cfg.dropout if method.dropout else 0.0)
+    try:
+        model = create_model(cfg.model, num_classes=ds.num_classes, in_channels=ds.input_shape[0],
+                             input_shape=ds.input_shape, dropout=cfg.dropout if method.dropout else 0.0)
+    except ValueError as err:  # a model that cannot take this data's shape (cnn1d on images)
+        raise ConfigError(f"model {cfg.model} does not fit {cfg.dataset} (inputs {tuple(ds.input_shape)}, "
+                          f"{ds.num_classes} classes): {err}") from None
     model.to(device)
+    check_model(model, ds, cfg.model)
     if saved is not None:
         # before wrapping: DDP broadcasts the loaded weights, FSDP shards them
         _resume_part(out, cfg, lambda: model.load_state_dict(saved["model"]))
@@ -299,6 +330,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
         _resume_part(out, cfg, lambda: opt.load_state_dict(own(opt, saved["optimizer"])))
         scaler.load_state_dict(saved["scaler"])
         history, start, elapsed = list(saved["history"]), int(saved["epoch"]), float(saved["time_s"])
+    if out is not None and dist.is_main:  # only now: every check of the data and model has passed
+        out.mkdir(parents=True, exist_ok=True)
     logger = _logger(out, cfg, history, start, resumed=saved is not None) if dist.is_main else None
     if cfg.compile:
         net = torch.compile(net)
@@ -381,6 +414,8 @@ def _finish(model: nn.Module, ds: Dataset, ctx: StepContext, history: list[dict[
         "train_time_s": sum(h["epoch_time_s"] for h in history),
         "versions": versions(), "git_commit": git_commit(), "device": device_name(ctx.device),
         "world_size": ctx.dist.world_size})
+    if ds.classes is not None:  # class id -> name (image folders, CSV text labels): the mapping of the run
+        result["classes"] = list(ds.classes)
     if out is not None and ctx.dist.is_main:
         ckpt.write_json(out / "metrics.json", result)
     return result

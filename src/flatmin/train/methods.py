@@ -199,6 +199,17 @@ def method_fields() -> dict[str, tuple[str, ...]]:
     return {name: m.fields for name, m in METHODS.items()}
 
 
+def ignored_fields(cfg: TrainConfig, given: Iterable[str]) -> dict[str, list[str]]:
+    """Of the ``given`` fields, those that are some method's own but that this run's method (in its
+    setting) never reads, each with the methods that do read it: a value set there changes nothing."""
+    own = set(get_method(cfg.method).fields_for(cfg))
+    readers: dict[str, list[str]] = {}
+    for name, m in METHODS.items():
+        for f in m.fields:
+            readers.setdefault(f, []).append(name)
+    return {f: readers[f] for f in given if f in readers and f not in own}
+
+
 def get_method(name: str) -> Method:
     """A method by name; an unknown name lists the valid ones."""
     if name not in METHODS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import signal
+import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import nullcontext
@@ -13,13 +14,15 @@ from typing import Any
 
 import torch
 
-from flatmin.errors import FlatminError
+from flatmin.errors import FlatminError, one_line_warnings
 from flatmin.experiments.backends.base import Ledger, Task, describe, train_run
 
 
 def _init_worker() -> None:
-    """One torch thread per process (tiny models on a shared CPU run fastest that way)."""
+    """One torch thread per process (tiny models on a shared CPU run fastest that way); flatmin's
+    warnings (labels that skip a class id, say) on one line, as the CLI prints them."""
     torch.set_num_threads(1)
+    warnings.showwarning = one_line_warnings("flatmin worker", warnings.showwarning)
 
 
 def _init_pool_worker() -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import socket
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from flatmin.errors import FlatminError
+from flatmin.errors import FlatminError, one_line_warnings
 from flatmin.experiments.backends.base import Ledger, Task, describe, train_run
 
 try:
@@ -36,6 +36,7 @@ def _run_task(config: dict[str, Any], run_dir: str, threads: int) -> tuple[str, 
     """Ray task body: the same computation as a local run (same seed, same thread count); the run's
     own exception is returned as a value so that Ray never retries it."""
     torch.set_num_threads(threads)
+    warnings.showwarning = one_line_warnings("flatmin worker", warnings.showwarning)
     try:
         return "ok", train_run(config, run_dir)
     except Exception as err:  # noqa: BLE001 - recorded once by the driver, never retried
@@ -81,6 +82,17 @@ def check_address(address: str) -> None:
                            f"({err.strerror or err}); start one with `ray start --head`") from None
 
 
+def check_resources(nodes: list[dict[str, Any]], wanted: dict[str, float]) -> None:
+    """Refuse, before any task is submitted, a run no live node can hold: Ray would queue it forever."""
+    flags = {"CPU": "--cpus-per-run", "GPU": "--gpus-per-run"}
+    for resource, amount in wanted.items():
+        most = max((n.get("Resources", {}).get(resource, 0) for n in nodes), default=0)
+        if amount > most:
+            raise FlatminError(f"{flags.get(resource, resource)} {amount:g}: no node of this Ray cluster has "
+                               f"{amount:g} {resource}(s) (the most on one node: {most:g}); runs would wait "
+                               "forever; ask for less or add a node that has them")
+
+
 class RayBackend:
     """Runs as Ray tasks: all submitted at once (Ray queues them on the cluster's free resources)."""
 
@@ -107,8 +119,12 @@ class RayBackend:
         total = ray.cluster_resources()
         log(f"Ray: {len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs; "
             f"each run takes {cpus_per_run:g} CPU(s), {gpus_per_run:g} GPU(s)")
-        if gpus_per_run > max((n["Resources"].get("GPU", 0) for n in nodes), default=0):
-            log(f"warning: no Ray node has {gpus_per_run:g} GPU(s) now; runs wait until one joins")
+        try:
+            check_resources(nodes, {"CPU": cpus_per_run, "GPU": gpus_per_run})
+        except FlatminError:
+            self.close()
+            raise
+
 
     def run(self, tasks: list[Task], ledger: Ledger) -> None:
         """Submit every claimed task, report each as it returns, cancel the rest on Ctrl-C."""
@@ -121,8 +137,7 @@ class RayBackend:
         remote = ray.remote(_run_task)
         opts = dict(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries,
                     retry_exceptions=False)
-        in_flight: dict[Any, Task] = {}
-        bar = tqdm(total=len(tasks), unit="run", desc="runs finished", mininterval=1.0)
+        in_flight: dict[Any, Task] = {}  # the overall progress bar is the driver's (runner.execute)
         try:
             for t in tasks:
                 if ledger.claim(t):
@@ -130,15 +145,11 @@ class RayBackend:
                     ref = remote.options(name=name, **opts).remote(
                         t.config.to_dict(), str(t.run_dir.resolve()), self.threads)
                     in_flight[ref] = t
-                else:
-                    bar.total -= 1
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=ledger.heartbeat_s)
                 ledger.renew(list(in_flight.values()))
                 for ref in ready:
-                    with tqdm.external_write_mode():
-                        self._report(ref, in_flight.pop(ref), ledger)
-                    bar.update()
+                    self._report(ref, in_flight.pop(ref), ledger)
         except KeyboardInterrupt:
             self.log(f"\ninterrupted: cancelling {len(in_flight)} unfinished runs; finished runs are stored "
                      "and a re-run trains only what is missing")
@@ -154,7 +165,6 @@ class RayBackend:
                     ray.cancel(ref)
                 if running:
                     ray.wait(running, num_returns=len(running), timeout=CANCEL_WAIT_S)
-            bar.close()
 
     @staticmethod
     def _report(ref: Any, t: Task, ledger: Ledger) -> None:
