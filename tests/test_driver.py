@@ -144,3 +144,24 @@ def test_only_the_first_pass_moves_batchnorm_statistics():
     ref(x)  # one forward in train mode: what the first pass alone does to the statistics
     torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
     assert int(model[1].num_batches_tracked) == 1
+
+
+def test_a_closure_that_cannot_take_the_rules_keywords_is_refused_before_any_pass():
+    """create_optimizer(model, "amp-subbatch") with a plain `def closure():` (the README's loop): one
+    clear message naming the keyword and how to write the closure, and θ untouched."""
+    import flatmin
+
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
+    for name, kw in [("amp-subbatch", {}), ("sam", {"splits": 2})]:
+        opt = flatmin.create_optimizer(model, name, lr=0.1, **kw)
+
+        def closure():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        with pytest.raises(ValueError, match="this closure does not take") as err:
+            opt.step(closure)
+        assert "def closure(" in str(err.value)
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

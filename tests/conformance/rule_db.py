@@ -57,7 +57,9 @@ class RuleCase:
         """The routes that can drive this case (the matrix's columns it applies to)."""
         out = ["drive", "two_call"]
         if not self.selects:
-            out.append("closure")
+            out += ["closure", "peers"]
+        if self.splits == 1 and not self.selects:
+            out.append("bare_two_call")
         if self.splits == 1 and not self.selects and hasattr(self.info.cls, "first_step"):
             out.append("first_second")
         return out
@@ -157,6 +159,39 @@ class Step:
             loss.backward()
             return loss
         self.opt.step(closure)
+
+    def peers(self, x: Tensor, y: Tensor, poison: Poison) -> None:
+        """The peers' loop: ``loss.backward(); opt.step(closure)`` with a closure that neither zeroes
+        the gradients nor is called for the first pass when the rule can take the caller's gradient."""
+        count = [0]
+
+        def closure(ascent: bool = False, split: int = 0, splits: int = 1) -> Tensor:
+            sl = sub_batch(len(x), split, splits)
+            xs, ys = x[sl], y[sl]
+            if ascent:
+                xs, ys = xs[:self.opt.ascent_size(len(xs))], ys[:self.opt.ascent_size(len(ys))]
+            last = self.opt._ascents >= self.opt.ascent_passes()  # the final pass of the (only) split
+            loss = poison(self.loss(xs, ys), count[0], last and split == splits - 1)
+            count[0] += 1
+            loss.backward()
+            return loss
+        self.loss(x, y).backward()  # the caller's own first pass (never poisoned: the closure's passes are)
+        self.opt.step(closure)
+        self.calls = count[0]
+
+    def bare_two_call(self, x: Tensor, y: Tensor, poison: Poison) -> None:
+        """The README's no-closure loop copied as written: no ``zero_grad`` before the first backward nor
+        after ``restore_and_step`` (a step must leave no gradient to leak into the next)."""
+        opt, index = self.opt, 0
+        opt.begin_step()
+        for _ in range(opt.ascent_passes()):
+            k = opt.ascent_size(len(x))
+            self.backward(poison(self.loss(x[:k], y[:k]), index, False))
+            index += 1
+            opt.perturb()
+            opt.zero_grad()
+        self.backward(poison(self.loss(x, y), index, True))
+        opt.restore_and_step()
 
     def _last_pass(self, index: int) -> bool:
         """Whether pass ``index`` of a one-batch closure step is its final pass."""

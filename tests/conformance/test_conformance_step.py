@@ -152,3 +152,21 @@ def test_mixed_precision_trains(case, precision):
     assert opt.poll() == 0
     assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(start, net.parameters()))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "peers" in c.routes()], ids=cell_id)
+def test_the_peers_loop_costs_no_extra_pass(case):
+    """``loss.backward(); opt.step(closure)``: the caller's gradient at θ is the step's first pass when
+    the rule's first pass is exactly that, so the closure runs one pass fewer than the driver's (2, not
+    3, for SAM); otherwise it is dropped and the closure runs every pass."""
+    from flatmin.optim import driver
+
+    net = model()
+    opt = case.build(net.parameters())
+    opt.begin_step()
+    takes = opt.ascent_passes() > 0 and driver._takes_given(opt, case.splits, opt.select_share())
+    passes = case.splits * (1 + opt.ascent_passes())
+    opt.restore()
+    drv = Step(net, opt, case)
+    drv.run("peers", *batch(0))
+    assert drv.calls == passes - takes, f"{case.id}: {drv.calls} closure calls for {passes} passes"

@@ -338,7 +338,8 @@ class PerturbedOptimizer(Optimizer):
     def restore_and_step(self, step: Callable[[], Any] | None = None, *, losses: Iterable[Any] = (),
                          scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None,
                          reduce_flag: Callable[[Tensor], Tensor] | None = None) -> None:
-        """Last call of a step: θ back, then the base update from the gradient now in ``.grad``.
+        """Last call of a step: θ back, then the base update from the gradient now in ``.grad``, which is
+        consumed (set to None), so a loop without ``zero_grad`` before its first backward is still right.
 
         ``step``: the caller's own update instead (e.g. ``lambda: scaler.step(opt.base_optimizer)``),
         taken unguarded. Otherwise the update is guarded on the device (see `nonfinite`), with the
@@ -364,6 +365,7 @@ class PerturbedOptimizer(Optimizer):
             self._after_step(None)
             kept = local(self.carried_state())
             finite_copy_(kept, kept)  # a step the caller skipped must not poison the next
+            self.zero_grad(set_to_none=True)
             return
         found = None if code is None else (code > 0).float()  # skip: overflow or non-finite
         if found is None:
@@ -381,6 +383,7 @@ class PerturbedOptimizer(Optimizer):
             self.guard.record(code)
         if scaler is not None and scaler.is_enabled():
             scaler.update()
+        self.zero_grad(set_to_none=True)  # consumed: none leaks into the next step's first pass
 
     def _check_gradients(self, losses: list[Any], scaler: torch.amp.GradScaler | None,
                          reduce_flag: Callable[[Tensor], Tensor] | None, passes: int) -> Tensor | None:
@@ -412,14 +415,18 @@ class PerturbedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None) -> Any:
-        """One batch: the closure (zero grads, forward, backward, return the loss or (outputs, loss))
-        runs once per pass (`flatmin.optim.driver`); returns the first result, detached."""
+        """One batch: the closure (forward and backward, returning the loss or (outputs, loss); it may
+        zero the gradients itself or not) runs once per pass (`flatmin.optim.driver`); returns the first
+        result, detached. Gradients already in ``.grad`` when ``step`` is called are the gradient at θ
+        (the peers' ``loss.backward(); opt.step(closure)``): they are the step's first pass, not a third
+        one (the result returned is then None); a step leaves no gradient behind."""
         if closure is None:
             raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that zeroes grads, runs forward and "
-                "backward and returns the loss; without one, use the two-call form (see the class docs)"
+                f"{type(self).__name__}.step() needs a closure that runs forward and backward and returns "
+                "the loss; without one, use the two-call form (see the class docs)"
             )
-        results = driver.drive(self, driver.closure_pass(closure, self), sub_batches=True)
+        given = any(p.grad is not None for p in param_order(self.param_groups))
+        results = driver.drive(self, driver.closure_pass(closure, self), sub_batches=True, given=given)
         return driver.detached(results[0])
 
     # -- non-finite steps ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ Nothing here reads a tensor on the host: a step driven here makes no host–devi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,11 +100,14 @@ def drive(opt: Any, grad_pass: GradPass, *, model: nn.Module | None = None,
           reduce_flag: Callable[[Tensor], Tensor] | None = None,
           finish: Callable[[Pass], Any] | None = None,
           probe: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
-          sub_batches: int | bool = False) -> list[Any]:
+          sub_batches: int | bool = False, given: bool = False) -> list[Any]:
     """One step of a perturbation rule ``opt``; returns every pass's result, in order.
 
     ``sub_batches``: True when ``grad_pass`` honours ``Pass.split``; a number (the batch size) also
-    caps the sub-batches at one example each.
+    caps the sub-batches at one example each. ``given``: the caller already put the gradient at θ on
+    the whole batch in ``.grad`` (the peers' ``loss.backward(); opt.step(closure)``): it is the step's
+    first pass when the rule's first pass is exactly that (its result is then None), and is dropped
+    otherwise (the closure's own pass zeroes it).
     """
     splits, share = _needs(opt, finish, probe, sub_batches)
     results: list[Any] = []
@@ -115,6 +119,11 @@ def drive(opt: Any, grad_pass: GradPass, *, model: nn.Module | None = None,
             n = opt.ascent_passes()
             for i in range(n):
                 p = Pass("ascent", len(results), opt.batch_fraction(True), s, splits)
+                if i == 0 and s == 0 and given and _takes_given(opt, splits, share):
+                    results.append(None)  # the caller's own backward at θ is this pass
+                    opt.perturb(grad_scale(scaler))
+                    opt.zero_grad(set_to_none=True)
+                    continue
                 with _bn_guard(model, freeze=i > 0):  # each (sub-)batch's first pass is at θ
                     results.append(grad_pass(p))
                 if on_pass is not None:
@@ -133,9 +142,15 @@ def drive(opt: Any, grad_pass: GradPass, *, model: nn.Module | None = None,
     except BaseException:
         opt.restore()  # θ back whatever happened; the step is abandoned
         raise
-    opt.restore_and_step(losses=[loss_of(r) for r in results], scaler=scaler, max_grad_norm=max_grad_norm,
-                         reduce_flag=reduce_flag)
+    opt.restore_and_step(losses=[loss_of(r) for r in results if r is not None], scaler=scaler,
+                         max_grad_norm=max_grad_norm, reduce_flag=reduce_flag)
     return results
+
+
+def _takes_given(opt: Any, splits: int, share: float) -> bool:
+    """The caller's gradient at θ on the whole batch is the rule's first pass: an ascent from θ itself
+    (not from a point the rule moved to before any gradient, as bSAM's noise) on the whole batch."""
+    return not opt.perturbed and splits == 1 and share == 1 and opt.batch_fraction(True) == 1
 
 
 def _needs(opt: Any, finish: Any, probe: Any, sub_batches: int | bool) -> tuple[int, float]:
@@ -157,17 +172,22 @@ def _needs(opt: Any, finish: Any, probe: Any, sub_batches: int | bool) -> tuple[
 
 
 def closure_pass(closure: Callable[..., Any], opt: Any) -> GradPass:
-    """A pass from a ``step(closure)`` closure (it zeroes, runs forward and backward itself).
+    """A pass from a ``step(closure)`` closure: gradients are zeroed before each call (so a closure that
+    does not zero them itself, the peers' convention, is right too), then it runs forward and backward.
 
     A rule that uses part of the batch for its ascent calls ``closure(ascent=True/False)``; m-sharpness
-    calls ``closure(split=s, splits=G)``: the mean loss of sub-batch s of G (`sub_batch`).
+    calls ``closure(split=s, splits=G)``: the mean loss of sub-batch s of G (`sub_batch`). A closure
+    that cannot take those keywords is refused in one line before any pass, naming what it must take.
     """
     sliced = opt.batch_fraction(True) < 1 or opt.batch_fraction(False) < 1
+    needed = (["ascent"] if sliced else []) + (["split", "splits"] if opt.ascent_splits() > 1 else [])
+    _check_keywords(closure, needed, opt)
 
     def run(p: Pass) -> Any:
         kwargs: dict[str, Any] = {"ascent": p.ascent} if sliced else {}
         if p.splits > 1:
             kwargs.update(split=p.split, splits=p.splits)
+        opt.zero_grad(set_to_none=True)
         with torch.enable_grad():
             result = closure(**kwargs)
         if result is None:
@@ -176,6 +196,25 @@ def closure_pass(closure: Callable[..., Any], opt: Any) -> GradPass:
                             "after calling loss.backward()")
         return result
     return run
+
+
+def _check_keywords(closure: Callable[..., Any], needed: list[str], opt: Any) -> None:
+    """A rule that slices its batch calls the closure with keywords: say so before a pass, not mid-step."""
+    if not needed:
+        return
+    try:
+        params = inspect.signature(closure).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: let the call say it
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    if missing := [k for k in needed if k not in params]:
+        how = ("def closure(ascent=False): x_ = x[:opt.ascent_size(len(x))] if ascent else x; ..."
+               if "ascent" in missing else "def closure(split=0, splits=1): the mean loss of "
+               "x[flatmin.optim.driver.sub_batch(len(x), split, splits)]")
+        raise ValueError(f"{type(opt).__name__} calls its closure with {', '.join(k + '=' for k in missing)} "
+                         f"(it uses part of the batch for a pass), and this closure does not take "
+                         f"{'it' if len(missing) == 1 else 'them'}: write it as {how}")
 
 
 def accumulate(micro_batches: Sequence[Any], loss_fn: Callable[[Any], Any], *,
