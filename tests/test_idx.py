@@ -221,6 +221,7 @@ def test_real_fashion_mnist_is_the_published_data_set(tmp_path):
     assert ds.mean[0] == pytest.approx(0.2860, abs=1e-3)  # Xiao et al. / torchvision's 0.2860
 
 
+@pytest.mark.slow  # .ci/run runs it (the default run stays under 4 minutes)
 @needs_real
 def test_real_fashion_mnist_small_cnn_learns(tmp_path):
     """cnn28_small, 5,000 training images, 4 epochs, no augmentation: test error below 18%

@@ -72,6 +72,7 @@ def test_compare_on_ray_equals_the_local_backend_run_for_run(cluster, tmp_path, 
     assert not list((tmp_path / "ray" / "runs").glob(".probe-*"))  # the shared-folder probe cleans up
 
 
+@pytest.mark.slow  # processes killed and restarted: .ci/run runs it
 @pytest.mark.parametrize("retries", [3, 0])
 def test_a_worker_killed_mid_run_is_retried_and_every_run_is_stored_once(backend, tmp_path, retries):
     epochs = 6
@@ -158,6 +159,7 @@ def test_the_shared_folder_probe_names_what_a_node_cannot_do(tmp_path):
     assert "does not see the files" in _probe(str(tmp_path / "elsewhere"), "abc")
 
 
+@pytest.mark.slow  # processes killed and restarted: .ci/run runs it
 def test_interrupt_keeps_finished_runs_and_a_rerun_trains_only_the_rest(cluster, tmp_path, capsys):
     out = tmp_path / "int"
     # One run at a time (2 CPUs each on the 2-CPU cluster), 40 epochs (≈ 1 s a run): Ctrl-C lands while

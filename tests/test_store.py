@@ -110,6 +110,7 @@ def _check_exactly_once(tmp_path: Path, runs: int, epochs: int) -> None:
         assert json.loads(metrics)["epochs_completed"] == epochs
 
 
+@pytest.mark.slow  # processes killed and restarted: .ci/run runs it
 def test_grid_killed_halfway_and_restarted_has_every_run_once(tmp_path):
     path = _grid_file(tmp_path, n_samples=2000, epochs=8, seeds=3)
     proc = _grid(path)
@@ -130,6 +131,7 @@ def test_grid_killed_halfway_and_restarted_has_every_run_once(tmp_path):
     _check_exactly_once(tmp_path, runs=6, epochs=8)
 
 
+@pytest.mark.slow  # processes killed and restarted: .ci/run runs it
 def test_two_grid_processes_on_one_db_train_each_run_once(tmp_path):
     path = _grid_file(tmp_path, n_samples=400, epochs=4, seeds=3)
     procs = [_grid(path), _grid(path)]
@@ -181,6 +183,7 @@ def _owner_pid(owner: str) -> int:
     return int(owner.rpartition(":")[2].partition("@")[0])
 
 
+@pytest.mark.slow  # processes killed and restarted: .ci/run runs it
 def test_a_peer_killed_mid_run_loses_nothing(tmp_path):
     """Two grids on one store; SIGKILL one while it trains: the survivor trains every run, once, exit 0."""
     epochs = 12

@@ -116,6 +116,7 @@ def _cli(*args, check=True, **kw):
     return subprocess.run([*FLATMIN, *args], capture_output=True, text=True, env=env, check=check, **kw)
 
 
+@pytest.mark.slow  # processes killed and restarted: .ci/run runs it
 def test_resume_after_kill_9_is_exact(tmp_path):
     args = ["train", "--dataset", "spiral", "--method", "amp", "--epochs", "25", "--batch-size", "10",
             "--quiet", "--threads", "1"]
