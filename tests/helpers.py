@@ -161,3 +161,34 @@ def spawn_ranks(worker: Callable, args: tuple, answers: str, timeout: float, wor
             if proc.is_alive():
                 proc.terminate()
     return [json.loads(Path(f"{answers}.{r}").read_text()) for r in range(world_size)]
+
+
+# --- what the rules' reference tests share (tests/test_<rule>.py) ------------------------------------
+
+
+def rule_net(seed: int = 0) -> nn.Module:
+    """The float64 5-7-3 MLP a rule's reference test trains (the same weights for the loop and the rule)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def rule_batches(n: int, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n float64 batches of 10 examples, 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
+            for _ in range(n)]
+
+
+def closure_steps(opt, model: nn.Module, data) -> int:
+    """``opt.step(closure)`` on every batch (cross-entropy); returns how many passes the closure ran."""
+    passes = 0
+    for x, y in data:
+        def closure(x=x, y=y):
+            nonlocal passes
+            passes += 1
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return passes

@@ -4,22 +4,14 @@ SAM's two passes when it is a multiple of the interval, the base optimizer's one
 from __future__ import annotations
 
 import torch
+from tests.helpers import closure_steps
+from tests.helpers import rule_batches as batches
+from tests.helpers import rule_net as net
 from torch import nn
 from torch.nn import functional as F
 
 import flatmin
 from flatmin import SAM, IntervalSAM
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-
-
-def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(3)
-    return [(torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
-            for _ in range(n)]
 
 
 def composer_loop(model: nn.Module, data, rho: float, interval: int) -> None:
@@ -45,17 +37,7 @@ def composer_loop(model: nn.Module, data, rho: float, interval: int) -> None:
 
 def flatmin_loop(model: nn.Module, data, **kw) -> int:
     opt = IntervalSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3, **kw)
-    passes = 0
-    for x, y in data:
-        def closure(x=x, y=y):
-            nonlocal passes
-            passes += 1
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
-    return passes
+    return closure_steps(opt, model, data)
 
 
 def test_matches_the_composer_loop_and_costs_one_plus_one_over_k():
@@ -73,13 +55,7 @@ def test_interval_one_is_sam_bit_for_bit():
     ours, sam = net(), net()
     flatmin_loop(ours, data, rho=0.1, interval=1)
     opt = SAM(sam.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3)
-    for x, y in data:
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = F.cross_entropy(sam(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+    closure_steps(opt, sam, data)
     assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), sam.parameters()))
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.helpers import closure_steps
+from tests.helpers import rule_batches as batches
+from tests.helpers import rule_net as net
 from torch import nn
 from torch.nn import functional as F
 
@@ -14,17 +17,6 @@ import flatmin
 from flatmin import SAM, LookbehindSAM
 
 LR = 0.1
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-
-
-def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(3)
-    return [(torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
-            for _ in range(n)]
 
 
 def grads_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -92,17 +84,7 @@ def one_step_loop(model: nn.Module, data, rho: float, k: int, alpha: float, **sg
 def flatmin_loop(model: nn.Module, data, **kw) -> int:
     """``step(closure)`` on every batch; returns the number of passes taken."""
     opt = LookbehindSAM(model.parameters(), torch.optim.SGD, lr=LR, **kw)
-    passes = 0
-    for x, y in data:
-        def closure(x=x, y=y):
-            nonlocal passes
-            passes += 1
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
-    return passes
+    return closure_steps(opt, model, data)
 
 
 def close(a: nn.Module, b: nn.Module, atol: float = 1e-14) -> None:
@@ -153,13 +135,7 @@ def test_k_one_alpha_one_is_sam_bit_for_bit(adaptive):
     ours, sam = net(), net()
     flatmin_loop(ours, data, rho=0.1, k=1, alpha=1.0, adaptive=adaptive, **sgd)
     opt = SAM(sam.parameters(), torch.optim.SGD, rho=0.1, adaptive=adaptive, lr=LR, **sgd)
-    for x, y in data:
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = F.cross_entropy(sam(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+    closure_steps(opt, sam, data)
     assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), sam.parameters()))
 
 

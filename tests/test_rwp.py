@@ -9,6 +9,8 @@ import copy
 
 import pytest
 import torch
+from tests.helpers import closure_steps
+from tests.helpers import rule_batches as batches
 from torch import nn
 from torch.nn import functional as F
 
@@ -23,12 +25,6 @@ def net(norm: bool = False) -> nn.Module:
     torch.manual_seed(0)
     layers = [nn.Linear(5, 7), *([nn.BatchNorm1d(7)] if norm else []), nn.Tanh(), nn.Linear(7, 3)]
     return nn.Sequential(*layers).double()
-
-
-def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(3)
-    return [(torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
-            for _ in range(n)]
 
 
 def gradient(model: nn.Module, x, y) -> list[torch.Tensor]:
@@ -82,17 +78,7 @@ def authors_loop(model: nn.Module, data, *, sigma: float, lmbda: float, eta: flo
 def flatmin_loop(model: nn.Module, data, seed: int = 5, **kw) -> tuple[RWP, int]:
     gen = torch.Generator().manual_seed(seed)
     opt = RWP(model.parameters(), torch.optim.SGD, generator=gen, **BASE, **kw)
-    passes = 0
-    for x, y in data:
-        def closure(x=x, y=y):
-            nonlocal passes
-            passes += 1
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
-    return opt, passes
+    return opt, closure_steps(opt, model, data)
 
 
 @pytest.mark.parametrize("lmbda, eta", [(0.5, 0.0), (0.3, 0.5), (0.8, 2.0)])

@@ -8,6 +8,7 @@ gradient taken at the perturbed point; plus its exact reductions (every tensor p
 from __future__ import annotations
 
 import torch
+from tests.helpers import closure_steps
 from torch import nn
 from torch.nn import functional as F
 
@@ -74,13 +75,7 @@ def authors_loop(model: nn.Module, data, rho: float, adaptive: bool = False, sel
 
 def run(opt: torch.optim.Optimizer, model: nn.Module, data) -> None:
     """``opt.step(closure)`` over the batches."""
-    for x, y in data:
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+    closure_steps(opt, model, data)
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:

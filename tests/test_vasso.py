@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.helpers import rule_batches as batches
+from tests.helpers import rule_net as net
 from torch import nn
 from torch.nn import functional as F
 
@@ -14,17 +16,6 @@ import flatmin
 from flatmin import SAM, VaSSO
 
 BASE = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-
-
-def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(3)
-    return [(torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
-            for _ in range(n)]
 
 
 def authors_loop(model: nn.Module, data, rho: float, theta: float, adaptive: bool = False) -> None:
