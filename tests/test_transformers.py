@@ -77,12 +77,33 @@ def full_loss(model: torch.nn.Module) -> float:
         return float(model(input_ids=ds.ids, labels=ds.labels).loss)
 
 
-def plain_run(args: TrainingArguments) -> tuple[list[torch.Tensor], list[dict]]:
-    """The plain Trainer with SGD-momentum: final parameters and log (loss, pre-clip gradient norm)."""
-    model = tiny_bert()
-    trainer = train(Trainer(model=model, args=args, train_dataset=Tokens(),
-                            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), None)))
+def plain_run(args: TrainingArguments, make=None, scaled_for_ga: bool | None = False
+              ) -> tuple[list[torch.Tensor], list[dict]]:
+    """The plain Trainer with SGD-momentum: final parameters and log (loss, pre-clip gradient norm).
+    Its ``loss_is_scaled_for_ga`` is told the truth (False: BERT's classification loss is a plain
+    mean; None: the Trainer's own rule, right for a loss divided by ``num_items_in_batch``)."""
+    model = (make or tiny_bert)()
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(),
+                      optimizers=(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), None))
+    trainer.loss_is_scaled_for_ga = scaled_for_ga
+    train(trainer)
     return params(model), [h for h in trainer.state.log_history if "loss" in h]
+
+
+class ItemCountingBert(torch.nn.Module):
+    """The tiny BERT with a loss that really is divided by ``num_items_in_batch`` (a sum over the
+    window's items, as Hugging Face's causal-LM losses): the Trainer's rule is right for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bert = tiny_bert()
+
+    def forward(self, input_ids, labels=None, num_items_in_batch=None, **kwargs):
+        logits = self.bert(input_ids=input_ids).logits
+        if num_items_in_batch is None:
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
+        return {"loss": loss, "logits": logits}
 
 
 @pytest.mark.parametrize("method", ["amp", "sam"])
@@ -142,22 +163,42 @@ def test_accumulation_equals_the_double_batch(tmp_path):
     """gradient_accumulation_steps=2 with batch 8 is one step on batch 16, in every pass of AMP (N = 2).
 
     No clipping, so a wrongly weighted micro-batch shows. BERT's classification loss is a plain mean
-    although its forward accepts ``num_items_in_batch``: the Trainer must be told (its own rule would
-    add the two halves' means, twice the gradient — as the plain Trainer does)."""
-    runs, norms = [], []
+    although its forward accepts ``num_items_in_batch``: the probe finds that out (the Trainer's own
+    rule would add the two halves' means, twice the gradient — as the plain Trainer does)."""
+    runs, norms, losses = [], [], []
     for batch, k in ((16, 1), (8, 2)):
         model = tiny_bert()
         opt = AMP(model.parameters(), lr=0.2, epsilon=0.5, inner_lr=1.0, momentum=0.9, inner_iter=2)
         args = arguments(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=k,
                          max_steps=4, max_grad_norm=0.0)
         trainer = PerturbedTrainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None))
-        trainer.loss_is_scaled_for_ga = False
         train(trainer)
         runs.append(params(model))
         norms.append([h["grad_norm"] for h in trainer.state.log_history if "loss" in h])
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(runs[0], params(tiny_bert())))  # it moved
+
+
+@pytest.mark.parametrize("make, scaled", [(tiny_bert, False), (ItemCountingBert, None)],
+                         ids=["plain-mean", "divided-by-item-count"])
+def test_logged_loss_under_accumulation_is_the_plain_trainers(tmp_path, make, scaled):
+    """gradient_accumulation_steps=2: the logged loss is the window's mean loss (≈ ln 2 for two
+    balanced classes at initialisation, not 2·ln 2) and equals the plain Trainer's, told how its
+    model's loss is reduced; ε = 0, so the parameters are equal too. The perturbed trainer is told
+    nothing: for BERT (forward takes ``**kwargs``, loss a plain mean) its probe finds the weighting."""
+    args = arguments(tmp_path, max_steps=3, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    theirs, their_log = plain_run(args, make, scaled_for_ga=scaled)
+    model = make()
+    opt = AMP(model.parameters(), lr=0.1, epsilon=0.0, inner_lr=1.0, momentum=0.9)
+    trainer = train(PerturbedTrainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None)))
+    ours = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert ours == pytest.approx([h["loss"] for h in their_log], rel=1e-5)
+    assert ours[0] == pytest.approx(0.693, abs=0.05)
+    assert_close(params(model), theirs, rtol=1e-5, atol=1e-6)
+    assert trainer._loss_counts_items is (scaled is None)
 
 
 def test_resume_continues_the_same_trajectory(tmp_path):

@@ -21,7 +21,7 @@ from flatmin.experiments.backends.base import Task, measured, usable_cores  # no
 from flatmin.experiments.backends.local import LocalBackend
 from flatmin.results.store import Store
 from flatmin.train.config import TrainConfig, check_config, resolve
-from flatmin.train.methods import get_method, ignored_fields, method_fields
+from flatmin.train.methods import RuleMethod, get_method, ignored_fields, method_fields
 
 NOT_IN_KEY = ("data_dir", "download", "tensorboard")  # where data lives, what logs: not a result
 # The config fields that only matter to one method (a run's "hyperparameters" in the tables).
@@ -119,7 +119,7 @@ def execute(tasks: list[Task], store: Store, workers: int | Backend = 1,
     backend = LocalBackend(workers) if isinstance(workers, int) else workers
     unique = list({t.key: t for t in tasks}.values())
     done = store.done_keys()
-    queue = [t for t in unique if t.key not in done]
+    queue = sorted((t for t in unique if t.key not in done), key=_expected_work, reverse=True)
     if len(queue) < len(unique):
         log(f"{len(unique) - len(queue)} of {len(unique)} runs already in {store.path}")
     failed: dict[str, str] = {}
@@ -160,6 +160,14 @@ def execute(tasks: list[Task], store: Store, workers: int | Backend = 1,
     done = store.done_keys()
     return [failed.get(t.key, f"{t.label} seed {t.config.seed}: not finished") for t in unique
             if t.key not in done]
+
+def _expected_work(t: Task) -> float:
+    """A run's work, roughly: epochs × passes per step (2 for a perturbation rule, else 1). The
+    longest runs start first (stable among equals), so the cores do not end with one long run
+    while the others idle. Runs are seeded and single-threaded: the order changes no number."""
+    method = get_method(t.config.method)
+    return (t.config.epochs or 1) * (2.0 if isinstance(method, RuleMethod) and method.name != "erm" else 1.0)
+
 
 def _val(result: dict[str, Any]) -> str:
     return f"{result['val']['error']:6.2f}%" if result.get("val") else "  n/a"

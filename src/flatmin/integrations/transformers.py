@@ -13,12 +13,20 @@ the optimizer step:
 - ``optimizer.step()`` reaches the flatmin optimizer through `TrainerStep`, which runs
   `flatmin.optim.driver.drive` over the kept window: each pass sums the window's gradient with
   `flatmin.optim.driver.accumulate` (the loss is the Trainer's own ``compute_loss`` with the same
-  ``num_items_in_batch`` and weighting as ``training_step``: 1/K unless the loss is taken to be
+  ``num_items_in_batch`` as ``training_step``; each micro-batch weighs 1/K unless the loss really is
   divided by the window's item count, see `PerturbedTrainer._scaled_for_ga`; DDP all-reduces only
   the last micro-batch's backward); the update from θ clips the *final* gradient to ``max_grad_norm``;
 - the Trainer's own clip (``_clip_grad_norm``) does not run — at that point no gradient exists yet;
   the ``grad_norm`` it logs is the final pass's gradient norm before clipping, written by the step;
-- the logged training loss is the step's first pass (at θ for AMP/SAM), summed over the window.
+- the logged training loss is the step's first pass (at θ for AMP/SAM) over the window: the mean
+  loss of the window's examples, whatever ``gradient_accumulation_steps`` is.
+
+The Trainer's own rule takes the loss of a model whose ``forward`` accepts ``**kwargs`` to be divided
+by ``num_items_in_batch`` already; many such models (``BertForSequenceClassification``) return a plain
+mean, so the plain Trainer then adds the K means (a K-fold gradient and logged loss). Here the first
+micro-batch that rule applies to is probed once: two gradient-free forwards in eval mode, with the item
+count n and 2n; a loss that does not halve is a plain mean and is weighted 1/K
+(``trainer.loss_is_scaled_for_ga = True/False`` decides without the probe).
 
 Precision: ``bf16`` is Accelerate's autocast on the model's forward. ``fp16`` uses Accelerate's
 GradScaler: its scale multiplies every pass's loss, is divided out of each ascent, and the update
@@ -40,6 +48,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -99,6 +108,7 @@ class PerturbedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._window: list[Micro] = []
         self._grad_norm: Tensor | None = None  # the last step's final-gradient norm (logged as grad_norm)
+        self._loss_counts_items: bool | None = None  # the probe's answer, see _scaled_for_ga
 
     # -- the optimizer ---------------------------------------------------------------------------
 
@@ -136,7 +146,12 @@ class PerturbedTrainer(Trainer):
         """Keep the micro-batch for the step's passes; the loss is counted by the step (returns 0)."""
         self._take_scaler()
         model.train()
-        self._window.append((self._prepare_inputs(inputs), num_items_in_batch))
+        micro = (self._prepare_inputs(inputs), num_items_in_batch)
+        unknown = self._loss_counts_items is None and getattr(self, "loss_is_scaled_for_ga", None) is None
+        if unknown and self.args.gradient_accumulation_steps > 1 and micro[1] is not None \
+                and self._trainers_rule(micro):
+            self._loss_counts_items = self._divides_by_item_count(micro)
+        self._window.append(micro)
         if self._grad_norm is None:
             self._grad_norm = torch.zeros((), device=self.args.device)
         return torch.zeros((), device=self.args.device)
@@ -166,15 +181,41 @@ class PerturbedTrainer(Trainer):
 
     # -- the step ----------------------------------------------------------------------------------
 
+    def _trainers_rule(self, micro: Micro) -> bool:
+        """The plain Trainer's guess (``training_step``): the loss is divided by the item count when
+        the model's forward accepts loss keywords and a count is given, or a ``compute_loss_func`` is."""
+        counts = self.model_accepts_loss_kwargs and micro[1] is not None
+        return bool(counts) or self.compute_loss_func is not None
+
     def _scaled_for_ga(self, window: list[Micro]) -> bool:
-        """Whether ``compute_loss`` already divides by the window's item count: the Trainer's own rule
-        (``training_step``), so that both weigh micro-batches alike. A model whose forward accepts
-        ``**kwargs`` but whose loss is a plain mean (e.g. ``BertForSequenceClassification``) needs
-        ``trainer.loss_is_scaled_for_ga = False``, here as in the plain Trainer."""
+        """Whether ``compute_loss`` already divides by the window's item count (then each micro-batch
+        weighs 1, else 1/K). ``trainer.loss_is_scaled_for_ga`` decides when set; else the Trainer's
+        rule, unless the probe found the loss a plain mean (``BertForSequenceClassification`` accepts
+        ``**kwargs`` but ignores the count: the plain Trainer adds its K means, this one does not)."""
         if getattr(self, "loss_is_scaled_for_ga", None) is not None:
             return bool(self.loss_is_scaled_for_ga)
-        counts = self.model_accepts_loss_kwargs and window[0][1] is not None
-        return bool(counts) or self.compute_loss_func is not None
+        return self._trainers_rule(window[0]) and self._loss_counts_items is not False
+
+    @torch.no_grad()
+    def _divides_by_item_count(self, micro: Micro) -> bool:
+        """Whether the loss depends on ``num_items_in_batch`` as a sum over it does: the micro-batch's
+        loss with the count n and with 2n, gradient-free in eval mode (dropout off, so both forwards
+        are the same function). A loss that stays the same is a plain mean; one that halves, or that
+        cannot tell (0, non-finite), keeps the Trainer's rule. Once per trainer, outside the step."""
+        inputs, n = micro
+        model = self.model  # unwrapped: no DDP hooks for a probe
+        was = model.training
+        model.eval()
+        try:
+            with self.compute_loss_context_manager():
+                one = self.compute_loss(model, dict(inputs), num_items_in_batch=n)
+                two = self.compute_loss(model, dict(inputs), num_items_in_batch=n * 2)
+        finally:
+            model.train(was)
+        a, b = float(one.detach().float().mean()), float(two.detach().float().mean())
+        if a == 0 or not math.isfinite(a) or not math.isfinite(b):
+            return True
+        return not math.isclose(a, b, rel_tol=1e-3)
 
     def perturbed_step(self) -> None:
         """`drive` over the kept micro-batches: ascent passes, final pass, clip, update from θ."""
