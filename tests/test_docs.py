@@ -208,12 +208,14 @@ def test_python_block(block, tmp_path_factory, monkeypatch):
 README = ROOT / "README.md"
 # Lines of the README's bash blocks that name flatmin but are not run here, with the reason.
 NOT_RUN = {
-    "bash scripts/setup.sh && .venv/bin/python -m pytest -q": "the test suite itself",
+    "bash scripts/setup.sh && .venv/bin/python -m pytest -q -n auto": "the test suite itself",
     "flatmin grid grid.toml --backend ray --ray-address auto --out /shared/x":
         "needs a Ray cluster (the backend is tested in tests/test_ray_backend.py)",
     "torchrun --nproc_per_node=2 -m flatmin train --dataset mnist1d --method amp":
         "two processes on the shared cores (DDP training is tested in tests/test_ddp.py)",
-    ".venv/bin/python -m pytest -q": "the test suite itself",
+    ".venv/bin/python -m pytest -q -n auto": "the test suite itself",
+    ".venv/bin/python -m pytest -q -n auto -m not slow": "the test suite itself (its quick part)",
+    ".venv/bin/python -m pytest -q tests/conformance": "the test suite itself (the conformance matrix)",
     ".venv/bin/ruff check src tests benchmarks": "lint, run by CI",
     "bash scripts/setup.sh": "creates the virtual environment",
     "python benchmarks/step_cost.py --model preactresnet18 --batch-size 50 --json out.json":
