@@ -21,7 +21,7 @@ from flatmin.train.distributed import shard
 pytestmark = [pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="torch.distributed with gloo is not available"),
-    pytest.mark.slow]  # multi-process: .ci/run runs them (the default run keeps the conformance spawn)
+    pytest.mark.slow]  # multi-process: the quick loop (-m "not slow") keeps the conformance spawn
 
 # B = 101 over 3,600 MNIST-1D examples: every batch is uneven over 2 ranks (51/50), and so is the
 # last one (65 examples: 33/32), which is exactly what the weighted all-reduce must get right.

@@ -34,7 +34,7 @@ from test_ddp import TIMEOUT, _train_interrupted_then_resumed, trained_model
 pytestmark = [pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="torch.distributed with gloo is not available"),
-    pytest.mark.slow]  # multi-process: .ci/run runs them (the default run keeps the conformance spawn)
+    pytest.mark.slow]  # multi-process: the quick loop (-m "not slow") keeps the conformance spawn
 
 # B = 21 over 180 training examples: every batch splits 11/10 over 2 ranks, the last one (12) 6/6.
 SPIRAL = dict(dataset="spiral", epochs=2, batch_size=21, lr=0.1, dataset_options={"n_samples": 200},

@@ -25,9 +25,9 @@ from tests.helpers import spawn_ranks
 from flatmin.optim.sharded import is_sharded
 from flatmin.optim.syncs import count_syncs
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="torch.distributed with gloo is not available")
+    reason="torch.distributed with gloo is not available")]
 
 # B = 21 over 108 training examples: batches split 11/10 over 2 ranks (uneven shards too)
 TRAIN = dict(dataset="spiral", epochs=1, batch_size=21, lr=0.1, dataset_options={"n_samples": 120})
