@@ -165,3 +165,24 @@ def test_a_closure_that_cannot_take_the_rules_keywords_is_refused_before_any_pas
             opt.step(closure)
         assert "def closure(" in str(err.value)
         assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_the_readmes_no_closure_loop_copied_as_written_is_step_closure_for_20_steps():
+    """The README's two-call form with no zero_grad() before the first backward (restore_and_step
+    consumes the gradients, so none leaks into the next step's ascent): 20 steps ≡ step(closure)."""
+    data = batches(20)
+    ours, ref = tiny_model(), tiny_model()
+    opt = AMP(ours.parameters(), lr=0.1, epsilon=EPS, inner_lr=ZETA, momentum=0.9, nesterov=True)
+    for x, y in data:  # the README's lines, verbatim but for the names
+        F.cross_entropy(ours(x), y).backward();  opt.perturb()  # noqa: E702
+        opt.zero_grad()
+        F.cross_entropy(ours(x), y).backward();  opt.restore_and_step()  # noqa: E702
+    ref_opt = AMP(ref.parameters(), lr=0.1, epsilon=EPS, inner_lr=ZETA, momentum=0.9, nesterov=True)
+    for x, y in data:
+        def closure(x=x, y=y):
+            ref_opt.zero_grad()
+            loss = F.cross_entropy(ref(x), y)
+            loss.backward()
+            return loss
+        ref_opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), ref.parameters()))
