@@ -74,6 +74,10 @@ def test_outputs_and_provenance(tmp_path):
     for key in ("config", "versions", "git_commit", "time_s", "device", "val", "train"):
         assert key in saved
     assert saved["versions"]["torch"] == torch.__version__
+    # the thread count and the kernels change a CPU run's numbers: they are recorded with it
+    assert saved["versions"]["threads"] == torch.get_num_threads()
+    assert saved["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert saved["versions"]["blas"] and saved["versions"]["blas"] in torch.__config__.show()
     assert saved["best_val_epoch"]["chosen_on"] == "val"
     assert len(saved["reliability"]["test"]["count"]) == 15
     lines = (tmp_path / "log.jsonl").read_text().splitlines()

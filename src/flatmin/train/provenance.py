@@ -1,8 +1,9 @@
-"""What every saved result records about where it came from: git commit and library versions."""
+"""What every saved result records about where it came from: git commit, library versions, threads, BLAS."""
 
 from __future__ import annotations
 
 import platform
+import re
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -27,10 +28,20 @@ def git_commit() -> str | None:
     return sha + ("+dirty" if dirty else "") if sha else None
 
 
-def versions() -> dict[str, str]:
-    """Library versions that can change a number."""
+def versions() -> dict[str, str | int]:
+    """Library versions, and what else can change a number on a CPU: the thread count (a run that
+    collapses with 1 thread may not with 2), the kernels' instruction set and torch's BLAS."""
     return {"flatmin": __version__, "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
+            "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform(),
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "blas": _torch_blas()}
+
+
+@lru_cache(maxsize=1)
+def _torch_blas() -> str:
+    """The BLAS torch was built with (its build settings' BLAS_INFO), "unknown" if it does not say."""
+    found = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return found.group(1) if found else "unknown"
 
 
 def device_name(device: torch.device | str) -> str:
