@@ -176,16 +176,19 @@ class PerturbedOptimizer(Optimizer):
         """SAM's ρ for a group this step (GSAM may schedule it)."""
         return group["rho"]
 
-    def sam_ascend(self, slots: list[Slot], scale: float | Tensor = 1.0, consume: bool = True) -> None:
+    def sam_ascend(self, slots: list[Slot], scale: float | Tensor = 1.0, consume: bool = True,
+                   save: bool = True) -> None:
         """θ ← θ + scale·ρ·T²d/‖Td‖ with ONE norm over every group (ρ per group, T = |θ| where the group
-        is ``adaptive``, else I); θ is saved first. ``consume``: e is built in d's storage."""
+        is ``adaptive``, else I); θ is saved first (``save=False``: a further ascent from an already
+        perturbed point, θ kept from the first). ``consume``: e is built in d's storage."""
         slots = [s for s in slots if s.params]
         if not slots:
             return
         norms = [K.sam_norm(s.weights, s.grads, s.group.get("adaptive", False), self.foreach) for s in slots]
         norm = self.finish_norm(torch.linalg.vector_norm(torch.stack(norms)))
         for s in slots:
-            self.save_theta(s.params)
+            if save:
+                self.save_theta(s.params)
             K.sam_ascent(s.weights, s.grads, scale=scale * self.radius(s.group) / (norm + K.TINY),
                          adaptive=s.group.get("adaptive", False), inplace=consume, foreach=self.foreach)
 
@@ -242,6 +245,11 @@ class PerturbedOptimizer(Optimizer):
         return self._state.ascents
 
     # -- the rule (what subclasses define) ---------------------------------------------------------
+
+    # A rule whose perturbation does not read its ascent gradient (RWP: ε is random, g only enters the
+    # mix) sets this, so the base checks that gradient itself; in every other rule a NaN/±inf in g moves
+    # θ+Δ and so reaches the final gradient, which is checked anyway (no extra kernel on their steps).
+    ascent_unread: bool = False
 
     def ascent_passes(self) -> int:
         """How many gradient passes feed `perturb` before the final pass of this step."""
@@ -318,6 +326,9 @@ class PerturbedOptimizer(Optimizer):
         if grad_scale is not None:  # a scaled gradient: did it overflow? (an overflow, not a failure)
             grads = [p.grad for p in param_order(self.param_groups) if p.grad is not None]
             self.guard.ascent(local(grads), self._state.passes, self._device())
+        elif self.ascent_unread:  # a NaN here would not reach the final gradient: check it now
+            grads = [p.grad for p in param_order(self.param_groups) if p.grad is not None]
+            self.guard.unscaled_ascent(local(grads), self._device())
         self._ascend(grad_scale)
         self._state.ascended()
 

@@ -93,6 +93,7 @@ class StepGuard:
         self._kept: list[Tensor] = []  # snapshots of a rule's kept tensors from this step's start
         self._holding = False  # `hold` took them for the step under way
         self._overflow_at: Tensor | None = None  # this step: the first ascent pass that overflowed (-1: none)
+        self._ascent_bad: Tensor | None = None  # this step: an unscaled ascent gradient held NaN/±inf
 
     def _counters(self, device: torch.device) -> None:
         """Create the counters lazily on the parameters' device."""
@@ -106,7 +107,16 @@ class StepGuard:
 
     def begin(self) -> None:
         """A new step: no ascent pass has overflowed yet."""
-        self._overflow_at = None
+        self._overflow_at, self._ascent_bad = None, None
+
+    def unscaled_ascent(self, grads: list[Tensor], device: torch.device) -> None:
+        """An unscaled ascent gradient the rule's perturbation does not read (RWP's clean pass): a NaN/±inf
+        in it would reach the update only through the rule's direction, after the final gradient's check."""
+        if not grads or self.policy == "off":
+            return
+        flag = torch.zeros((), dtype=torch.float32, device=device)
+        check_and_unscale_(grads, flag)
+        self._ascent_bad = flag > 0 if self._ascent_bad is None else self._ascent_bad | (flag > 0)
 
     def ascent(self, grads: list[Tensor], index: int, device: torch.device) -> None:
         """A scaled ascent gradient (pass ``index``): remember on the device the first one that overflowed."""
@@ -137,6 +147,8 @@ class StepGuard:
             at = torch.arange(passes - flags.numel(), passes, device=device)
             flags = flags & ((self._overflow_at < 0) | (at <= self._overflow_at))
         bad = flags.any()
+        if self._ascent_bad is not None:
+            bad = bad | self._ascent_bad
         if found_inf is None:
             flag = torch.zeros((), dtype=torch.float32, device=device)
             check_and_unscale_(grads, flag)

@@ -104,7 +104,6 @@ def _rule_fields() -> list[tuple[str, Any, Any]]:
 TrainConfig = dataclasses.make_dataclass("TrainConfig", _rule_fields(), bases=(_Protocol,))
 TrainConfig.__module__, TrainConfig.__qualname__ = __name__, "TrainConfig"
 TrainConfig.__doc__ = "Everything that determines a run; saved with every result and checkpoint."
-RULE_FIELDS = tuple(registry.config_fields())
 
 
 # The value rules of the fields an optimizer rule owns: the registry's, one rule per value.

@@ -120,10 +120,7 @@ class LookbehindSAM(PerturbedOptimizer):
         i = self._ascents  # this pass's gradient is g'_i, taken at θ'_i
         if i >= 1:
             self._keep_descent(slots, first=i == 1)
-        if i == 0:
-            self.sam_ascend(slots)  # saves θ, the slow weights
-        else:
-            self._ascend_further(slots)
+        self.sam_ascend(slots, save=i == 0)  # θ, the slow weights, saved at the first ascent only
 
     def _keep_descent(self, slots: list[Slot], first: bool) -> None:
         """Σ g'_i ← g'_1 on the first descent gradient, += g'_i after (the ascent then consumes .grad)."""
@@ -132,17 +129,6 @@ class LookbehindSAM(PerturbedOptimizer):
             (K.copy_ if first else K.add_)(sums, s.grads, self.foreach)
             if first and self.k >= 3 and s.group["adaptive_alpha"]:
                 K.copy_(self.kept(self._first, s.params), s.grads, self.foreach)
-
-    def _ascend_further(self, slots: list[Slot]) -> None:
-        """SAM's normalised step from the current point θ'_i (`sam_ascend` without saving θ again)."""
-        slots = [s for s in slots if s.params]
-        if not slots:
-            return
-        norms = [K.sam_norm(s.weights, s.grads, s.group["adaptive"], self.foreach) for s in slots]
-        norm = self.finish_norm(torch.linalg.vector_norm(torch.stack(norms)))
-        for s in slots:
-            K.sam_ascent(s.weights, s.grads, scale=self.radius(s.group) / (norm + K.TINY),
-                         adaptive=s.group["adaptive"], inplace=True, foreach=self.foreach)
 
     # -- 1 step forward --------------------------------------------------------------------------
 

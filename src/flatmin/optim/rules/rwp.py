@@ -42,8 +42,9 @@ gets ``+ 1e-16``. (5) Their ARWP runs σ on a schedule (``CosineInc``: σ grows 
 optional ``--incstd`` grows it from the weight decay to σ); none is built in, but σ is read from each group
 at every step, so a schedule may set ``group["sigma"]``. (6) Gradients are unscaled (a GradScaler's scale)
 before they enter F; a skipped (non-finite) step leaves F bit for bit (`carried_state`). (7) A non-finite
-clean gradient is carried into θ + ε (ε + NaN), so that the step's verdict, taken on the final gradient,
-sees it (their code has no guard). (8) Parameters with ``requires_grad`` are perturbed, frozen ones are
+clean gradient skips the step (their code has no guard): ε does not read it, so the base checks it
+(`ascent_unread`) rather than leaving it to the final gradient's check. (8) Parameters with
+``requires_grad`` are perturbed, frozen ones are
 left alone (they perturb every parameter). (9) BatchNorm statistics move in the clean pass only where the
 caller gives the driver the model (the trainer, Lightning, ``drive(model=...)``); ``step(closure)`` cannot
 freeze them, as for every rule. (10) The authors' split across DDP ranks (below) is not built in.
@@ -112,6 +113,8 @@ class RWP(PerturbedOptimizer):
     """Random weight perturbation: the base step on λ·∇f(θ+ε) + (1−λ)·∇f(θ), ε Gaussian and filter-wise
     scaled; ``eta > 0`` is ARWP (ε damped by a running Fisher F, kept: 1× params). Keeps g (1× params)."""
 
+    ascent_unread = True  # ε does not read g: the base checks the clean gradient for NaN/±inf itself
+
     def __init__(
         self,
         params: Iterable,
@@ -164,7 +167,7 @@ class RWP(PerturbedOptimizer):
         for _, params, _, grads in slots:
             K.copy_(self.kept(self._g, params), grads, self.foreach)
             self._clean.update(params)
-        self._perturb(self._carry_nonfinite([g for s in slots for g in s.grads]) if slots else None)
+        self._perturb()
 
     @torch.no_grad()
     def _direction(self, ratio: Tensor | float | None) -> None:
@@ -185,8 +188,8 @@ class RWP(PerturbedOptimizer):
         """The parameters a perturbation moves (frozen ones stay)."""
         return [p for p in group["params"] if p.requires_grad]
 
-    def _perturb(self, carry: Tensor | None = None) -> None:
-        """θ ← θ + ε (+ ``carry``: 0, or NaN after a non-finite g) in every group, θ saved first."""
+    def _perturb(self) -> None:
+        """θ ← θ + ε in every group, θ saved first."""
         for group in self.param_groups:
             params = self._trainable(group)
             if not params:
@@ -195,15 +198,7 @@ class RWP(PerturbedOptimizer):
             draws, _ = self.normal_draws(params, self.generator)  # the same numbers for any number of ranks
             for w, z, scale in zip(self.views(params), draws, self._scales(group, params)):
                 eps = z.mul_(scale)
-                w.add_(eps if carry is None else eps.add_(carry))
-
-    def _carry_nonfinite(self, grads: list[Tensor]) -> Tensor:
-        """0, or NaN when g holds a NaN/±inf (on any rank). ε does not read g, so without it a bad clean
-        pass would reach the update only through the mix, after the step's verdict (taken on the final
-        gradient and the losses, and the two-call form hands no losses); θ + ε + NaN makes the final
-        gradient non-finite, as it is in every rule whose perturbation reads g. Adding 0 changes nothing."""
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        return self.finish_norm(torch.where(finite, 0.0, float("nan")))
+                w.add_(eps)
 
     def _scales(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
         """ε's standard deviations: σ·‖θ_j‖ per filter (1-d: σ·(‖θ‖ + 1e-16)), over √(1 + η·Σ_j F) (ARWP)."""
