@@ -111,6 +111,16 @@ class PerturbedOptimizer(Optimizer):
         self.base_optimizer.add_param_group(param_group)
         self._shards.reset()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients to None without torch's per-call profiler scope: a step clears them 2–4 times, and on a
+        small model on a CPU that scope cost about 3 % of a run (set_to_none=False: torch's own)."""
+        if not set_to_none:
+            super().zero_grad(set_to_none=False)
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     @staticmethod
     def params_with_grad(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """Parameters that received a gradient this pass (frozen ones are left alone)."""

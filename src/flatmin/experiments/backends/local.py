@@ -89,8 +89,8 @@ class LocalBackend:
                         ledger.failed(t, describe(err))
                         continue
                     ledger.finished(t, result)
-        finally:
-            pool.shutdown(cancel_futures=True)
+        finally:  # workers exit (torch's teardown, ~1 s) while the caller measures cost and draws figures
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         pass
