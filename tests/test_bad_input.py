@@ -92,7 +92,12 @@ def bad_cases() -> list[tuple[str, list[str]]]:
             ("cost", ["--models", ","]), ("landscape", ["--splits", ","]),
             *[("train", ["--method", m, flag, v]) for m, flag, v in (  # an option the method ignores
                 ("erm", "--ball", "square"), ("erm", "--ball", "global"), ("erm", "--epsilon", "0.1"),
-                ("sam", "--dropout", "0.2"), ("amp", "--reuse-every", "3"))]]
+                ("sam", "--dropout", "0.2"), ("amp", "--reuse-every", "3"))],
+            # an option no compared method reads, in a flag, a spec or a tuned field
+            ("compare", ["--methods", "erm,sam", "--ball", "global"]),
+            ("compare", ["--methods", "erm,sam:ball=global"]),
+            ("compare", ["--methods", "erm,sam", "--tune", "epsilon=0.1,0.2"]),
+            ("compare", ["--methods", "amp", "--reuse-every", "3"]), ("grid", ["--epsilon", "0.1"])]
     out += [("train", ["--dataset", f"{kind}:{{work}}/data/{name}", *extra])
             for name, (kind, extra) in DATA.items()]
     return out
@@ -179,6 +184,8 @@ GRID_FILES = {  # name -> content: each is refused before any run
     "empty_list.toml": '[grid]\nmethod = []\n',
     "device.toml": '[grid]\ndevice = "banana"\n',
     "tune.toml": '[grid]\nmethod = "amp"\n[tune]\nepsilon = 0.1\n',
+    "unread.toml": '[grid]\nmethod = ["erm", "sam"]\nepsilon = [0.1, 0.2]\n',
+    "unread_tune.toml": '[grid]\nmethod = ["erm", "sam"]\n[tune]\nepsilon = [0.1, 0.2]\n',
     "tune_metric.toml": '[grid]\nmethod = "amp"\n[tune]\nmetric = "accuracy"\nepsilon = [0.1, 0.2]\n',
 }
 

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -258,14 +259,21 @@ def test_csv_text_labels_are_sorted_class_names_saved_with_the_run(tmp_path, cap
     assert json.loads((out / "metrics.json").read_text())["classes"] == list(names)
 
 
-def test_csv_unnamed_index_column_is_not_a_feature_and_is_named(tmp_path):
-    header = ("", "a", "b", "label")
-    write_csv(tmp_path / "train.csv", [(i, i * 0.5, 1.0, i % 2) for i in range(20)], header)
-    write_csv(tmp_path / "test.csv", [(0, 1.0, 2.0, 1)], header)
+@pytest.mark.parametrize("name, start", [("", 0), ("Unnamed: 0", 0), ("index", 0), ("id", 1), ("id", 100)])
+def test_csv_index_column_is_not_a_feature_and_is_named(tmp_path, name, start):
+    """pandas' row index (unnamed, ``Unnamed: 0`` after a re-save, or index/id holding the row numbers) is
+    not a feature; an ``id`` column that is not the row numbers (100, 101, ...) is an ordinary feature."""
+    header = (name, "a", "b", "label")
+    write_csv(tmp_path / "train.csv", [(start + i, i * 0.5, 1.0, i % 2) for i in range(20)], header)
+    write_csv(tmp_path / "test.csv", [(start, 1.0, 2.0, 1)], header)
+    index = start in (0, 1)
     for _ in range(2):  # decoded, then from the cache: the warning both times
-        with pytest.warns(FlatminWarning, match="read as the row index"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             ds = load_dataset(f"csv:{tmp_path}", val_fraction=0.0)
-        assert ds.input_shape == (2,)
+        said = [str(w.message) for w in seen if "read as the row index" in str(w.message)]
+        assert len(said) == index and (not said or repr(name) in said[0])
+        assert ds.input_shape == ((2,) if index else (3,))
     write_csv(tmp_path / "train.csv", [(i, "", i % 2) for i in range(4)], ("a", "", "label"))
     write_csv(tmp_path / "test.csv", [(0, 1.0, 1)], ("a", "", "label"))
     with pytest.raises(FlatminError, match="column 2 has no name"):

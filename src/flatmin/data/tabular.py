@@ -1,10 +1,11 @@
 """A table (`csv:DIR` with train.csv, test.csv, optional val.csv) as float32 features and class ids.
 
-Every column but the label column is a feature, except an unnamed first column: pandas' ``to_csv``
-writes the row index there, so it is read as the index (named ``(index)``, with a warning), never as
-a feature. Labels are class ids 0..K-1, or text (``versicolor``): then the sorted names of train.csv
-are the classes, a name's id is its index, and the mapping is saved with the run. A column is
-categorical when some value in train.csv is not a number: with ``categorical="error"`` (default)
+Every column but the label column is a feature, except a first column that is pandas' row index: no
+name (``to_csv`` writes the index there), ``Unnamed: 0`` (a table read by pandas and saved again), or
+``index``/``id`` holding exactly the row numbers; it is read as the index (named ``(index)``, with a
+warning), never as a feature. Labels are class ids 0..K-1, or text (``versicolor``): then the sorted
+names of train.csv are the classes, a name's id is its index, and the mapping is saved with the run. A
+column is categorical when some value in train.csv is not a number: with ``categorical="error"`` (default)
 that is an error naming it; with ``"onehot"`` it becomes one 0/1 feature per value seen in
 train.csv (a value seen only in val/test gets all zeros). Empty cells in numeric columns are
 errors, never silently 0.
@@ -13,6 +14,7 @@ errors, never silently 0.
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +67,8 @@ def read_csv(root: Path, label_column: str | None = None, categorical: str = "er
         if len(rows) < 2:
             raise FlatminError(f"{path} has no rows" + (" (only a header)" if rows else ""))
         names = [n.strip() for n in rows[0]]
-        if names and not names[0]:
-            names[0] = INDEX  # pandas' to_csv: an unnamed leading column holding the row index
+        if names and _index_name(names[0], [r[0] for r in rows[1:] if r]):
+            names[0] = INDEX  # pandas' to_csv: a leading column holding the row index
         if unnamed := [i + 1 for i, n in enumerate(names) if not n]:
             raise FlatminError(f"{path}: column {unnamed[0]} has no name in the header; name every column")
         if header is None:
@@ -81,8 +83,8 @@ def read_csv(root: Path, label_column: str | None = None, categorical: str = "er
                 raise FlatminError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
         tables[s] = (path, rows[1:])
     li = header.index(label)
-    notes = [f"{root}: the first column has no name, so it is read as the row index (pandas' to_csv "
-             "writes one) and not used as a feature; give it a name in the header to use it"
+    notes = [f"{root}: the first column ({_first_name(root)!r}) is read as the row index (pandas' to_csv "
+             "writes one) and not used as a feature; give it another name in the header to use it"
              ] if _index(header, label) else []
     features = [i for i in range(len(header)) if i not in (li, *_index(header, label))]
     path, train_rows = tables["train"]
@@ -102,6 +104,26 @@ def read_csv(root: Path, label_column: str | None = None, categorical: str = "er
         categories[i] = sorted({row[i] for row in train_rows})
     splits = {s: _parse(p, header, rows, li, features, categories, names) for s, (p, rows) in tables.items()}
     return Arrays(splits, names, notes)
+
+
+def _index_name(name: str, column: list[str]) -> bool:
+    """A leading column pandas wrote as the row index: no name (``to_csv``), ``Unnamed: 0`` (a table read
+    with pandas and saved again), or ``index``/``id`` holding exactly the row numbers 0..n-1 or 1..n."""
+    if not name or re.fullmatch(r"Unnamed: \d+", name):
+        return True
+    if name.lower() not in ("index", "id"):
+        return False
+    try:
+        values = [int(v) for v in column]
+    except ValueError:
+        return False
+    return values == list(range(len(values))) or values == list(range(1, len(values) + 1))
+
+
+def _first_name(root: Path) -> str:
+    """The train.csv header's first name as written (for the note)."""
+    with open(root / "train.csv", newline="", encoding="utf-8-sig") as f:
+        return next(csv.reader(f))[0].strip()
 
 
 def _index(header: list[str], label: str) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ from flatmin.experiments.tables import compare_table
 from flatmin.results.plot import write_csv
 from flatmin.results.store import Store
 from flatmin.train.config import TrainConfig
+from flatmin.train.methods import refuse_unread
 
 DEFAULT_METHODS = "erm,amp,sam"
 DEFAULT_SEEDS = 5
@@ -113,6 +114,10 @@ def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], 
     """Tune (if asked) and train every spec over ``seeds``; finished runs are read back, not retrained."""
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
     sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
+    refuse_unread(bases, overrides, {f: f"--{f.replace('_', '-')}" for f in overrides})
+    refuse_unread(bases, sweep, {f: f"--tune {f}" for f in sweep})
+    for s, b in zip(specs, bases):  # a spec's own field its method does not read: a slip in the spec
+        refuse_unread([b], s.fields, {f: f"method spec {s.label!r}" for f in s.fields})
     for b in bases:
         resolved(b)  # names, numbers, device: checked before the store or any folder is written
     backend = make_backend()  # before anything is written

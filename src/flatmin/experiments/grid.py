@@ -18,6 +18,7 @@ from flatmin.experiments.report import render
 from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS, resolved
 from flatmin.results.store import Store
 from flatmin.train.config import TrainConfig
+from flatmin.train.methods import refuse_unread
 
 
 def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
@@ -45,6 +46,8 @@ def run_grid(grid: dict[str, Any], tune: dict[str, Any], run: dict[str, Any], db
     sweeps = [{**{tuning.field_name(k): v for k, v in tune.items()},
                **{tuning.field_name(k, b.method): v for k, v in per_method.get(b.method, {}).items()}}
               for b in bases]
+    refuse_unread(bases, [k for k in grid if k not in ("seed", "seeds")], {k: f"[grid] {k}" for k in grid})
+    refuse_unread(bases, {k for s in sweeps for k in s}, {k: f"[tune] {k}" for s in sweeps for k in s})
     for b in bases:
         resolved(b)  # names, numbers, device: checked before the store or any folder is written
     out = check_out(Path(run.get("out", "runs/grid")))
