@@ -32,7 +32,8 @@ of other peft tuners, LoHa's or IA³'s, are always treated so). σ = 0 (or σ_t 
 step) perturbs nothing: the step is the base optimizer's, bit for bit.
 
 Checked against the authors' code by reading it (nblt/Flat-LoRA ``logTrainer.py``,
-``FlatLoRATrainer.training_step``; ``run_exp.py`` passes ``rho``): for each peft ``LoraLinear`` module,
+``FlatLoraTrainer.training_step``; ``run_exp.py`` passes ``rho`` to ``utils.py``'s training loop, which
+picks that trainer when ``rho > 0``): for each peft ``LoraLinear`` module,
 ``data = W + scaling·(B @ A)``, ``filter_norm = factor·(rho + 1e-16)/√(data.shape[1])·‖data_i‖``, noise
 ``torch.normal(0, filter_norm)`` added to ``module.weight`` (the base weight) before the forward of the
 first micro-batch of an accumulation window and removed after the backward of its last, so one ε per
@@ -54,13 +55,13 @@ zero noise. (5) Their ``T`` (noise on every T-th step only; a class argument, de
 with adapter ``"default"`` only; here every adapter of the layer that the optimizer trains enters W', the
 trainable non-LoRA weight matrices (``modules_to_save``) are perturbed too (the authors leave them at W),
 and a ``fan_in_fan_out`` layer (GPT-2's ``Conv1D``, W stored as in × out) takes its filters along the stored
-weight's output dimension (the authors' ``dim=1`` would mismatch it). LoRA layers of another kind (Embedding,
+weight's output dimension (the authors' ``W + s·(B @ A)`` would fail on the shapes there, or take rows
+of the wrong dimension when in = out). LoRA layers of another kind (Embedding,
 Conv, DoRA and other variants) are refused in one line where the authors skip them silently. (7) n is a
 filter's element count: a Linear's input dimension as theirs, a convolution's fan-in in the plain form.
 (8) A non-finite loss or gradient skips the step on the device (their code has no guard); a skipped
-step still counts in the ramp. (9) The LoRA form
-needs each layer's whole A and B for W's row norms, so it is refused on sharded (FSDP) parameters; the
-plain form runs sharded (rows are whole on a shard).
+step still counts in the ramp. (9) The LoRA form needs each layer's whole A and B for W's row norms,
+so it is refused on sharded (FSDP) parameters; the plain form runs sharded (rows are whole on a shard).
 
 Two-call form: ``opt.begin_step()`` (draws ε, W ← W + ε) before the forward, ``opt.restore_and_step()``
 after the backward; ``opt.step(closure)`` calls the closure once.
