@@ -128,6 +128,7 @@ class PerturbedTrainer(Trainer):
                 f"PerturbedTrainer needs a flatmin PerturbedOptimizer (AMP, SAM, RMP, ...), got "
                 f"{type(inner).__name__}: pass optimizers=(flatmin.AMP(model.parameters(), ...), None) or "
                 "optimizer_cls_and_kwargs=(flatmin.SAM, {...})")
+        inner.bind_model(self.model)  # Flat-LoRA learns a peft model's LoRA layers
         self.optimizer = TrainerStep(inner, self)
         return self.optimizer
 

@@ -99,6 +99,10 @@ class PerturbedOptimizer(Optimizer):
     def validate_group(self, group: dict[str, Any]) -> None:
         """Subclasses check their per-group hyperparameters here."""
 
+    def bind_model(self, model: nn.Module) -> None:
+        """What a rule learns from the model its parameters belong to (Flat-LoRA: its LoRA layers);
+        `create_optimizer` and the Hugging Face `PerturbedTrainer` call it. Default: nothing."""
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapper and the base optimizer at once (they share the dicts)."""
         if not hasattr(self, "base_optimizer"):  # during Optimizer.__init__

@@ -5,7 +5,9 @@ Parameter groups follow timm's rule: biases and normalisation weights get no wei
 parameter is exempt when its module is a normalisation layer or it has ndim <= 1, or when the
 model's ``no_weight_decay()`` names it (``no_decay_bias_and_norm=False`` turns the rule off).
 Given plain parameters instead of a module, only the ndim rule applies; given param-group dicts,
-they are used as they are.
+they are used as they are. Frozen parameters (``requires_grad=False``: a peft LoRA model's base weights)
+are left out, so a LoRA-wrapped model gets its adapters optimised; given the module, a rule that reads
+the model's structure learns it (`PerturbedOptimizer.bind_model`: Flat-LoRA finds the LoRA layers).
 """
 
 from __future__ import annotations
@@ -90,4 +92,7 @@ def create_optimizer(model_or_params: nn.Module | Iterable, name: str = "amp", *
     groups = param_groups(model_or_params, weight_decay, no_decay_bias_and_norm)
     if info.plain_in_factory:  # no perturbation: the base optimizer itself, with the same groups
         return base(groups, weight_decay=weight_decay, **kwargs)
-    return info.build(groups, base, weight_decay=weight_decay, **fixed, **kwargs)
+    opt = info.build(groups, base, weight_decay=weight_decay, **fixed, **kwargs)
+    if isinstance(model_or_params, nn.Module):  # a rule that reads the model's structure (Flat-LoRA's LoRA)
+        opt.bind_model(model_or_params)
+    return opt
