@@ -129,6 +129,21 @@ def test_unmarked_groups_perturb_the_one_dimensional_tensors():
     assert_same(ours, theirs, atol=1e-14)
 
 
+def test_a_bound_model_gives_the_authors_tensors_from_plain_parameters():
+    """`flatmin train` and `create_optimizer` hand over plain parameters and bind the model: N is then its
+    normalisation layers (the authors' choice), not the 1-D tensors (which include the linear biases)."""
+    data = batches(4)
+    ours, theirs = net(), net()
+    opt = SAMON(ours.parameters(), torch.optim.SGD, rho=0.1, **SGD)
+    opt.bind_model(ours)
+    run(opt, ours, data)
+    authors_loop(theirs, data, 0.1)
+    assert_same(ours, theirs, atol=1e-14)
+    model = net()
+    made = flatmin.create_optimizer(model, "samon", lr=0.1)  # the factory binds the model it was given
+    assert made._norms == {id(p) for name, p in model.named_parameters() if "norm" in name or "bn" in name}
+
+
 def test_perturbing_every_tensor_is_sam_and_asam_bit_for_bit():
     data = batches(4)
     for adaptive in (False, True):

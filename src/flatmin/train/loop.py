@@ -323,6 +323,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     net = dist.wrap(model, cfg.ddp_local_ascent, method.unused_params(cfg))
     try:
         opt = method.build_optimizer(model.parameters(), cfg)  # after wrapping: FSDP's sharded parameters
+        opt.bind_model(model)  # what a rule learns from the modules (SAM-ON's norm layers, Flat-LoRA's LoRA)
     except ValueError as err:  # an optimizer argument out of range: the user's input
         raise ConfigError(str(err)) from None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")

@@ -15,10 +15,12 @@ Which tensors are in N. An optimizer sees tensors, not modules, so each paramete
 ``{"params": [...], "perturb": True}`` perturbs the group's tensors, ``"perturb": False`` leaves them
 alone. `SAMON.norm_groups(model)` builds the two groups from the model's normalisation modules
 (BatchNorm, LayerNorm, GroupNorm, LocalResponseNorm, RMSNorm: `flatmin.optim.factory.NORMS`). When a
-group says nothing (``perturb=None``, the default, as under ``flatmin train`` and ``create_optimizer``,
-which hand over plain parameters), N is the group's **1-D tensors**: every normalisation scale and
-shift is 1-D, so all of them ascend — and so do the biases of linear and convolutional layers, which
-the authors leave at θ. That is the documented approximation; mark the groups to get the authors' N.
+group says nothing (``perturb=None``, the default), N is the normalisation modules' parameters of the
+model the optimizer was bound to (`bind_model`: ``flatmin train``, ``create_optimizer`` and the Hugging
+Face trainer bind it) — the authors' N. An optimizer built from bare tensors and never bound takes the
+group's **1-D tensors**: every normalisation scale and shift is 1-D, so all of them ascend — and so do
+the biases of linear and convolutional layers, which the authors leave at θ (the documented
+approximation).
 ``perturb=True`` on every group is SAM (ASAM) bit for bit; ρ = 0 is the base optimizer bit for bit.
 
 Checked against the authors' code (mueller-mp/SAM-ON, ``sam_on.py``: ``SAM_ON.ascent_step``,
@@ -55,14 +57,19 @@ from flatmin.optim.registry import Hyper, RuleInfo, register
 from flatmin.optim.rules._common import SharpnessRule
 from flatmin.optim.rules.sam import ADAPTIVE, RHO
 
-PERTURB = Hyper("perturb", Flag(), None, "SAM-ON: whether a group's tensors ascend (none said: its 1-D ones)")
+PERTURB = Hyper("perturb", Flag(), None,
+                "SAM-ON: whether a group's tensors ascend (unsaid: the bound model's norm layers, else 1-D)")
 HYPERS = (RHO, PERTURB, ADAPTIVE)
 
 
-def perturbed(group: dict[str, Any], p: Tensor) -> bool:
-    """Whether ``p`` is in N: its group's flag, else (nothing said) whether it is 1-D like a norm's scale."""
+def perturbed(group: dict[str, Any], p: Tensor, norms: set[int] | None = None) -> bool:
+    """Whether ``p`` is in N: its group's flag; else (nothing said) whether a normalisation module of the
+    bound model owns it (`SAMON.bind_model`); else, with no model known, whether it is 1-D like a norm's
+    scale."""
     flag = group["perturb"]
-    return p.ndim <= 1 if flag is None else flag
+    if flag is not None:
+        return flag
+    return id(p) in norms if norms is not None else p.ndim <= 1
 
 
 class SAMON(SharpnessRule):
@@ -77,6 +84,13 @@ class SAMON(SharpnessRule):
                  **base_kwargs: Any) -> None:
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive, perturb=perturb),
                          base_kwargs, foreach=foreach, check_finite=check_finite, nonfinite=nonfinite)
+        self._norms: set[int] | None = None  # ids of the bound model's normalisation parameters
+
+    def bind_model(self, model: nn.Module) -> None:
+        """The authors' N for groups that say nothing: the parameters of the model's normalisation modules
+        (`flatmin train`, `create_optimizer` and the Hugging Face trainer call this with the model)."""
+        groups = self.norm_groups(model)
+        self._norms = {id(p) for group in groups if group["perturb"] for p in group["params"]}
 
     @staticmethod
     def norm_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -95,7 +109,7 @@ class SAMON(SharpnessRule):
         """The groups' tensors in N with their gradients: the only ones the ascent moves or measures."""
         out = []
         for s in self.slots():
-            params = [p for p in s.params if perturbed(s.group, p)]
+            params = [p for p in s.params if perturbed(s.group, p, self._norms)]
             if params:
                 out.append(self.slot(s.group, params, [p.grad for p in params]))
         return out
@@ -108,5 +122,5 @@ class SAMON(SharpnessRule):
 register(RuleInfo(
     "samon", SAMON, "SAM on the normalisation layers only: ascent and its norm over their parameters, "
     "every tensor updated", paper="Mueller et al., NeurIPS 2023", code="mueller-mp/SAM-ON", hypers=HYPERS,
-    needs="groups marked `perturb=True` (`SAMON.norm_groups(model)`); unmarked: the 1-D tensors", order=33,
+    needs="the model (`bind_model`) or groups marked `perturb=True`; neither: the 1-D tensors", order=33,
     neutral={"rho": 0.0}, examples=({"rho": 0.05}, {"rho": 0.5, "adaptive": True})))
