@@ -1,7 +1,8 @@
 """GSAM and bSAM as their authors wrote them: flatmin against float64 loops written here, in our own
 words, from the authors' code (read, not copied or run: big_vision's JAX ``gsam_gradient``, Apache-2.0;
 team-approx-bayes/bayesian-sam's JAX ``optim.py``/``train.py``/``test.py``, GPL-3.0; no JAX here), over
-12 steps, to ~1e-12; and the trainer's recipes (GSAM's ρ schedule, bSAM's lr, warm-up, cosine, prior
+12 steps, to ~1e-12; the author's PyTorch GSAM (MIT) itself where a checkout is named by
+FLATMIN_AUTHORS_GSAM; and the trainer's recipes (GSAM's ρ schedule, bSAM's lr, warm-up, cosine, prior
 precision and MC predictive at evaluation)."""
 
 from __future__ import annotations
@@ -303,3 +304,48 @@ def test_train_bsam_records_its_recipe(tmp_path):
     assert (c["lr"], c["lr_schedule"], c["warmup_epochs"], c["rho"]) == (0.5, "cosine", 5, 0.01)
     assert (c["bsam_prior_precision"], c["bsam_data_factor"], c["bsam_test_samples"]) == (40.0, 1.0, 2)
     assert math.isfinite(result["test"]["nll"])
+
+
+# --- GSAM: the author's PyTorch code itself, where a checkout is at hand ---------------------------
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("rho_min", [0.3, 0.05], ids=["constant_rho", "rho_t"])
+def test_gsam_equals_the_authors_pytorch_code_run_as_released(adaptive, rho_min, monkeypatch):
+    """juntang-zhuang/GSAM (MIT), imported from a checkout named by FLATMIN_AUTHORS_GSAM (not vendored;
+    skipped without it): its GSAM with its ProportionScheduler, stepped through set_closure/step."""
+    import os
+    import sys
+    root = os.environ.get("FLATMIN_AUTHORS_GSAM")
+    if not root or not os.path.isfile(os.path.join(root, "gsam", "gsam.py")):
+        pytest.skip("FLATMIN_AUTHORS_GSAM does not name a checkout of juntang-zhuang/GSAM")
+    monkeypatch.syspath_prepend(root)
+    sys.modules.pop("gsam", None)
+    from gsam import GSAM as AuthorsGSAM
+    from gsam import ProportionScheduler
+
+    data = batches(STEPS)
+    base_cls, base_kw = BASES["sgd_nesterov_wd"]
+    theirs = tiny_model()
+    base = base_cls(theirs.parameters(), **base_kw)
+
+    class LastLr:  # what their ProportionScheduler reads from a torch scheduler
+        _last_lr = [LR_MAX]
+    lrs = LastLr()
+    rho_t = ProportionScheduler(lrs, max_lr=LR_MAX, min_lr=LR_MIN, max_value=0.3, min_value=rho_min)
+    opt = AuthorsGSAM(theirs.parameters(), base, theirs, gsam_alpha=0.6, rho_scheduler=rho_t,
+                      adaptive=adaptive)
+    for (x, y), lr in zip(data, LRS):
+        for group in base.param_groups:
+            group["lr"] = lr
+        lrs._last_lr = [lr]
+        opt.update_rho_t()
+        opt.set_closure(F.cross_entropy, x, y)
+        opt.step()
+    ours = tiny_model()
+    mine = GSAM(ours.parameters(), base_cls, rho=0.3, alpha=0.6, adaptive=adaptive,
+                rho_min=None if rho_min == 0.3 else rho_min, lr_min=LR_MIN, **{**base_kw, "lr": LR_MAX})
+    run_scheduled(ours, mine, data)
+    gap = max(float((p - q).detach().abs().max()) for p, q in zip(theirs.parameters(), ours.parameters()))
+    assert gap < 1e-15, gap  # 1.1e-16 measured: θ restored by copy here, by subtracting ε there
+    sys.modules.pop("gsam", None)

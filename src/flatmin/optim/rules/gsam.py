@@ -29,7 +29,8 @@ PyTorch code's guards ``cos = ⟨g,g_p⟩/(‖g_p‖‖g‖ + 1e-12)``, ``g_⊥ 
 (and the mirror image for ``minimize_fp=False``). Differences: θ is restored by copy (the PyTorch code
 subtracts ε); the JAX decomposition divides by ‖g_p‖ (‖g‖) with no 1e-12 guard, which moves d by
 ~1e-12 relative (``tests/test_authors_gsam_bsam.py`` matches a float64 loop written from the JAX
-code to 1e-12); the ascent's 1e-12 guard is both codes'. The gradient is the step's one batch on
+code to 1e-12, and the PyTorch code run as released, where a checkout is given, to 1e-16); the
+ascent's 1e-12 guard is both codes'. The gradient is the step's one batch on
 every rank (the authors perturb per worker, unsynchronised); ``ddp_local_ascent`` is flatmin's
 option for that.
 """
