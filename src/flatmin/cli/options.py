@@ -95,6 +95,8 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--batch-size": _flag("batch_size", "global batch size"),
     "--lr": _flag("lr", "initial learning rate (then it follows --lr-schedule)"),
     "--lr-schedule": _flag("lr_schedule", _schedule_help()),
+    "--warmup-epochs": _flag("warmup_epochs", "linear warm-up epochs before the schedule (0; bsam: its "
+                             "authors' 5)"),
     "--milestones": _flag("milestones", "step schedule: fractions of the epochs where the lr is multiplied "
                           "by --lr-gamma (0.5,0.75)", _milestones),
     "--lr-gamma": _flag("lr_gamma", "step schedule: factor at each milestone (0.1)"),

@@ -29,6 +29,13 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = method_fields()  # each Method owns 
 ALL_METHOD_FIELDS = {f for fields in METHOD_FIELDS.values() for f in fields}
 
 
+# Fields added after runs were stored, at the value every earlier run had: left out of the key there.
+LATE_FIELDS = (("accumulate", 1), ("eval_every", 1), ("sam_splits", 1), ("lr_schedule", "step"),
+               ("warmup_epochs", 0), ("gsam_rho_min", None), ("gsam_adaptive_perturbation", False),
+               ("gsam_minimize_fp", True), ("bsam_prior_precision", None), ("bsam_data_factor", None),
+               ("bsam_test_samples", 32))
+
+
 def unused_fields(cfg: TrainConfig) -> list[str]:
     """Method fields this run's method (and AMP variant) never reads."""
     return sorted(ignored_fields(cfg, ALL_METHOD_FIELDS))
@@ -53,8 +60,8 @@ def config_key(cfg: TrainConfig) -> str:
     c = resolved(cfg)
     skip = set(NOT_IN_KEY) | set(unused_fields(c))
     d = {k: v for k, v in c.to_dict().items() if k not in skip}
-    for late, default in (("accumulate", 1), ("eval_every", 1), ("sam_splits", 1), ("lr_schedule", "step")):
-        if d.get(late) == default:  # fields added later stay out of the key at their default
+    for late, default in LATE_FIELDS:
+        if late in d and d[late] == default:  # fields added later stay out of the key at their default
             del d[late]
     if fingerprint := getattr(get_loader(c.dataset), "fingerprint", None):  # the user's files
         d["data_fingerprint"] = fingerprint(**c.dataset_options)  # edited data: new runs, not stale ones

@@ -140,24 +140,31 @@ def _multi_tensor_sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: 
 
 
 def _single_tensor_sam_ascent(
-    params: list[Tensor], grads: list[Tensor], *, scale: Tensor, adaptive: bool, inplace: bool
+    params: list[Tensor], grads: list[Tensor], *, scale: Tensor, adaptive: bool, inplace: bool,
+    by_weight: bool = False,
 ) -> None:
-    """params ← θ + ρ·T_w²∇L/‖T_w∇L‖ (scale = ρ/‖T_w∇L‖ already computed)."""
+    """params ← θ + ρ·T_w²∇L/‖T_w∇L‖ (scale = ρ/‖T_w∇L‖ already computed); ``by_weight``: e·|θ| too
+    (GSAM's official adaptive perturbation, |θ|·ρ·∇L/‖∇L‖, its norm taken with T = I)."""
     for p, g in zip(params, grads):
         e = g if inplace else g.clone()
         if adaptive:
             e.mul_(p).mul_(p)
+        if by_weight:
+            e.mul_(p.abs())
         p.add_(e.mul_(scale))
 
 
 def _multi_tensor_sam_ascent(
-    params: list[Tensor], grads: list[Tensor], *, scale: Tensor, adaptive: bool, inplace: bool
+    params: list[Tensor], grads: list[Tensor], *, scale: Tensor, adaptive: bool, inplace: bool,
+    by_weight: bool = False,
 ) -> None:
     """Foreach twin of `_single_tensor_sam_ascent`."""
     e = grads if inplace else torch._foreach_mul(grads, 1.0)
     if adaptive:
         torch._foreach_mul_(e, params)
         torch._foreach_mul_(e, params)
+    if by_weight:
+        torch._foreach_mul_(e, torch._foreach_abs(params))
     torch._foreach_mul_(e, scale)
     torch._foreach_add_(params, e)
 

@@ -193,8 +193,9 @@ class PerturbedOptimizer(Optimizer):
     def sam_ascend(self, slots: list[Slot], scale: float | Tensor = 1.0, consume: bool = True,
                    save: bool = True) -> None:
         """θ ← θ + scale·ρ·T²d/‖Td‖ with ONE norm over every group (ρ per group, T = |θ| where the group
-        is ``adaptive``, else I); θ is saved first (``save=False``: a further ascent from an already
-        perturbed point, θ kept from the first). ``consume``: e is built in d's storage."""
+        is ``adaptive``, else I; a group with ``adaptive_perturbation``: e·|θ|, GSAM's official form);
+        θ is saved first (``save=False``: a further ascent from an already perturbed point, θ kept from
+        the first). ``consume``: e is built in d's storage."""
         slots = [s for s in slots if s.params]
         if not slots:
             return
@@ -204,7 +205,8 @@ class PerturbedOptimizer(Optimizer):
             if save:
                 self.save_theta(s.params)
             K.sam_ascent(s.weights, s.grads, scale=scale * self.radius(s.group) / (norm + K.TINY),
-                         adaptive=s.group.get("adaptive", False), inplace=consume, foreach=self.foreach)
+                         adaptive=s.group.get("adaptive", False), inplace=consume, foreach=self.foreach,
+                         by_weight=s.group.get("adaptive_perturbation", False))
 
     # -- θ kept exactly --------------------------------------------------------------------------
 

@@ -82,6 +82,8 @@ class RuleInfo:
     make: Callable[..., Any] | None = None  # (params, base, **kw) when not ``cls(params, base, **kw)``
     from_config: Callable[[Any], dict[str, Any]] | None = None  # trainer: keywords from the config (a seed)
     protocol: Callable[[Any], dict[str, Any]] | None = None  # trainer: own-update keywords from the protocol
+    recipe: Mapping[str, Any] = field(default_factory=dict)  # trainer: the authors' protocol fields (lr,
+    # lr_schedule, warmup_epochs), taken where the user left the field unset, before the dataset's defaults
     neutral: Mapping[str, Any] | None = field(default_factory=dict)  # ≡ the base optimizer (None: none)
     examples: tuple[Mapping[str, Any], ...] = ({},)  # settings the conformance matrix runs (test sizes)
     order: int = 50  # where it stands in lists and tables (the paper's rules first)

@@ -47,6 +47,7 @@ class _Protocol:
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs (the step schedule)
     lr_gamma: float = 0.1
     lr_schedule: str | None = None  # step (at the milestones), cosine or constant; None: the dataset's
+    warmup_epochs: int | None = None  # linear warm-up epochs first; None: the method's recipe, else 0
     grad_clip: float | None = None  # the authors clip the gradient norm at 50
     accumulate: int = 1  # micro-batches per pass (gradient accumulation; the step is the same)
     # data
@@ -93,6 +94,29 @@ class _Protocol:
         """A copy with some fields changed (grids and sweeps)."""
         return dataclasses.replace(self, **changes)
 
+    def lr_at(self, epoch: int) -> float:
+        """The epoch's learning rate. After ``warmup_epochs`` epochs at lr·(e+1)/W (bSAM's authors'
+        linear warm-up): step (the paper's), lr × lr_gamma at each milestone (fractions of the epochs; 50%
+        and 75%); cosine, from lr down toward 0 over the epochs after the warm-up; constant, lr throughout."""
+        warm = self.warmup_epochs or 0
+        if epoch < warm:
+            return self.lr * (epoch + 1) / warm
+        if self.lr_schedule == "constant":
+            return self.lr
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * (epoch - warm) / (self.epochs - warm)))
+        passed = sum(epoch >= round(m * self.epochs) for m in self.milestones)
+        return self.lr * self.lr_gamma ** passed
+
+    def lr_end(self) -> float:
+        """The schedule's lowest learning rate after the warm-up, where it heads (GSAM's lr_min): step,
+        lr × lr_gamma^(milestones); cosine, 0; constant, lr."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        if self.lr_schedule == "cosine":
+            return 0.0
+        return self.lr * self.lr_gamma ** len(self.milestones)
+
 
 def _rule_fields() -> list[tuple[str, Any, Any]]:
     """The rules' config fields (ε, ρ, gsam_alpha, ...), each with the default its registry entry gives."""
@@ -116,7 +140,7 @@ FIELD_RULES: dict[str, Any] = {
     "eval_every": POSITIVE_INT, "val_fraction": FRACTION, **RULE_FIELD_RULES,
     "dropout": FRACTION, "label_smoothing": FRACTION, "flood_level": NONNEGATIVE, "mixup_alpha": POSITIVE,
     "adv_epsilon": NONNEGATIVE, "seed": COUNT, "eval_batch_size": POSITIVE_INT, "lr_gamma": SHARE,
-    "lr_schedule": LR_SCHEDULES,
+    "lr_schedule": LR_SCHEDULES, "warmup_epochs": COUNT,
 }
 DEFAULTS = TrainConfig().to_dict()
 FIELDS = list(DEFAULTS)
@@ -185,12 +209,18 @@ CPU_PRESETS = {
 # SAM's family: a method's own radius where SAM's ρ does not carry over (MSAM steps along the
 # normalised momentum, the authors' default ρ = 0.3; bSAM's ε = ρ·g/s is scaled by the precision),
 # and bSAM's N = the training-set size after the validation split. Not tuned: tune with --tune rho=...
+# bSAM's recipe is its authors' (team-approx-bayes/bayesian-sam, ResNet-18 on CIFAR: ρ 0.01, prior
+# precision 40, the data set counted 4× for its augmentation, `--dafactor 4`); on the CPU data sets,
+# which are never augmented, and with --augment none the factor is 1. Its lr, warm-up and cosine schedule
+# are its registry recipe.
+_BSAM = dict(bsam_rho=0.01, bsam_prior_precision=40.0)
 FAMILY_PRESETS = {
-    "mnist1d": dict(msam_rho=0.3, bsam_rho=0.05, bsam_num_data=3600),
-    "spiral": dict(msam_rho=0.3, bsam_rho=0.05, bsam_num_data=540),
-    "digits": dict(msam_rho=0.3, bsam_rho=0.05, bsam_num_data=1294),
-    "*": dict(msam_rho=0.3, bsam_rho=0.05, bsam_num_data=45000),  # CIFAR's 50k less the 10% held out
+    "mnist1d": dict(msam_rho=0.3, **_BSAM, bsam_num_data=3600, bsam_data_factor=1.0),
+    "spiral": dict(msam_rho=0.3, **_BSAM, bsam_num_data=540, bsam_data_factor=1.0),
+    "digits": dict(msam_rho=0.3, **_BSAM, bsam_num_data=1294, bsam_data_factor=1.0),
+    "*": dict(msam_rho=0.3, **_BSAM, bsam_num_data=45000, bsam_data_factor=4.0),  # CIFAR: 50k less 10%
 }
+BSAM_ONLY = ("bsam_num_data", "bsam_prior_precision", "bsam_data_factor")  # other runs keep them empty
 # SAM/ASAM on the paper datasets: ρ = 0.05 (Foret et al.) and 0.5 for ASAM (Kwon et al., CIFAR-10).
 PAPER_RHO, PAPER_ASAM_RHO = 0.05, 0.5
 
@@ -204,19 +234,28 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
     """Fill every None from presets and the dataset's defaults, then validate."""
     c = cfg.replace()
     c.model = c.model or default_model
+    rule = registry.rules().get(c.method)
+    for key, value in (rule.recipe if rule is not None else {}).items():  # the authors' protocol (bSAM's)
+        if getattr(c, key) is None:
+            setattr(c, key, value)
     for key in ("epochs", "batch_size", "lr", "weight_decay"):
         if getattr(c, key) is None:
             setattr(c, key, dataset_defaults[key])
     if c.lr_schedule is None:
         c.lr_schedule = dataset_defaults.get("lr_schedule", DEFAULT_LR_SCHEDULE)
+    if c.warmup_epochs is None:
+        c.warmup_epochs = 0
     if c.dataset in PAPER_DATASETS:
         eps, zeta = paper_amp_preset(c.model, c.augment)
         preset = dict(epsilon=eps, inner_lr=zeta, ball="per_tensor", rho=PAPER_RHO, asam_rho=PAPER_ASAM_RHO)
     else:
         preset = dict(CPU_PRESETS.get(c.dataset, CPU_PRESETS["mnist1d"]))
     preset.update(FAMILY_PRESETS.get(c.dataset, FAMILY_PRESETS["*"]))
-    if c.method != "bsam":  # N is bSAM's alone: other runs keep the field empty (and their saved configs)
-        preset.pop("bsam_num_data")
+    if c.method != "bsam":  # N, δ₀, the factor are bSAM's alone: other runs keep the fields empty
+        for key in BSAM_ONLY:
+            preset.pop(key)
+    elif c.augment == "none":  # the factor counts augmented copies: none, no factor
+        preset["bsam_data_factor"] = 1.0
     own_rho = {k: preset.pop(k) for k in [k for k in preset if k.endswith("_rho")]}
     if f"{c.method}_rho" in own_rho:  # ASAM's ρ lives on the |w|-scaled sphere, MSAM's, bSAM's: their own
         preset["rho"] = own_rho[f"{c.method}_rho"]
@@ -229,6 +268,7 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
 
 def validate(c: TrainConfig) -> None:
     """Bad values get a ValueError naming the field."""
+    COUNT.check(c.warmup_epochs, "warmup_epochs")
     for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "accumulate"):
         if not isinstance(getattr(c, key), int) or getattr(c, key) < 1:
             raise ConfigError(f"{key} must be a positive integer, got {getattr(c, key)!r}")

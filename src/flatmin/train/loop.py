@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -47,14 +46,8 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """The epoch's learning rate. step (the paper's): lr × lr_gamma at each milestone (fractions of the
-    epochs; 50% and 75%); cosine: from lr down toward 0 over the epochs; constant: lr throughout."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
-    return cfg.lr * cfg.lr_gamma ** passed
+    """The epoch's learning rate: `TrainConfig.lr_at` (warm-up, then step, cosine or constant)."""
+    return cfg.lr_at(epoch)
 
 
 @dataclass
@@ -67,6 +60,7 @@ class StepContext:
     device: torch.device
     input_range: float
     dist: Any
+    predictor: Any = None  # the method's evaluation (bSAM's MC predictive); None: model(x)
 
     def autocast(self) -> Any:
         """Mixed-precision forward passes (no-op at 32 bits)."""
@@ -158,10 +152,11 @@ def evaluate(model: nn.Module, split: Split, ds: Dataset, ctx: StepContext,
     model.eval()
     acc = MetricAccumulator()
     bs = ctx.cfg.eval_batch_size
+    forward = model if ctx.predictor is None else ctx.predictor()
     for start in range(0, len(split), bs):
         x = ds.transform(split.x[start:start + bs], False)
         with ctx.autocast():
-            logits = model(x)
+            logits = forward(x)
         acc.update(logits.float(), split.y[start:start + bs])
     out = acc.compute()
     if reliability:
@@ -280,6 +275,7 @@ def _config_mismatch(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """Fields in which a resumed run would differ from the saved one."""
     a, b = saved.to_dict(), wanted.to_dict()
     a["lr_schedule"] = a["lr_schedule"] or DEFAULT_LR_SCHEDULE  # saved before the field: step, the only one
+    a["warmup_epochs"] = a["warmup_epochs"] or 0  # saved before the field: no warm-up
     free = ("device", "tensorboard", "fsdp")  # where and how it runs, what it logs: not the run itself
     return [f"{k}: saved {a[k]!r}, asked {b[k]!r}" for k in a if a[k] != b[k] and k not in free]
 
@@ -330,7 +326,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
     for split in (ds.train, ds.val, ds.test):
         if split is not None:
             split.x, split.y = split.x.to(device), split.y.to(device)
-    ctx = StepContext(cfg, method, scaler, device, _input_range(ds), dist)
+    ctx = StepContext(cfg, method, scaler, device, _input_range(ds), dist, method.predictor(model, opt, cfg))
 
     history: list[dict[str, Any]] = []
     start, elapsed = 0, 0.0

@@ -9,7 +9,7 @@ attacks), and what loss is minimised (label smoothing, flooding). The loop has n
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,8 @@ from flatmin.optim.driver import split_sizes
 from flatmin.optim.registry import RuleInfo
 from flatmin.optim.rules.erm import ERM
 from flatmin.train.config import TrainConfig
+
+Predict = Callable[[Tensor], Tensor]  # a batch of inputs -> logits (or log-probabilities)
 
 
 @dataclass
@@ -76,6 +78,11 @@ class Method:
     def unused_params(self, cfg: TrainConfig) -> bool:
         """Whether some parameters get no gradient in a pass (DDP must then look for them)."""
         return False
+
+    def predictor(self, model: nn.Module, opt: Any, cfg: TrainConfig) -> Callable[[], Predict] | None:
+        """How evaluation predicts: None, ``model(x)``; else a maker called at the start of each
+        evaluation that returns x -> logits (or log-probabilities) for that evaluation."""
+        return None
 
     def prepare(self, model: nn.Module, batch: Batch, cfg: TrainConfig, input_range: float) -> Batch:
         """Turn the augmented batch into what is trained on."""
@@ -183,6 +190,19 @@ class RuleMethod(Method):
     def unused_params(self, cfg: TrainConfig) -> bool:
         """The registry says whether this setting leaves tensors without a gradient in a pass."""
         return self.info.unused_params is not None and self.info.unused_params(self.kwargs(cfg))
+
+    def predictor(self, model: nn.Module, opt: Any, cfg: TrainConfig) -> Callable[[], Predict] | None:
+        """A rule whose optimizer has ``predict(model, x, generator)`` (bSAM's MC predictive) is evaluated
+        through it; its draws are seeded afresh for each evaluation (the same θ gives the same metrics)."""
+        predict = getattr(opt, "predict", None)
+        if predict is None:
+            return None
+        device = next(iter(model.parameters())).device
+
+        def start() -> Predict:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed)
+            return lambda x: predict(model, x, generator)
+        return start
 
     def build_optimizer(self, params: Iterable, cfg: TrainConfig) -> PerturbedOptimizer:
         """The rule with the config's values, around SGD with the protocol's momentum and decay."""
