@@ -7,6 +7,7 @@ gradient taken at the perturbed point; plus its exact reductions (every tensor p
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.helpers import closure_steps
 from torch import nn
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 
 import flatmin
 from flatmin import SAM, SAMON
+from flatmin.errors import FlatminWarning
 from flatmin.optim import Pass, drive
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -142,6 +144,13 @@ def test_a_bound_model_gives_the_authors_tensors_from_plain_parameters():
     model = net()
     made = flatmin.create_optimizer(model, "samon", lr=0.1)  # the factory binds the model it was given
     assert made._norms == {id(p) for name, p in model.named_parameters() if "norm" in name or "bn" in name}
+
+
+def test_a_bound_model_without_normalisation_layers_is_said_once():
+    """SAM-ON on an MLP with no norm layer is the base optimizer at twice the cost: a warning says so."""
+    mlp = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    with pytest.warns(FlatminWarning, match="Sequential has no normalisation layer"):
+        flatmin.create_optimizer(mlp, "samon", lr=0.1)
 
 
 def test_perturbing_every_tensor_is_sam_and_asam_bit_for_bit():

@@ -43,6 +43,7 @@ README's ASAM-ON command ρ = 10): the class default here is SAM's 0.05.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -51,6 +52,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatmin.checks import Flag
+from flatmin.errors import FlatminWarning
 from flatmin.optim.base import Slot
 from flatmin.optim.factory import NORMS
 from flatmin.optim.registry import Hyper, RuleInfo, register
@@ -91,6 +93,12 @@ class SAMON(SharpnessRule):
         (`flatmin train`, `create_optimizer` and the Hugging Face trainer call this with the model)."""
         groups = self.norm_groups(model)
         self._norms = {id(p) for group in groups if group["perturb"] for p in group["params"]}
+        unsaid = [p for g in self.param_groups if g["perturb"] is None for p in g["params"]]
+        if unsaid and not self._norms & {id(p) for p in unsaid}:
+            kinds = ", ".join(n.__name__ for n in NORMS)
+            warnings.warn(f"SAM-ON: {type(model).__name__} has no normalisation layer ({kinds}), so its "
+                          "ascent moves nothing: every step is the base optimizer's at twice the cost; use "
+                          "SAM, or a model with normalisation layers", FlatminWarning, stacklevel=2)
 
     @staticmethod
     def norm_groups(model: nn.Module) -> list[dict[str, Any]]:
