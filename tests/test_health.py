@@ -216,6 +216,8 @@ def test_a_tiny_compare_shows_the_column_the_run_and_the_verdict(tmp_path, monke
     assert main(["compare", "--dataset", "spiral", "--epochs", "4", "--workers", "1", "--no-figures",
                  "--methods", "erm,amp", "--seeds", "2", "--cost-epochs", "0", "--out", str(out)]) == 0
     text = capsys.readouterr().out
+    tagged = [line.split()[:3] for line in text.splitlines() if line.endswith("[collapsed]")]
+    assert tagged == [["amp", "seed", "1:"]]  # said as the run lands, on its line alone
     head = next(line for line in text.splitlines() if line.startswith("| method |"))
     assert "| threads | health |" in head
     assert "| 1 | 0/2 collapsed |" in text and "| 1 | 1/2 collapsed |" in text

@@ -135,7 +135,7 @@ def build_line(groups: Mapping[str, list[Mapping[str, Any]]]) -> str:
     """Threads, CPU kernels and BLAS over all runs, in one line (what can change a number on a CPU)."""
     runs = [r for rs in groups.values() for r in rs]
     def distinct(key: str) -> str:
-        return ", ".join(sorted({str((r.get("versions") or {}).get(key, "?")) for r in runs}))
+        return ", ".join(sorted({str((r.get("versions") or {}).get(key, "not recorded")) for r in runs}))
     return (f"torch threads per run: {threads_cell(runs)}; torch {distinct('torch')}, CPU kernels "
             f"{distinct('cpu_capability')}, BLAS {distinct('blas')}")
 
