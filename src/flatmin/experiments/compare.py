@@ -13,7 +13,7 @@ from typing import Any
 from flatmin.checks import check_out
 from flatmin.errors import FlatminError, RunFailedError
 from flatmin.experiments import figures as fig
-from flatmin.experiments import paired, tuning
+from flatmin.experiments import health, paired, tuning
 from flatmin.experiments.backends import Backend
 from flatmin.experiments.runner import resolved
 from flatmin.experiments.tables import compare_table
@@ -136,7 +136,9 @@ def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], 
 
 
 def _result(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row["metrics"], "time_s": row["time_s"], "config": row["config"], "run_dir": row["run_dir"]}
+    """A run as the tables read it: its metrics (health included), config, folder and provenance."""
+    return {**row["metrics"], "time_s": row["time_s"], "config": row["config"], "run_dir": row["run_dir"],
+            "versions": row.get("versions"), "device": row.get("device")}
 
 
 def summary(groups: dict[str, list[dict]], tasks: dict[int, list], specs: list[Spec], res: tuning.Outcome,
@@ -151,6 +153,7 @@ def summary(groups: dict[str, list[dict]], tasks: dict[int, list], specs: list[S
         note = (f"  [{', '.join(res.chosen[i])} chosen on the validation split by mean val {metric} over "
                 f"seeds {res.plan.seeds}]" if len(res.plan.grids[i]) > 1 else "")
         lines.append(f"{s.label}: " + (", ".join(f"{k}={v}" for k, v in own.items()) or "-") + note)
+    lines += [health.build_line(groups), health.overview(groups)]
     return "\n".join(lines + ["", ev.text()])
 
 
@@ -164,6 +167,8 @@ def write_outputs(out: Path, groups: dict[str, list[dict]], tasks: dict[int, lis
             rows.append({"method": s.label, "seed": t.config.seed,
                          **{f"{sp}_{k}": m[sp][k] if m.get(sp) else None for sp in ("test", "val", "train")
                             for k in ("error", "nll", "ece")},
+                         "health": health.status(_result(done[t.key])),
+                         "threads": health.threads(done[t.key]),
                          "time_s": done[t.key]["time_s"], "train_time_s": m["train_time_s"],
                          "cpu_s": (m.get("cost") or {}).get("cpu_s"),
                          "epochs": t.config.epochs, "key": t.key, "run_dir": str(t.run_dir)})

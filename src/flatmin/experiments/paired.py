@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flatmin.experiments import health
 from flatmin.results import stats
 from flatmin.results.plot import write_json
 from flatmin.results.stats import Comparison
@@ -57,8 +58,9 @@ def ci_cell(c: Comparison) -> str:
     return f"{c.diff_mean:+.{d}f} [{c.ci95[0]:+.{d}f}, {c.ci95[1]:+.{d}f}]"
 
 
-def verdict_line(c: Comparison, holm_family: int) -> str:
-    """One sentence a reviewer can check: difference, interval, both p-values, the verdict."""
+def verdict_line(c: Comparison, holm_family: int, notes: dict[str, str] | None = None) -> str:
+    """One sentence a reviewer can check: difference, interval, both p-values, the verdict, and how many
+    runs of either side collapsed (``notes``: label -> '1 of 10 amp runs collapsed: seed 23')."""
     d = DIGITS[c.metric]
     line = (f"{c.method} vs {c.baseline}, test {c.metric}: {ci_cell(c)}{UNITS[c.metric]} (95% CI), "
             f"p_t={_p(c.p_t)}, p_perm={_p(c.p_perm)} -> {c.verdict}")
@@ -66,14 +68,14 @@ def verdict_line(c: Comparison, holm_family: int) -> str:
         line += f" (this run could detect about ±{c.detectable:.{d}f}{UNITS[c.metric]})"
     elif holm_family > 1 and not c.p_holm < stats.ALPHA:
         line += f" (not after Holm over {holm_family} methods: p={_p(c.p_holm)})"
-    return line
+    return line + health.verdict_note(c.method, c.baseline, notes or {})
 
 
-def verdict_lines(comps: list[Comparison]) -> str:
+def verdict_lines(comps: list[Comparison], notes: dict[str, str] | None = None) -> str:
     """Verdict lines for every comparison, and the conventions behind them."""
     family = len({c.method for c in comps})
     n = sorted({c.n for c in comps})
-    lines = [verdict_line(c, family) for c in comps]
+    lines = [verdict_line(c, family, notes) for c in comps]
     lines.append(f"paired by seed (n={', '.join(map(str, n))}); 'better'/'worse' only where the 95% CI "
                  "of the paired difference excludes 0; detectable = 80% power, two-sided α=0.05")
     if n and n[0] <= 5:
@@ -168,6 +170,7 @@ class Evidence:
     steps: dict[str, dict[str, Any]]
     rounds: list[dict[str, Any]]
     cap: int | None
+    health: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # the runs, for run health
 
     @classmethod
     def gather(cls, groups: dict[str, list[dict[str, Any]]], baseline: str, configs: dict[str, Any],
@@ -175,7 +178,8 @@ class Evidence:
         """Comparisons from the runs; the step cost measured now (``cost_epochs`` epochs per spec)."""
         comps = comparisons(groups, baseline) if len(groups) > 1 else []
         steps = step_cost(configs, cost_epochs) if cost_epochs > 0 else {}
-        return cls(baseline, comps, method_stats(groups), run_cost(groups, baseline), steps, rounds, cap)
+        return cls(baseline, comps, method_stats(groups), run_cost(groups, baseline), steps, rounds, cap,
+                   groups)
 
     def columns(self) -> dict[str, dict[str, str]]:
         """Extra table columns: Δ error vs the baseline with its CI, step CPU and run CPU ratios."""
@@ -186,11 +190,12 @@ class Evidence:
                                        for k, v in step_ratios(self.steps, b).items()}
         cols[f"run CPU / {b}"] = {k: f"{v['cpu_over_baseline']:.2f}×" for k, v in self.runs.items()
                                   if math.isfinite(v["cpu_over_baseline"])}
-        return cols
+        return {**cols, **health.columns(self.health)}  # threads per run, collapsed runs
 
     def text(self) -> str:
         """Verdict lines, how cost was measured, any oversubscription warning, the seed rounds."""
-        lines = [verdict_lines(self.comps)] if self.comps else []
+        notes = {k: health.collapsed_note(k, v) for k, v in self.health.items()}
+        lines = [verdict_lines(self.comps, notes)] if self.comps else []
         if self.steps:
             some = next(iter(self.steps.values()))
             lines.append("step CPU: process CPU time per optimizer step, every spec's epochs interleaved in "
@@ -227,4 +232,5 @@ class Evidence:
             "cost": {"runs": self.runs, "steps": self.steps,
                      "step_over_baseline": step_ratios(self.steps, self.baseline) if self.steps else {},
                      "oversubscribed": oversubscribed(self.runs)},
+            "health": health.payload(self.health),
             "auto_seeds": {"cap": self.cap, "rounds": self.rounds} if self.cap is not None else None}

@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from flatmin.checks import out_dir
-from flatmin.experiments import figures
+from flatmin.experiments import figures, health
 from flatmin.experiments.paired import ci_cell
 from flatmin.experiments.tables import (
     MARK_LEGEND,
     erm_amp_pairs,
     group_runs,
+    health_groups,
     table1,
     table2,
     tuning_table,
@@ -31,7 +32,8 @@ def render(store: Store, figures_dir: Path | None = None) -> str:
     parts = [f"# Results from {store.path} ({len(rows)} runs)\n",
              "Final-epoch test metrics, mean ± std over seeds (n = seeds).\n",
              "## Table 1: test error (%)\n", table1(groups, "error", 2),
-             "\n## Table 1: test NLL\n", table1(groups, "nll", 3), "\n" + MARK_LEGEND]
+             "\n## Table 1: test NLL\n", table1(groups, "nll", 3), "\n" + MARK_LEGEND,
+             "\n## Run health\n", health.overview(health_groups(groups)) + "\n"]
     if t2 := table2(groups):
         parts += ["\n## Table 2: ERM vs AMP per augmentation and model\n", t2]
     if sels:
@@ -40,7 +42,8 @@ def render(store: Store, figures_dir: Path | None = None) -> str:
     parts += ["\n## AMP vs ERM\n", verdicts(groups)]
     commits = sorted({r["git_commit"] or "?" for r in rows})
     devices = sorted({r["device"] or "?" for r in rows})
-    parts.append(f"\ngit commit(s): {', '.join(commits)}; device(s): {', '.join(devices)}\n")
+    parts.append(f"\ngit commit(s): {', '.join(commits)}; device(s): {', '.join(devices)}\n"
+                 f"{health.build_line({'': rows})}\n")
     if figures_dir is not None:
         parts.append(write_figures(groups, figures_dir))
     return "".join(p if p.endswith("\n") else p + "\n" for p in parts)
@@ -51,8 +54,10 @@ def verdicts(groups: list) -> str:
     lines = []
     for cell, erm, amp in erm_amp_pairs(groups):
         c = {m: versus(amp, erm, m) for m in ("error", "nll")}
+        notes = {g.label: health.collapsed_note(g.label, g.runs) for g in (amp, erm)}
         lines.append(f"- {' / '.join(cell)}, {amp.label} vs {erm.label}: test error {ci_cell(c['error'])} "
-                     f"points ({c['error'].verdict}), NLL {ci_cell(c['nll'])} ({c['nll'].verdict})")
+                     f"points ({c['error'].verdict}), NLL {ci_cell(c['nll'])} ({c['nll'].verdict})"
+                     + health.verdict_note(amp.label, erm.label, notes))
     return "\n".join(lines) + "\n" if lines else "(no cell with both ERM and AMP)\n"
 
 

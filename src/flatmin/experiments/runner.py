@@ -143,8 +143,10 @@ def execute(tasks: list[Task], store: Store, workers: int | Backend = 1,
 
     def finished(t: Task, result: dict[str, Any]) -> None:
         store.insert(t.key, t.label, result, str(t.run_dir))
+        state = (result.get("health") or {}).get("status", "ok")  # a collapse is said when it lands
         bar.ended(t, f"{t.label:28s} seed {t.config.seed}: test err {result['test']['error']:6.2f}% "
-                  f"nll {result['test']['nll']:.3f} val err {_val(result)} ({result['time_s']:.1f}s)")
+                  f"nll {result['test']['nll']:.3f} val err {_val(result)} ({result['time_s']:.1f}s)"
+                  + ("" if state == "ok" else f" [{state}]"))
 
     def fail(t: Task, message: str) -> None:
         store.release(t.key)

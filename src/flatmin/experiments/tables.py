@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from flatmin.experiments import health
 from flatmin.experiments.paired import ci_cell
 from flatmin.experiments.runner import ALL_METHOD_FIELDS, METHOD_FIELDS
 from flatmin.results import stats
@@ -141,6 +142,12 @@ def compare_table(groups: dict[str, list[dict[str, Any]]],
                     rows)
 
 
+def health_groups(groups: list[Group]) -> dict[str, list[dict[str, Any]]]:
+    """{row label and its cell: runs}, what the run-health lines name."""
+    return {f"{g.label} on {g.dataset}/{g.model}" + (f"/{g.augment}" if g.augment not in ("standard", "none")
+                                                     else ""): g.runs for g in groups}
+
+
 def _columns(groups: list[Group]) -> list[tuple[str, str, str]]:
     return sorted({(g.dataset, g.model, g.augment) for g in groups})
 
@@ -162,7 +169,11 @@ def table1(groups: list[Group], metric: str, digits: int) -> str:
     vs = versus_erm(groups, metric)
 
     def fmt(g: Group | None) -> str:
-        return f"{pm(g.values('test', metric), digits)} (n={len(g.runs)}){mark(vs.get(id(g)))}" if g else "—"
+        if g is None:
+            return "—"
+        down = sum(health.status(r) == "collapsed" for r in g.runs)  # kept in the mean, said here
+        n = f"n={len(g.runs)}" + (f", {down} collapsed" if down else "")
+        return f"{pm(g.values('test', metric), digits)} ({n}){mark(vs.get(id(g)))}"
 
     rows = [[label] + [fmt(cell.get((label, c))) for c in cols] for label in labels]
     return markdown(["method"] + [_col_name(c, cols) for c in cols], rows)

@@ -30,13 +30,16 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY, method TEXT, dataset TEXT, model TEXT, augment TEXT, seed INTEGER,
     label TEXT, config TEXT NOT NULL, metrics TEXT NOT NULL, git_commit TEXT, versions TEXT,
-    device TEXT, time_s REAL, run_dir TEXT, finished_at REAL);
+    device TEXT, time_s REAL, run_dir TEXT, finished_at REAL, health TEXT);
 CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS selections (
     cell TEXT PRIMARY KEY, method TEXT, dataset TEXT, model TEXT, augment TEXT, chosen TEXT,
     metric TEXT, split TEXT, scores TEXT, made_at REAL);
 """
 LEASE_S = 600.0
+# Columns added after the first stores were written: (name, type). A writer adds what its file lacks;
+# a reader of an older file gets None for them (run health: the tables then read the run's log).
+ADDED_COLUMNS = (("health", "TEXT"),)
 
 
 def _start_time(pid: int) -> str:
@@ -76,6 +79,9 @@ def rebuild_hint(path: Path) -> str:
             "filled it (finished runs are read back from their run folders, nothing is retrained)")
 
 
+INSERTED = ("key", "method", "dataset", "model", "augment", "seed", "label", "config", "metrics",
+            "git_commit", "versions", "device", "time_s", "run_dir", "finished_at", "health")
+INSERT = f"INSERT OR IGNORE INTO runs ({', '.join(INSERTED)}) VALUES ({', '.join('?' * len(INSERTED))})"
 RUN_COLUMNS = ("key", "config", "metrics", "label")  # what a table must have to be flatmin's runs
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -173,11 +179,23 @@ class Store:
                 self.db.execute("PRAGMA busy_timeout=60000")
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.executescript(SCHEMA)
+                self._migrate()
                 return
             except sqlite3.OperationalError as err:
                 if "locked" not in str(err) and "busy" not in str(err) or time.monotonic() > end:
                     raise
                 time.sleep(0.05 + 0.1 * random.random())
+
+    def _migrate(self) -> None:
+        """Add the columns an older store lacks (a peer adding the same one at once is fine)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        for name, kind in ADDED_COLUMNS:
+            if name not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as err:
+                    if "duplicate column" not in str(err):
+                        raise
 
     @contextmanager
     def transaction(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
@@ -260,14 +278,15 @@ class Store:
         """Record a finished run and drop its claim in one transaction; False if already there."""
         cfg = result["config"]
         metrics = {k: result.get(k) for k in ("train", "val", "test", "best_val_epoch", "reliability",
-                                              "epochs_completed", "train_time_s", "cost")}
+                                              "epochs_completed", "train_time_s", "cost", "health")}
+        health = (result.get("health") or {}).get("status")  # None: a run from before run health
         with self.transaction() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                INSERT,
                 (key, cfg["method"], cfg["dataset"], cfg["model"], cfg["augment"], cfg["seed"], label,
                  json.dumps(cfg), json.dumps(metrics), result.get("git_commit"),
                  json.dumps(result.get("versions")), result.get("device"), result.get("time_s"),
-                 run_dir, time.time()))
+                 run_dir, time.time(), health))
             db.execute("DELETE FROM claims WHERE key=?", (key,))
         return cur.rowcount == 1
 

@@ -3,7 +3,9 @@
 log.jsonl holds one JSON object per line, in order: per-step records ``{"step": s, "loss": …,
 "grad_norm": …, "lr": …, "delta_norm": …, "loss_gap": …}`` (``delta_norm`` = ‖Δ‖ and ``loss_gap`` =
 J(θ+Δ) − J(θ) for the perturbation methods) and per-epoch records ``{"epoch": e, …}`` — a step
-record has no "epoch" key, which is how `read_log` tells them apart. With ``tensorboard=True`` the
+record has no "epoch" key, which is how `read_log` tells them apart — and run-health events
+``{"event": kind, "epoch": e, …}`` after their epoch's record (`read_events`; see
+`flatmin.train.health`). With ``tensorboard=True`` the
 same numbers also go to ``<out>/tensorboard/`` under ``step/<name>`` (x = step) and
 ``epoch/<name>`` (x = epoch). Step scalars may be device tensors: they are held until the next
 flush (every ``flush_every`` kept steps, each epoch, close) and copied to the host in one go there,
@@ -40,8 +42,18 @@ def read_log(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
                 rec = json.loads(line)
             except ValueError as err:
                 raise FlatminError(f"{path} line {i} is not a flatmin log record ({err})") from None
-            (epochs if "epoch" in rec else steps).append(rec)
+            if "event" not in rec:  # run-health events: read_events
+                (epochs if "epoch" in rec else steps).append(rec)
     return steps, epochs
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """The run-health event records (``{"event": kind, "epoch": e, ...}``, see flatmin.train.health)."""
+    path = Path(path)
+    path = path / LOG if path.is_dir() else path
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines())) if "event" in r]
 
 
 def read_epochs(path: str | Path) -> list[dict[str, Any]]:
@@ -104,6 +116,12 @@ class RunLogger:
                 if key != "epoch" and _is_number(value):
                     self._writer.add_scalar(f"epoch/{key}", value, int(epoch))
             self._writer.flush()
+
+    def log_events(self, events: list[Mapping[str, Any]]) -> None:
+        """Run-health events (each with its kind and epoch), after the epoch's record."""
+        if events:
+            self.flush()
+            self._write([dict(e) for e in events])
 
     def flush(self) -> None:
         """Copy the pending step scalars to the host (one transfer per device) and write them."""

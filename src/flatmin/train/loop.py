@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from flatmin.optim import Pass, PerturbedOptimizer, accumulate, drive
 from flatmin.optim.driver import grad_scale, head_size, split_sizes
 from flatmin.optim.sharded import local, norm_reducer
 from flatmin.train import checkpoint as ckpt
+from flatmin.train import health as run_health
 from flatmin.train.config import DEFAULT_LR_SCHEDULE, TrainConfig, resolve
 from flatmin.train.distributed import current
 from flatmin.train.logging import LOG, RunLogger, read_epochs
@@ -343,6 +345,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
 
     step_logger = logger if cfg.tensorboard else None
     last_save = time.perf_counter()
+    tracker = run_health.Tracker(cfg.epochs, tracker_steps(ds, cfg), math.log(ds.num_classes))
+    for past in history:  # a resumed run's epochs: their events are in the log already
+        tracker.update(past)
+    tracker.start(opt)
     try:
         for epoch in range(start, cfg.epochs):
             te = time.perf_counter()
@@ -350,18 +356,21 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
                 group["lr"] = lr_at(cfg, epoch)
             record = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
             record.update(run_epoch(net, model, opt, ds, epoch, ctx, progress, step_logger))
+            record.update(tracker.skips(opt))  # skipped steps, if any (counters read at the epoch's end)
             record["epoch_time_s"] = time.perf_counter() - te
             for name, split in (("val", ds.val), ("test", ds.test)) if _evaluates(cfg, epoch) else ():
                 if split is not None and dist.evaluates:  # θ is the same on every rank (FSDP: all evaluate)
                     m = evaluate(model, split, ds, ctx)
                     record.update({f"{name}_{k}": m[k] for k in ("error", "nll", "ece")})
             history.append(record)
+            events = tracker.update(record)  # loss spikes, a late collapse, skips: run_health
             saves = out is not None and _saves(epoch, start, cfg.epochs, time.perf_counter() - last_save)
             if out is not None and dist.world_size > 1:  # clocks differ: one rank's "due" is every rank's
                 saves = bool(dist.all_reduce_sum(torch.tensor([float(saves)], device=device)) > 0)
             state = dist.full_state(model, opt) if saves else None  # FSDP: gathered, collective
             if out is not None and dist.is_main:
                 logger.log_epoch(epoch + 1, record)
+                logger.log_events(events)
             if saves and dist.is_main:
                 last_save = time.perf_counter()
                 ckpt.save_checkpoint(out / ckpt.CHECKPOINT, {
@@ -371,6 +380,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = Fal
                     "input_shape": list(ds.input_shape)})
             if progress:
                 print(_summary(record), file=sys.stderr)
+    except NonFiniteLossError:
+        if logger is not None:  # the run stops: its log says where and how many steps were skipped
+            logger.log_events(tracker.stopped(epoch + 1, opt))
+        raise
     finally:
         if logger is not None:
             logger.close()
@@ -424,12 +437,18 @@ def _finish(model: nn.Module, ds: Dataset, ctx: StepContext, history: list[dict[
         "config": cfg.to_dict(), "epochs_completed": len(history), "time_s": time_s,
         "train_time_s": sum(h["epoch_time_s"] for h in history),
         "versions": versions(), "git_commit": git_commit(), "device": device_name(ctx.device),
-        "world_size": ctx.dist.world_size})
+        "world_size": ctx.dist.world_size,
+        "health": run_health.assess(history, cfg.epochs, tracker_steps(ds, cfg), math.log(ds.num_classes))})
     if ds.classes is not None:  # class id -> name (image folders, CSV text labels): the mapping of the run
         result["classes"] = list(ds.classes)
     if out is not None and ctx.dist.is_main:
         ckpt.write_json(out / "metrics.json", result)
     return result
+
+
+def tracker_steps(ds: Dataset, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch (what run health measures overflow skips against)."""
+    return run_health.steps_per_epoch(len(ds.train), cfg.batch_size)
 
 
 def _jsonl(record: dict[str, Any]) -> str:
