@@ -53,8 +53,10 @@ def config_key(cfg: TrainConfig) -> str:
     c = resolved(cfg)
     skip = set(NOT_IN_KEY) | set(unused_fields(c))
     d = {k: v for k, v in c.to_dict().items() if k not in skip}
-    for late, default in (("accumulate", 1), ("eval_every", 1), ("sam_splits", 1), ("lr_schedule", "step")):
-        if d.get(late) == default:  # fields added later stay out of the key at their default
+    for late, default in (("accumulate", 1), ("eval_every", 1), ("sam_splits", 1), ("lr_schedule", "step"),
+                          ("asam_eta", 0.0), ("asam_weights_only", False), ("msam_decay_at", "theta"),
+                          ("wsam_max_norm", None)):
+        if late in d and d[late] == default:  # fields added later stay out of the key at their default
             del d[late]
     if fingerprint := getattr(get_loader(c.dataset), "fingerprint", None):  # the user's files
         d["data_fingerprint"] = fingerprint(**c.dataset_options)  # edited data: new runs, not stale ones
