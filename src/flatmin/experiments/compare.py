@@ -112,7 +112,8 @@ def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], 
                 progress: bool | None = None) -> tuple[tuning.Outcome, dict]:
     """Tune (if asked) and train every spec over ``seeds``; finished runs are read back, not retrained."""
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
-    sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
+    sweeps = [{k: v for k, v in tuning.for_method(sweep, s.method).items() if k not in s.fields}
+              for s in specs]
     for b in bases:
         resolved(b)  # names, numbers, device: checked before the store or any folder is written
     backend = make_backend()  # before anything is written
