@@ -286,13 +286,18 @@ def test_wsam_defaults_are_the_authors_released_ones():
     assert built.max_norm == 1.0
 
 
-def test_wsam_max_norm_under_a_loss_scale(float64):
-    """The clip acts on unscaled gradients: a 2^10 loss scale through the driver changes nothing."""
+@pytest.mark.parametrize("rule", ["wsam_max_norm", "msam_perturbed"])
+def test_authors_forms_under_a_loss_scale(float64, rule):
+    """WSAM's clip and MSAM's wd·ε act on unscaled gradients: a 2^10 loss scale through the driver
+    changes nothing."""
     from flatmin.optim.driver import drive
+
+    make = {"wsam_max_norm": lambda ps: WSAM(ps, torch.optim.SGD, rho=0.05, max_norm=0.3, **SGD),
+            "msam_perturbed": msam(rho=0.3, decay_at="perturbed")}[rule]
 
     def run(scale):
         model = net()
-        opt = WSAM(model.parameters(), torch.optim.SGD, rho=0.05, max_norm=0.3, **SGD)
+        opt = make(model.parameters())
         scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
         for x, y in batches(4):
             def grad_pass(p, x=x, y=y):
