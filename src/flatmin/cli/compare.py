@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parallel processes (default: cores)")
     parser.add_argument("--out", type=options.path, default=Path("runs/compare"), help="output folder")
     parser.add_argument("--tune", action="append", default=[], metavar="FIELD=V1,V2",
-                        help="choose FIELD on the validation split (repeatable)")
+                        help="choose FIELD on the validation split (repeatable); METHOD:FIELD=V1,V2 gives "
+                             "that method a grid of its own (msam:rho=0.5,1,3)")
     parser.add_argument("--tune-seeds", default="2", help="seeds for tuning: count or list (2)")
     parser.add_argument("--tune-metric", default="error", choices=tuning.METRICS,
                         help="validation metric minimised by --tune (error)")

@@ -18,6 +18,7 @@ from typing import Any
 
 from flatmin.checks import POSITIVE_INT, name_list, parse_seeds
 from flatmin.cli import options
+from flatmin.errors import FlatminError
 from flatmin.experiments import tuning
 from flatmin.experiments.grid import run_grid
 from flatmin.experiments.gridfile import load as load_file
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default=None, help="count or list of seeds (default 1)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=V1,V2", help="cross a field")
     parser.add_argument("--tune", action="append", default=[], metavar="FIELD=V1,V2",
-                        help="choose FIELD on the validation split first (repeatable)")
+                        help="choose FIELD on the validation split first (repeatable; METHOD:FIELD=...: "
+                             "that method's own grid)")
     parser.add_argument("--tune-seeds", default=None, help="seeds for tuning (default: the first 2)")
     parser.add_argument("--tune-metric", default=None, choices=tuning.METRICS, help="val metric (error)")
     parser.add_argument("--out", type=options.path, default=None, help="run folders and DB (runs/grid)")
@@ -55,7 +57,10 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dic
     for flag, field in LIST_FLAGS.items():
         if getattr(args, flag) is not None:
             grid[field] = name_list(getattr(args, flag), f"--{flag}")
-    grid.update(tuning.parse_sweep(args.set, "--set"))
+    crossed = tuning.parse_sweep(args.set, "--set")
+    if own := [k for k in crossed if ":" in k]:
+        raise FlatminError(f"--set {own[0]}: a method's own values are for --tune, not --set")
+    grid.update(crossed)
     tune.update(tuning.parse_sweep(args.tune, "--tune"))
     if args.seeds is not None:
         grid.pop("seeds", None)

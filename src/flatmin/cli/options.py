@@ -20,7 +20,7 @@ from flatmin.data.user import UserLoader as USER_DATA
 from flatmin.errors import ConfigError, FlatminError
 from flatmin.experiments import backends
 from flatmin.optim import registry
-from flatmin.train.config import DEFAULT_LR_SCHEDULE, FIELD_RULES, PRECISIONS
+from flatmin.train.config import DEFAULT_LR_SCHEDULE, FIELD_RULES, PRECISIONS, nesterov_help
 from flatmin.train.methods import METHODS
 
 
@@ -101,6 +101,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
                           "by --lr-gamma (0.5,0.75)", _milestones),
     "--lr-gamma": _flag("lr_gamma", "step schedule: factor at each milestone (0.1)"),
     "--momentum": _flag("momentum", "SGD momentum (0.9)"),
+    "--nesterov": _flag("nesterov", nesterov_help()),
     "--weight-decay": _flag("weight_decay", "weight decay"),
     "--grad-clip": _flag("grad_clip", "clip the gradient norm (the authors use 50)"),
     "--accumulate": _flag("accumulate", "micro-batches per gradient pass (accumulation; 1)"),

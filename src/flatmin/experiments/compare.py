@@ -113,9 +113,10 @@ def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], 
                 progress: bool | None = None) -> tuple[tuning.Outcome, dict]:
     """Tune (if asked) and train every spec over ``seeds``; finished runs are read back, not retrained."""
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
-    sweeps = [{k: v for k, v in sweep.items() if k not in s.fields} for s in specs]
+    sweeps = [{k: v for k, v in tuning.for_method(sweep, s.method).items() if k not in s.fields}
+              for s in specs]
     refuse_unread(bases, overrides, {f: f"--{f.replace('_', '-')}" for f in overrides})
-    refuse_unread(bases, sweep, {f: f"--tune {f}" for f in sweep})
+    refuse_unread(bases, {k for sw in sweeps for k in sw}, {k: f"--tune {k}" for sw in sweeps for k in sw})
     for s, b in zip(specs, bases):  # a spec's own field its method does not read: a slip in the spec
         refuse_unread([b], s.fields, {f: f"method spec {s.label!r}" for f in s.fields})
     for b in bases:

@@ -42,6 +42,9 @@ def run_grid(grid: dict[str, Any], tune: dict[str, Any], run: dict[str, Any], db
     tune_seeds = check_seeds(tune.pop("seeds", seeds[:2]), "tune seeds")
     metric = tune.pop("metric", "error")
     per_method = {k: tune.pop(k) for k in list(tune) if isinstance(tune[k], dict)}
+    for key in [k for k in tune if ":" in k]:  # --tune METHOD:FIELD=... from the command line
+        owner, _, name = key.partition(":")
+        per_method.setdefault(owner, {})[name] = tune.pop(key)
     bases = [TrainConfig.from_dict(d) for d in expand(grid)]
     sweeps = [{**{tuning.field_name(k): v for k, v in tune.items()},
                **{tuning.field_name(k, b.method): v for k, v in per_method.get(b.method, {}).items()}}

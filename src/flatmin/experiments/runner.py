@@ -33,7 +33,8 @@ ALL_METHOD_FIELDS = {f for fields in METHOD_FIELDS.values() for f in fields}
 LATE_FIELDS = (("accumulate", 1), ("eval_every", 1), ("sam_splits", 1), ("lr_schedule", "step"),
                ("warmup_epochs", 0), ("gsam_rho_min", None), ("gsam_adaptive_perturbation", False),
                ("gsam_minimize_fp", True), ("bsam_prior_precision", None), ("bsam_data_factor", None),
-               ("bsam_test_samples", 32))
+               ("bsam_test_samples", 32), ("asam_eta", 0.0), ("asam_weights_only", False),
+               ("msam_decay_at", "theta"), ("wsam_max_norm", None))
 
 
 def unused_fields(cfg: TrainConfig) -> list[str]:

@@ -73,21 +73,40 @@ def parse_value(field: str, text: str) -> Any:
 
 
 def parse_sweep(specs: list[str], flag: str = "--tune") -> dict[str, list[Any]]:
-    """``["epsilon=0.05,0.1", "inner_lr=0.5,1"]`` -> {"epsilon": [0.05, 0.1], "inner_lr": [0.5, 1.0]}."""
+    """``["epsilon=0.05,0.1", "inner_lr=0.5,1"]`` -> {"epsilon": [0.05, 0.1], "inner_lr": [0.5, 1.0]}.
+    ``METHOD:FIELD=...`` is that method's own grid (``msam:rho=0.5,1,3``), kept as "msam:rho": for
+    msam it replaces the plain ``rho`` grid (`for_method`), the other methods never see it."""
     sweep: dict[str, list[Any]] = {}
     for spec in specs:
         key, sep, values = spec.partition("=")
         if not sep or not values:
-            raise FlatminError(f"{flag} {spec!r}: expected FIELD=V1,V2,...")
-        field = field_name(key)
-        sweep[field] = [parse_value(field, v) for v in values.split(",") if v.strip()]
-        if not sweep[field]:
+            raise FlatminError(f"{flag} {spec!r}: expected FIELD=V1,V2,... or METHOD:FIELD=V1,V2,...")
+        method, colon, name = key.partition(":")
+        if colon and method.strip() not in METHOD_FIELDS:
+            raise FlatminError(f"{flag} {spec!r}: unknown method {method.strip()!r}; "
+                               f"valid: {', '.join(METHOD_FIELDS)}")
+        field = field_name(name, method) if colon else field_name(key)
+        label = f"{method.strip()}:{field}" if colon else field
+        sweep[label] = [parse_value(field, v) for v in values.split(",") if v.strip()]
+        if not sweep[label]:
             raise FlatminError(f"{flag} {spec!r}: no values given")
     return sweep
 
 
+def for_method(sweep: dict[str, list[Any]], method: str) -> dict[str, list[Any]]:
+    """The sweep as one method sees it: the plain fields, a ``METHOD:FIELD`` grid of its own replacing
+    FIELD's, other methods' own grids left out."""
+    out = {k: v for k, v in sweep.items() if ":" not in k}
+    for key, values in sweep.items():
+        owner, colon, field = key.partition(":")
+        if colon and owner == method:
+            out[field] = values
+    return out
+
+
 def candidates(method: str, sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of the sweep's values for the fields this method uses ([{}] if none)."""
+    sweep = for_method(sweep, method)
     fields = [f for f in sweep if f in METHOD_FIELDS.get(method, ())]
     return [dict(zip(fields, combo)) for combo in itertools.product(*(sweep[f] for f in fields))]
 

@@ -126,28 +126,39 @@ def _multi_tensor_amp_ascent(
 # --- SAM / ASAM: the normalised ascent step --------------------------------------------------
 
 
-def _single_tensor_sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: bool) -> Tensor:
-    """‖T_w ∇L‖ over all tensors (T_w = |w| for ASAM, identity for SAM)."""
+def _single_tensor_sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: bool,
+                            eta: float = 0.0) -> Tensor:
+    """‖T_w ∇L‖ over all tensors (T_w = |w| + η for ASAM, identity for SAM)."""
+    if adaptive and eta:
+        scaled = [(p.abs() + eta) * g for p, g in zip(params, grads)]
+        return torch.linalg.vector_norm(_single_tensor_norms(scaled))
     return torch.linalg.vector_norm(
         _single_tensor_norms([p.abs() * g if adaptive else g for p, g in zip(params, grads)])
     )
 
 
-def _multi_tensor_sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: bool) -> Tensor:
+def _multi_tensor_sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: bool,
+                           eta: float = 0.0) -> Tensor:
     """Foreach twin of `_single_tensor_sam_norm`."""
-    scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if adaptive else grads
+    if adaptive and eta:
+        scaled = torch._foreach_mul(grads, torch._foreach_add(torch._foreach_abs(params), eta))
+    else:
+        scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if adaptive else grads
     return torch.linalg.vector_norm(_multi_tensor_norms(scaled))
 
 
 def _single_tensor_sam_ascent(
     params: list[Tensor], grads: list[Tensor], *, scale: Tensor, adaptive: bool, inplace: bool,
-    by_weight: bool = False,
+    eta: float = 0.0, by_weight: bool = False,
 ) -> None:
-    """params ← θ + ρ·T_w²∇L/‖T_w∇L‖ (scale = ρ/‖T_w∇L‖ already computed); ``by_weight``: e·|θ| too
-    (GSAM's official adaptive perturbation, |θ|·ρ·∇L/‖∇L‖, its norm taken with T = I)."""
+    """params ← θ + ρ·T_w²∇L/‖T_w∇L‖ (scale = ρ/‖T_w∇L‖ already computed; T_w = |w| + η); ``by_weight``:
+    e·|θ| too (GSAM's official adaptive perturbation, |θ|·ρ·∇L/‖∇L‖, its norm taken with T = I)."""
     for p, g in zip(params, grads):
         e = g if inplace else g.clone()
-        if adaptive:
+        if adaptive and eta:
+            t = p.abs().add_(eta)
+            e.mul_(t).mul_(t)
+        elif adaptive:
             e.mul_(p).mul_(p)
         if by_weight:
             e.mul_(p.abs())
@@ -156,11 +167,16 @@ def _single_tensor_sam_ascent(
 
 def _multi_tensor_sam_ascent(
     params: list[Tensor], grads: list[Tensor], *, scale: Tensor, adaptive: bool, inplace: bool,
-    by_weight: bool = False,
+    eta: float = 0.0, by_weight: bool = False,
 ) -> None:
     """Foreach twin of `_single_tensor_sam_ascent`."""
     e = grads if inplace else torch._foreach_mul(grads, 1.0)
-    if adaptive:
+    if adaptive and eta:
+        t = torch._foreach_abs(params)
+        torch._foreach_add_(t, eta)
+        torch._foreach_mul_(e, t)
+        torch._foreach_mul_(e, t)
+    elif adaptive:
         torch._foreach_mul_(e, params)
         torch._foreach_mul_(e, params)
     if by_weight:
@@ -227,9 +243,10 @@ def amp_ascent(*args, foreach: bool, **kwargs) -> None:
     (_multi_tensor_amp_ascent if foreach else _single_tensor_amp_ascent)(*args, **kwargs)
 
 
-def sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: bool, foreach: bool) -> Tensor:
+def sam_norm(params: list[Tensor], grads: list[Tensor], adaptive: bool, foreach: bool,
+             eta: float = 0.0) -> Tensor:
     """Dispatch to the foreach or the single-tensor SAM gradient norm."""
-    return (_multi_tensor_sam_norm if foreach else _single_tensor_sam_norm)(params, grads, adaptive)
+    return (_multi_tensor_sam_norm if foreach else _single_tensor_sam_norm)(params, grads, adaptive, eta)
 
 
 def sam_ascent(*args, foreach: bool, **kwargs) -> None:

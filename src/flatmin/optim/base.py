@@ -58,6 +58,22 @@ class Slot(NamedTuple):
     grads: list[Tensor]  # their gradients — or the direction the rule ascends along — likewise local
 
 
+def sam_parts(s: Slot) -> list[tuple[list[Tensor], list[Tensor], bool, float]]:
+    """A slot's tensors as SAM's ascent scales them: (weights, directions, adaptive, η) per part. One part
+    (T = |θ| where the group is ``adaptive``, else I) unless an adaptive group says ``weights_only`` (ASAM as
+    its authors: T = |θ| + η on the weight tensors, ≥ 2 dimensions, and I on biases and other 1-D tensors)."""
+    adaptive, eta = s.group.get("adaptive", False), float(s.group.get("eta", 0.0))
+    if not (adaptive and s.group.get("weights_only", False)):
+        return [(s.weights, s.grads, adaptive, eta)]
+    scaled = [p.ndim > 1 for p in s.params]  # the parameters' own shape (a shard's may differ)
+    out = []
+    for flag in (True, False):
+        idx = [i for i, keep in enumerate(scaled) if keep == flag]
+        if idx:
+            out.append(([s.weights[i] for i in idx], [s.grads[i] for i in idx], flag, eta if flag else 0.0))
+    return out
+
+
 class PerturbedOptimizer(Optimizer):
     """Base of the perturbation rules; subclasses define `ascent_passes` and `_ascend` (or `_begin`).
 
@@ -192,21 +208,24 @@ class PerturbedOptimizer(Optimizer):
 
     def sam_ascend(self, slots: list[Slot], scale: float | Tensor = 1.0, consume: bool = True,
                    save: bool = True) -> None:
-        """θ ← θ + scale·ρ·T²d/‖Td‖ with ONE norm over every group (ρ per group, T = |θ| where the group
-        is ``adaptive``, else I; a group with ``adaptive_perturbation``: e·|θ|, GSAM's official form);
+        """θ ← θ + scale·ρ·T²d/‖Td‖ with ONE norm over every group (ρ per group, T = |θ| + η where the
+        group is ``adaptive``, else I; a group with ``adaptive_perturbation``: e·|θ|, GSAM's official form);
         θ is saved first (``save=False``: a further ascent from an already perturbed point, θ kept from
         the first). ``consume``: e is built in d's storage."""
         slots = [s for s in slots if s.params]
         if not slots:
             return
-        norms = [K.sam_norm(s.weights, s.grads, s.group.get("adaptive", False), self.foreach) for s in slots]
+        parts = [sam_parts(s) for s in slots]
+        norms = [K.sam_norm(w, g, adaptive, self.foreach, eta)
+                 for part in parts for w, g, adaptive, eta in part]
         norm = self.finish_norm(torch.linalg.vector_norm(torch.stack(norms)))
-        for s in slots:
+        for s, part in zip(slots, parts):
             if save:
                 self.save_theta(s.params)
-            K.sam_ascent(s.weights, s.grads, scale=scale * self.radius(s.group) / (norm + K.TINY),
-                         adaptive=s.group.get("adaptive", False), inplace=consume, foreach=self.foreach,
-                         by_weight=s.group.get("adaptive_perturbation", False))
+            for w, g, adaptive, eta in part:
+                K.sam_ascent(w, g, scale=scale * self.radius(s.group) / (norm + K.TINY), adaptive=adaptive,
+                             inplace=consume, foreach=self.foreach, eta=eta,
+                             by_weight=s.group.get("adaptive_perturbation", False))
 
     # -- θ kept exactly --------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ from flatmin.optim import registry
 BASES: dict[str, type[Optimizer]] = {
     "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
 }
-# The paper's SGD (§5.1) when base="sgd" is named; a class passed as `base` gets no defaults.
+# The paper's SGD (§5.1) when base="sgd" is named, less what a rule's authors set otherwise (its registry
+# entry's ``sgd_defaults``: MSAM has no Nesterov); a class passed as `base` gets no defaults.
 BASE_DEFAULTS: dict[str, dict[str, Any]] = {"sgd": {"momentum": 0.9, "nesterov": True}}
 NORMS = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                           nn.LocalResponseNorm, getattr(nn, "RMSNorm", None)) if t is not None)
@@ -79,7 +80,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable, name: str = "amp", *
     if isinstance(base, str):
         if base.lower() not in BASES:
             raise UnknownNameError("base optimizer", base, list(BASES))
-        kwargs = {**BASE_DEFAULTS.get(base.lower(), {}), **method_kwargs}
+        own = info.sgd_defaults if base.lower() == "sgd" else {}  # the authors' SGD (MSAM: no Nesterov)
+        kwargs = {**BASE_DEFAULTS.get(base.lower(), {}), **own, **method_kwargs}
         if kwargs.get("momentum", 0) == 0 and "nesterov" not in method_kwargs:
             kwargs.pop("nesterov", None)  # momentum=0 given: plain SGD, not an invalid Nesterov
         base = BASES[base.lower()]

@@ -76,6 +76,8 @@ class RuleInfo:
     fixed: Mapping[str, Any] = field(default_factory=dict)  # class keywords this name fixes (asam: adaptive)
     aliases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # more names, each fixing keywords
     own_update: bool = False  # brings its own update (bSAM): no base optimizer, no SGD defaults
+    sgd_defaults: Mapping[str, Any] = field(default_factory=dict)  # the authors' SGD where it differs from
+    # the protocol's (MSAM: nesterov=False): the trainer's default and create_optimizer's with base="sgd"
     unused_params: Callable[[Mapping[str, Any]], bool] | None = None  # some tensors get no gradient in a
     # pass with these keywords (ESAM's β < 1): DDP must then look for unused parameters
     plain_in_factory: bool = False  # create_optimizer hands back the base optimizer itself (erm)

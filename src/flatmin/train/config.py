@@ -20,6 +20,7 @@ from flatmin.checks import (
     POSITIVE_INT,
     SHARE,
     Choice,
+    Flag,
     check_device,
 )
 from flatmin.errors import ConfigError
@@ -42,7 +43,7 @@ class _Protocol:
     batch_size: int | None = None
     lr: float | None = None
     momentum: float = 0.9
-    nesterov: bool = True
+    nesterov: bool | None = None  # None: True (the paper's), or the method's authors' (msam: False)
     weight_decay: float | None = None
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs (the step schedule)
     lr_gamma: float = 0.1
@@ -140,7 +141,7 @@ FIELD_RULES: dict[str, Any] = {
     "eval_every": POSITIVE_INT, "val_fraction": FRACTION, **RULE_FIELD_RULES,
     "dropout": FRACTION, "label_smoothing": FRACTION, "flood_level": NONNEGATIVE, "mixup_alpha": POSITIVE,
     "adv_epsilon": NONNEGATIVE, "seed": COUNT, "eval_batch_size": POSITIVE_INT, "lr_gamma": SHARE,
-    "lr_schedule": LR_SCHEDULES, "warmup_epochs": COUNT,
+    "lr_schedule": LR_SCHEDULES, "warmup_epochs": COUNT, "nesterov": Flag(),
 }
 DEFAULTS = TrainConfig().to_dict()
 FIELDS = list(DEFAULTS)
@@ -230,6 +231,20 @@ def paper_amp_preset(model: str, augment: str) -> tuple[float, float]:
     return PAPER_AMP.get((model, augment)) or PAPER_AMP.get(("*", augment)) or (0.5, 1.0)
 
 
+def default_nesterov(method: str) -> bool:
+    """The SGD's Nesterov when the config leaves it open: the paper's (True), or what the method's authors
+    use where its registry entry says (``sgd_defaults``: MSAM's authors run no Nesterov)."""
+    rule = registry.rules().get(method)
+    return bool(rule.sgd_defaults.get("nesterov", True)) if rule is not None else True
+
+
+def nesterov_help() -> str:
+    """--nesterov's help, naming the rules whose authors' SGD has no Nesterov (from the registry)."""
+    off = [name for name, info in registry.rules().items() if info.sgd_defaults.get("nesterov") is False]
+    tail = f"; false for {', '.join(off)}, as its authors" if off else ""
+    return f"SGD Nesterov momentum, true or false (default true, the paper's{tail})"
+
+
 def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: str) -> TrainConfig:
     """Fill every None from presets and the dataset's defaults, then validate."""
     c = cfg.replace()
@@ -245,6 +260,8 @@ def resolve(cfg: TrainConfig, dataset_defaults: dict[str, Any], default_model: s
         c.lr_schedule = dataset_defaults.get("lr_schedule", DEFAULT_LR_SCHEDULE)
     if c.warmup_epochs is None:
         c.warmup_epochs = 0
+    if c.nesterov is None:
+        c.nesterov = default_nesterov(c.method)
     if c.dataset in PAPER_DATASETS:
         eps, zeta = paper_amp_preset(c.model, c.augment)
         preset = dict(epsilon=eps, inner_lr=zeta, ball="per_tensor", rho=PAPER_RHO, asam_rho=PAPER_ASAM_RHO)

@@ -22,7 +22,7 @@ from flatmin.optim import PerturbedOptimizer, frozen_running_stats, registry
 from flatmin.optim.driver import split_sizes
 from flatmin.optim.registry import RuleInfo
 from flatmin.optim.rules.erm import ERM
-from flatmin.train.config import TrainConfig
+from flatmin.train.config import TrainConfig, default_nesterov
 
 Predict = Callable[[Tensor], Tensor]  # a batch of inputs -> logits (or log-probabilities)
 
@@ -99,8 +99,10 @@ SGD = functools.partial(torch.optim.SGD, foreach=True)
 
 
 def sgd_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """The paper's SGD: momentum 0.9, Nesterov, weight decay 1e-4 (all from the config)."""
-    return dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+    """The paper's SGD: momentum 0.9, Nesterov (MSAM: none, as its authors), weight decay 1e-4 (all from
+    the config; an open ``nesterov`` is the method's default)."""
+    nesterov = default_nesterov(cfg.method) if cfg.nesterov is None else cfg.nesterov
+    return dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov and cfg.momentum > 0,
                 weight_decay=cfg.weight_decay)
 
 

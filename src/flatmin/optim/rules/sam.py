@@ -6,6 +6,21 @@ T_w = I for SAM and T_w = |w| (element-wise) for ASAM (``adaptive=True``). Unlik
 clipped ascent, SAM always moves exactly to the sphere: it is AMP with N = 1 and ζ → ∞ up to
 the norm (global over all groups here, as in the widely used PyTorch implementation, with ρ
 taken per group). The API follows that implementation: ``first_step`` / ``second_step``.
+
+ASAM, two forms. The default (``eta=0``, ``weights_only=False``) is the widely used PyTorch
+collection's (davda54/sam): T_w = |w| on every tensor. The authors' (SamsungLabs/ASAM, ``asam.py``
+``ASAM.ascent_step``) is ``eta=0.01, weights_only=True``: T_w = |w| + η on the weight tensors and
+T_w = I on the biases (which |w| alone would freeze where they are 0). Checked against their code
+run side by side and a loop written from it (``tests/test_authors_forms.py``, 12 float64 steps of SGD
+with momentum and weight decay: max |Δθ| 5.5e-13 against their code — their 1e-16 norm guard against
+flatmin's 1e-12 — and 1.1e-16 against the loop; the default form is 0.12 away from theirs there).
+Differences from their code: the authors pick the scaled tensors by
+name ("weight" in the parameter's name, so a normalisation layer's 1-D scale is scaled too); here a
+"weight" is a tensor of ≥ 2 dimensions (a 1-D scale is left at T = I) — a group with
+``adaptive=False`` (T = I) or ``weights_only=False`` (all scaled) gives any split by name exactly;
+the norm guard is 1e-12 (theirs 1e-16); θ is restored by copy (theirs subtracts e); ρ per group.
+The default stays davda54's form (it is what the benchmark ran, and η = 0 on every tensor is
+today's behaviour bit for bit); ρ is the authors' (0.5 on CIFAR: the trainer's presets).
 """
 
 from __future__ import annotations
@@ -22,9 +37,12 @@ from flatmin.optim.registry import Hyper, RuleInfo, check_group, register
 
 RHO = Hyper("rho", NONNEGATIVE, 0.05, "radius ρ of the ascent", "rho", None)
 ADAPTIVE = Hyper("adaptive", Flag(), False, "ASAM's |w|-scaled sphere instead of SAM's")
+ETA = Hyper("eta", NONNEGATIVE, 0.0, "ASAM: T = |w| + η (the authors' 0.01; 0: davda54's |w|)", "asam_eta")
+WEIGHTS_ONLY = Hyper("weights_only", Flag(), False, "ASAM: scale only tensors of ≥ 2 dims, biases "
+                     "unscaled (the authors'; false: every tensor, davda54's)", "asam_weights_only")
 SPLITS = Hyper("splits", POSITIVE_INT, 1, "SAM/ASAM m-sharpness: sub-batches, own ascent each (1)",
                "sam_splits")
-HYPERS = (RHO, ADAPTIVE, SPLITS)
+HYPERS = (RHO, ADAPTIVE, ETA, WEIGHTS_ONLY, SPLITS)
 
 
 def first_step(opt: PerturbedOptimizer, zero_grad: bool) -> None:
@@ -67,13 +85,15 @@ class SAM(PerturbedOptimizer):
         rho: float = 0.05,
         adaptive: bool = False,
         *,
+        eta: float = 0.0,
+        weights_only: bool = False,
         splits: int = 1,
         foreach: bool | None = None,
         check_finite: bool = True,
         nonfinite: str | None = None,
         **base_kwargs: Any,
     ) -> None:
-        defaults = dict(rho=rho, adaptive=adaptive)
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, weights_only=weights_only)
         self.validate_group(defaults)
         SPLITS.check(splits)
         super().__init__(params, defaults, base_optimizer, base_kwargs,
@@ -85,7 +105,7 @@ class SAM(PerturbedOptimizer):
         return self.splits
 
     def validate_group(self, group: dict[str, Any]) -> None:
-        """ρ ≥ 0 and finite (the registry's rule)."""
+        """ρ ≥ 0 and finite, η ≥ 0 (the registry's rules)."""
         check_group(HYPERS, group)
 
     @torch.no_grad()
@@ -119,5 +139,6 @@ register(RuleInfo(
     examples=({"rho": 0.05}, {"rho": 0.05, "splits": 2})))
 register(RuleInfo(
     "asam", SAM, "adaptive SAM: the ascent on the |w|-scaled sphere", paper="Kwon et al., ICML 2021",
-    code="SamsungLabs/ASAM", hypers=(RHO, SPLITS), fixed={"adaptive": True},
-    needs="sub-batches when splits > 1", order=31, neutral={"rho": 0.0}, examples=({"rho": 0.5},)))
+    code="SamsungLabs/ASAM", hypers=(RHO, ETA, WEIGHTS_ONLY, SPLITS), fixed={"adaptive": True},
+    needs="sub-batches when splits > 1", order=31, neutral={"rho": 0.0},
+    examples=({"rho": 0.5}, {"rho": 0.5, "eta": 0.01, "weights_only": True})))
