@@ -10,6 +10,7 @@ from flatmin.train.metrics import (
     MetricAccumulator,
     classification_metrics,
     expected_calibration_error,
+    fit_temperature,
     reliability_bins,
 )
 
@@ -174,3 +175,20 @@ def test_bad_n_bins_and_bad_logits() -> None:
         MetricAccumulator(n_bins=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="logits must be 2-D"):
         classification_metrics(torch.zeros(4), targets)
+
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 3.0])
+def test_fitted_temperature_is_the_nll_minimiser(true_t: float) -> None:
+    """Logits drawn so that softmax(z / T*) is calibrated: the fit recovers T* (up to sampling) and its NLL
+    is the lowest of a fine brute-force grid of T (the plain version the search must agree with)."""
+    g = torch.Generator().manual_seed(0)
+    base = 3 * torch.randn(4000, 5, generator=g, dtype=torch.float64)
+    y = torch.multinomial(F.softmax(base, dim=1), 1, generator=g).squeeze(1)
+    z = base * true_t  # overconfident when T* > 1
+    t = fit_temperature(z, y)
+    grid = torch.linspace(0.05, 10, 4000, dtype=torch.float64)
+    nlls = torch.stack([F.cross_entropy(z / s, y) for s in grid])
+    assert float(F.cross_entropy(z / t, y)) <= float(nlls.min()) + 1e-6
+    assert abs(t - true_t) / true_t < 0.1
+    scaled = classification_metrics(z / t, y)
+    assert scaled["error"] == classification_metrics(z, y)["error"]  # a temperature changes no argmax

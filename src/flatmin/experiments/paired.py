@@ -21,21 +21,31 @@ from flatmin.results.stats import Comparison
 from flatmin.train.timing import measure_configs
 
 METRICS = ("error", "nll", "ece")
-UNITS = {"error": " points", "nll": "", "ece": ""}
-DIGITS = {"error": 2, "nll": 3, "ece": 3}
+TS_METRICS = ("nll_ts", "ece_ts")  # after temperature scaling fitted on val (runs that recorded it)
+UNITS = {"error": " points", "nll": "", "ece": "", "nll_ts": "", "ece_ts": ""}
+DIGITS = {"error": 2, "nll": 3, "ece": 3, "nll_ts": 3, "ece_ts": 3}
 BUSY_WAIT = 0.1  # a run that spent more than this share of its wall time waiting for a core
 
 
 def per_seed(runs: list[dict[str, Any]], metric: str, split: str = "test") -> dict[int, float]:
-    """{seed: final-epoch metric}: the pairing key is the seed."""
+    """{seed: final-epoch metric}: the pairing key is the seed (``nll_ts``: test NLL after temperature
+    scaling, from the ``test_ts`` block)."""
+    if metric.endswith("_ts"):
+        metric, split = metric[:-3], f"{split}_ts"
     return {r["config"]["seed"]: r[split][metric] for r in runs if r.get(split)}
+
+
+def metrics_of(groups: dict[str, list[dict[str, Any]]]) -> tuple[str, ...]:
+    """The metrics every run has: error, NLL, ECE, and the temperature-scaled pair where all recorded it."""
+    scaled = all(r.get("test_ts") for runs in groups.values() for r in runs)
+    return METRICS + (TS_METRICS if scaled else ())
 
 
 def comparisons(groups: dict[str, list[dict[str, Any]]], baseline: str) -> list[Comparison]:
     """Every other label vs ``baseline`` on each metric, Holm-adjusted per metric."""
     base = groups[baseline]
     return stats.adjust([stats.compare(label, baseline, m, per_seed(runs, m), per_seed(base, m))
-                         for m in METRICS for label, runs in groups.items() if label != baseline])
+                         for m in metrics_of(groups) for label, runs in groups.items() if label != baseline])
 
 
 def method_stats(groups: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -43,7 +53,7 @@ def method_stats(groups: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
     out = {}
     for label, runs in groups.items():
         out[label] = {}
-        for m in METRICS:
+        for m in metrics_of(groups):
             vals = list(per_seed(runs, m).values())
             mean, sd = stats.mean_std(vals)
             out[label][m] = {"mean": mean, "std": sd, "n": len(vals)}

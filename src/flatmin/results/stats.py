@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LOWER_IS_BETTER = {"error": True, "nll": True, "ece": True, "accuracy": False}
+LOWER_IS_BETTER = {"error": True, "nll": True, "ece": True, "nll_ts": True, "ece_ts": True, "accuracy": False}
 ALPHA, POWER = 0.05, 0.8  # two-sided 95% intervals; detectable difference at 80% power
 EXACT_MAX_N = 16  # up to 2**16 sign patterns enumerated; Monte Carlo above
 MC_SAMPLES, MC_SEED = 100_000, 0

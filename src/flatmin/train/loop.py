@@ -34,7 +34,7 @@ from flatmin.train.config import DEFAULT_LR_SCHEDULE, TrainConfig, resolve
 from flatmin.train.distributed import current
 from flatmin.train.logging import LOG, RunLogger, read_epochs
 from flatmin.train.methods import Batch, Method, get_method
-from flatmin.train.metrics import MetricAccumulator
+from flatmin.train.metrics import MetricAccumulator, classification_metrics, fit_temperature
 from flatmin.train.provenance import device_name, git_commit, versions
 
 AUTOCAST = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -149,8 +149,9 @@ def train_step(net: nn.Module, model: nn.Module, opt: PerturbedOptimizer, batch:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, ds: Dataset, ctx: StepContext,
-             reliability: bool = False) -> dict[str, Any]:
-    """Error (%), NLL and ECE of a split, streamed in batches; optionally the reliability bins."""
+             reliability: bool = False, keep: list[Tensor] | None = None) -> dict[str, Any]:
+    """Error (%), NLL and ECE of a split, streamed in batches; optionally the reliability bins, and the
+    logits appended to ``keep`` (for temperature scaling)."""
     model.eval()
     acc = MetricAccumulator()
     bs = ctx.cfg.eval_batch_size
@@ -160,6 +161,8 @@ def evaluate(model: nn.Module, split: Split, ds: Dataset, ctx: StepContext,
         with ctx.autocast():
             logits = forward(x)
         acc.update(logits.float(), split.y[start:start + bs])
+        if keep is not None:
+            keep.append(logits.detach().to("cpu", torch.float64))
     out = acc.compute()
     if reliability:
         out["reliability"] = acc.reliability()
@@ -423,9 +426,15 @@ def _finish(model: nn.Module, ds: Dataset, ctx: StepContext, history: list[dict[
             out: Path | None, time_s: float) -> dict[str, Any]:
     """Final-epoch metrics on train/val/test, the best epoch chosen on validation, provenance."""
     cfg = ctx.cfg
-    result: dict[str, Any] = {"test": evaluate(model, ds.test, ds, ctx, reliability=True)}
+    test_logits: list[Tensor] = []
+    val_logits: list[Tensor] = []
+    result: dict[str, Any] = {"test": evaluate(model, ds.test, ds, ctx, reliability=True, keep=test_logits)}
     result["reliability"] = {"test": result["test"].pop("reliability")}
-    result["val"] = evaluate(model, ds.val, ds, ctx) if ds.val is not None else None
+    result["val"] = evaluate(model, ds.val, ds, ctx, keep=val_logits) if ds.val is not None else None
+    if ds.val is not None:  # NLL and ECE after temperature scaling fitted on val (error is unchanged)
+        t = fit_temperature(torch.cat(val_logits), ds.val.y.cpu())
+        scaled = classification_metrics(torch.cat(test_logits) / t, ds.test.y.cpu())
+        result["test_ts"] = {"temperature": t, **{k: scaled[k] for k in ("error", "nll", "ece")}}
     result["train"] = evaluate(model, ds.train, ds, ctx)
     if ds.val is not None and history:
         best = min((h for h in history if "val_error" in h), key=lambda h: (h["val_error"], h["val_nll"]))
