@@ -170,3 +170,14 @@ def test_one_progress_bar_counts_runs_and_names_what_trains_on_a_terminal_only(t
     bar.close()
     assert Progress(2, logs.append).bar is None  # stderr is not a terminal here (a pipe, CI)
     assert Progress(2, logs.append, enabled=False).bar is None  # --quiet
+
+
+@pytest.mark.parametrize("chosen, said", [
+    ({"rho": 0.05}, []), ({"rho": 0.01}, ["rho=0.01 is the grid's lowest"]),
+    ({"rho": 0.5}, ["rho=0.5 is the grid's highest"]),
+])
+def test_a_choice_at_the_grid_edge_is_named(chosen, said):
+    from flatmin.experiments.tuning import edges
+    grid = [{"rho": r} for r in (0.01, 0.05, 0.5)]
+    assert edges(grid, chosen) == said
+    assert edges(grid[:2], {"rho": 0.01}) == []  # two values have no inside: nothing to flag

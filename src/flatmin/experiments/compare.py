@@ -153,6 +153,8 @@ def summary(groups: dict[str, list[dict]], tasks: dict[int, list], specs: list[S
         own = tuning.shown_fields(tasks[i][0].config.to_dict())
         note = (f"  [{', '.join(res.chosen[i])} chosen on the validation split by mean val {metric} over "
                 f"seeds {res.plan.seeds}]" if len(res.plan.grids[i]) > 1 else "")
+        if at_edge := tuning.edges(res.plan.grids[i], res.chosen[i]) if len(res.plan.grids[i]) > 1 else []:
+            note += f"  [at the grid's edge: {'; '.join(at_edge)}: a wider grid might choose beyond it]"
         lines.append(f"{s.label}: " + (", ".join(f"{k}={v}" for k, v in own.items()) or "-") + note)
     lines += [health.build_line(groups), health.overview(groups)]
     return "\n".join(lines + ["", ev.text()])

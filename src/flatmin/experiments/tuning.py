@@ -177,6 +177,18 @@ def choose(p: Plan, store: Store, metric: str = "error",
     return chosen
 
 
+def edges(grid: list[dict[str, Any]], chosen: dict[str, Any]) -> list[str]:
+    """The chosen values that sit at their grid's lowest or highest value (numbers, ≥ 3 values): a wider
+    grid might choose beyond them, so a table must say so."""
+    out = []
+    for field, value in chosen.items():
+        values = sorted({c[field] for c in grid if isinstance(c.get(field), (int, float))
+                         and not isinstance(c.get(field), bool)})
+        if len(values) >= 3 and value in (values[0], values[-1]):
+            out.append(f"{field}={value} is the grid's {'lowest' if value == values[0] else 'highest'}")
+    return out
+
+
 @dataclass
 class Outcome:
     """What `tune_and_run` did: the final runs per base, the values chosen, and any failures."""
