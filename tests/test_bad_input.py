@@ -97,7 +97,8 @@ def bad_cases() -> list[tuple[str, list[str]]]:
             ("compare", ["--methods", "erm,sam", "--ball", "global"]),
             ("compare", ["--methods", "erm,sam:ball=global"]),
             ("compare", ["--methods", "erm,sam", "--tune", "epsilon=0.1,0.2"]),
-            ("compare", ["--methods", "amp", "--reuse-every", "3"]), ("grid", ["--epsilon", "0.1"])]
+            ("compare", ["--methods", "amp", "--reuse-every", "3"]), ("grid", ["--epsilon", "0.1"]),
+            ("compare", ["--methods", "erm,erm:train_size=0"])]
     out += [("train", ["--dataset", f"{kind}:{{work}}/data/{name}", *extra])
             for name, (kind, extra) in DATA.items()]
     return out

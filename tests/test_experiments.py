@@ -181,3 +181,11 @@ def test_a_choice_at_the_grid_edge_is_named(chosen, said):
     grid = [{"rho": r} for r in (0.01, 0.05, 0.5)]
     assert edges(grid, chosen) == said
     assert edges(grid[:2], {"rho": 0.01}) == []  # two values have no inside: nothing to flag
+
+
+def test_a_spec_may_train_on_more_data_as_a_positive_control():
+    """``erm:train_size=N``: the same method on another training-set size (the data option joins the
+    command's own), so a known improvement can be put through the same paired statistics."""
+    from flatmin.experiments.compare import parse_specs
+    specs = parse_specs("erm,erm:train_size=300,lr=0.1")
+    assert specs[1].fields == {"dataset_options": {"train_size": 300}, "lr": 0.1}

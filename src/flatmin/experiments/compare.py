@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flatmin.checks import check_out
+from flatmin.checks import POSITIVE_INT, check_out, parse_number
 from flatmin.errors import FlatminError, RunFailedError
 from flatmin.experiments import figures as fig
 from flatmin.experiments import health, paired, tuning
@@ -25,6 +25,9 @@ from flatmin.train.methods import refuse_unread
 DEFAULT_METHODS = "erm,amp,sam"
 DEFAULT_SEEDS = 5
 AUTO_BATCH, AUTO_CAP = 5, 20  # --seeds auto: seeds added per round, and the most it will train
+# Data options a spec may set (``erm:train_size=10000``: the same method on twice the data, a positive
+# control); the rest of the data is the command's.
+DATA_KEYS = {"train_size": POSITIVE_INT}
 PROTOCOL = ("dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "val_fraction")
 
 
@@ -57,6 +60,13 @@ def parse_specs(text: str, variants: str | None = None) -> list[Spec]:
             key, sep, value = pair.partition("=")
             if not sep:
                 raise FlatminError(f"method spec {pair!r}: expected FIELD=VALUE")
+            if (data_key := key.strip().replace("-", "_")) in DATA_KEYS:  # a data option (a positive control)
+                try:
+                    n = parse_number(DATA_KEYS[data_key], value.strip())
+                except FlatminError as err:
+                    raise FlatminError(f"method spec {pair!r}: {err}") from None
+                fields.setdefault("dataset_options", {})[data_key] = n
+                continue
             field = tuning.field_name(key, method)
             fields[field] = tuning.parse_value(field, value.strip())
         specs.append(Spec(",".join(g), method.strip(), fields))
@@ -112,7 +122,8 @@ def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], 
                 tune_seeds: list[int], tune_metric: str, out: Path, make_backend: Callable[[], Backend],
                 progress: bool | None = None) -> tuple[tuning.Outcome, dict]:
     """Tune (if asked) and train every spec over ``seeds``; finished runs are read back, not retrained."""
-    bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields}) for s in specs]
+    bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields, "dataset_options": {
+        **overrides.get("dataset_options", {}), **s.fields.get("dataset_options", {})}}) for s in specs]
     sweeps = [{k: v for k, v in tuning.for_method(sweep, s.method).items() if k not in s.fields}
               for s in specs]
     refuse_unread(bases, overrides, {f: f"--{f.replace('_', '-')}" for f in overrides})
