@@ -78,6 +78,7 @@ def test_compare_end_to_end_with_tuning_then_rerun_trains_nothing(tmp_path, caps
     text = capsys.readouterr().out
     assert "| erm | 2 |" in text and "| amp | 2 |" in text
     assert "epsilon chosen on the validation split" in text and "amp vs erm, test error:" in text
+    assert "amp vs erm, test nll_ts:" in text  # NLL after temperature scaling on val, paired like the rest
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["method"], int(r["seed"])) for r in rows] == [("erm", 0), ("erm", 1), ("amp", 0), ("amp", 1)]
     assert {"test_error", "test_nll", "test_ece", "time_s"} <= set(rows[0])

@@ -277,8 +277,9 @@ class Store:
     def insert(self, key: str, label: str, result: dict[str, Any], run_dir: str | None) -> bool:
         """Record a finished run and drop its claim in one transaction; False if already there."""
         cfg = result["config"]
-        metrics = {k: result.get(k) for k in ("train", "val", "test", "best_val_epoch", "reliability",
-                                              "epochs_completed", "train_time_s", "cost", "health")}
+        kept = ("train", "val", "test", "test_ts", "best_val_epoch", "reliability", "epochs_completed",
+                "train_time_s", "cost", "health")
+        metrics = {k: result.get(k) for k in kept}
         health = (result.get("health") or {}).get("status")  # None: a run from before run health
         with self.transaction() as db:
             cur = db.execute(
