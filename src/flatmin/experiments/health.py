@@ -106,7 +106,7 @@ def overview(groups: Mapping[str, list[Mapping[str, Any]]]) -> str:
     t = run_health.Thresholds()
     rule = (f"collapsed: an epoch's training loss ≥ {t.spike_ratio:g}× its running minimum (and ≥ "
             f"{t.loss_floor:g}) or back at chance after learning, or a final loss ≥ {t.late_ratio:g}× the "
-            "best; unstable: skipped steps")
+            "best, or at chance at the end without ever learning; unstable: skipped steps")
     head = (f"run health: {found.count('collapsed')} of {len(runs)} runs collapsed, "
             f"{found.count('unstable')} unstable" +
             (f", {found.count(None)} not recorded" if None in found else "") + f" ({rule})")
