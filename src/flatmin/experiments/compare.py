@@ -130,10 +130,16 @@ def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], 
     refuse_unread(bases, {k for sw in sweeps for k in sw}, {k: f"--tune {k}" for sw in sweeps for k in sw})
     for s, b in zip(specs, bases):  # a spec's own field its method does not read: a slip in the spec
         refuse_unread([b], s.fields, {f: f"method spec {s.label!r}" for f in s.fields})
-    for b in bases:
-        resolved(b)  # names, numbers, device: checked before the store or any folder is written
     backend = make_backend()  # before anything is written
-    store = Store(check_out(out) / "results.db")
+    try:
+        if hasattr(backend, "start"):
+            backend.start()  # workers import torch while the configurations are checked
+        for b in bases:
+            resolved(b)  # names, numbers, device: checked before the store or any folder is written
+        store = Store(check_out(out) / "results.db")
+    except BaseException:
+        backend.close()
+        raise
     try:
         res = tuning.tune_and_run(bases, [s.label for s in specs], sweeps, seeds,
                                   tune_seeds, out, store, backend, tune_metric, progress=progress)
