@@ -48,7 +48,9 @@ def kinds(block):
                  id="ends-2.5x-its-best"),
     pytest.param([2.2, 1.6, 1.2, 0.94, 1.7, 2.4, 2.31, 2.30], "collapsed",
                  [("spike", 6), ("late_collapse", 8), ("at_chance", 8)], id="back-to-chance-2.55x"),
-    pytest.param([2.30, 2.23, 2.34, 2.31, 2.30], "collapsed", [("never_learned", 5)], id="never-learned"),
+    pytest.param([2.30, 2.23, 2.34, 2.31, 2.30] * 2 + [2.31, 2.30], "collapsed", [("never_learned", 12)],
+                 id="never-learned"),
+    pytest.param([2.30, 2.23, 2.34, 2.31, 2.30], "ok", [], id="too-short-to-judge"),  # a 5-epoch smoke run
     pytest.param([2.30, 1.9, 1.5, 1.3, 1.2], "ok", [], id="slow-but-learning"),  # under 0.9 ln K at the end
     pytest.param([1.0, 0.5, float("nan")], "collapsed", [("spike", 3), ("late_collapse", 3)], id="nan-epoch"),
 ])

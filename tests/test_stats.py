@@ -128,7 +128,7 @@ def test_compare_writes_summary_files_whose_verdicts_follow_the_ci(tmp_path, cap
     assert set(summary["methods"]) == {"erm", "amp", "sam"}
     assert set(summary["methods"]["amp"]["nll"]) == {"mean", "std", "n"}
     assert summary["methods"]["amp"]["error"]["n"] == 3
-    assert len(summary["comparisons"]) == 6  # 2 methods × error, NLL, ECE
+    assert len(summary["comparisons"]) == 10  # 2 methods × error, NLL, ECE, and NLL, ECE after temperature
     for c in summary["comparisons"]:
         assert set(c) == {"method", "baseline", "metric", "diff_mean", "ci95", "p_t", "p_perm", "verdict"}
         lo, hi = c["ci95"]

@@ -18,7 +18,8 @@ Events:
   run and at least ``LOSS_FLOOR``: the run ended collapsed (unrecovered); ``at_chance``: the final
   loss is back at ``CHANCE_SHARE`` × ln K after the run had learned (it ended where a uniform guess
   is); ``never_learned``: the final loss is at ``CHANCE_SHARE`` × ln K and the run never got under
-  ``LEARNED_SHARE`` × ln K (a far too high learning rate diverging from the first epochs: at lr 0.2 on
+  ``LEARNED_SHARE`` × ln K in a run of at least ``MIN_EPOCHS`` epochs (a far too high learning rate
+  diverging from the first epochs: at lr 0.2 on
   MNIST-1D, 2 of 10 ERM runs ended at 90 % test error this way; a mean over seeds would hide them
   as surely as a collapse, so they count as collapsed runs).
 * ``nonfinite_skips``: steps the optimizer skipped for a NaN/inf loss or gradient (under the
@@ -47,6 +48,7 @@ OVERFLOW_SHARE = 0.1
 # under 0.5 ln K (1.15) the run had learned. ERM lr 0.3 seed 1 on MNIST-1D went 0.94 → 2.40 (2.55×).
 CHANCE_SHARE = 0.9
 LEARNED_SHARE = 0.5
+MIN_EPOCHS = 10  # `never_learned` judges runs of at least this many epochs (a 2-epoch smoke run has not yet)
 STATUSES = ("ok", "unstable", "collapsed")
 COLLAPSES = ("spike", "late_collapse", "at_chance", "never_learned")
 SKIPS = ("nonfinite_skips", "overflow_skips")
@@ -62,6 +64,7 @@ class Thresholds:
     overflow_share: float = OVERFLOW_SHARE
     chance_share: float = CHANCE_SHARE
     learned_share: float = LEARNED_SHARE
+    min_epochs: int = MIN_EPOCHS
 
 
 def is_spike(loss: float, running_min: float, t: Thresholds = Thresholds()) -> bool:
@@ -172,7 +175,7 @@ class Tracker:
         if epoch == self.epochs and back_to_chance(loss, self.running_min, self.chance, t):
             new.append({"event": "at_chance", "epoch": epoch, "train_loss": _num(loss),
                         "chance": self.chance})
-        if epoch == self.epochs and never_learned(loss, self.running_min, self.chance, t):
+        if epoch == self.epochs >= t.min_epochs and never_learned(loss, self.running_min, self.chance, t):
             new.append({"event": "never_learned", "epoch": epoch, "train_loss": _num(loss),
                         "best": _num(self.running_min), "chance": self.chance})
         self.events += new

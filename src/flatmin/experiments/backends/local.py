@@ -16,6 +16,7 @@ import torch
 
 from flatmin.errors import FlatminError, one_line_warnings
 from flatmin.experiments.backends.base import Ledger, Task, describe, train_run
+from flatmin.optim.rules.erm import ERM
 
 
 def _init_worker() -> None:
@@ -37,8 +38,6 @@ def _init_pool_worker() -> None:
 
 def _warm() -> None:
     """A started worker's first task: the imports and torch's first-optimizer setup a run would pay."""
-    from flatmin.optim.rules.erm import ERM
-
     ERM([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 
 
