@@ -14,7 +14,10 @@ for ds in mnist1d digits; do
   t0=$(date +%s)
   $FLATMIN compare --dataset $ds --methods "$M" --seeds 5 --tune-seeds 2 --quiet --out "$OUT/$ds" \
     --tune rho=0.01,0.05,0.1,0.2,0.5 --tune asam:rho=0.1,0.2,0.5,1,2 --tune msam:rho=0.1,0.3,1,3 \
-    --tune epsilon=0.05,0.1,0.2,0.5 --tune looksam_alpha=0.1,0.7 --tune rwp_sigma=0.005,0.01,0.02,0.05
+    --tune epsilon=0.05,0.1,0.2,0.5 --tune looksam_alpha=0.1,0.7 --tune rwp_sigma=0.005,0.01,0.02,0.05 \
+    > "$OUT/$ds/vs_erm.txt"
+  cat "$OUT/$ds/vs_erm.txt"
+  # the same store re-rendered against SAM (no training; its summary files replace the ones vs ERM)
   $FLATMIN compare --dataset $ds --methods "$M" --seeds 5 --tune-seeds 2 --quiet --out "$OUT/$ds" \
     --tune rho=0.01,0.05,0.1,0.2,0.5 --tune asam:rho=0.1,0.2,0.5,1,2 --tune msam:rho=0.1,0.3,1,3 \
     --tune epsilon=0.05,0.1,0.2,0.5 --tune looksam_alpha=0.1,0.7 --tune rwp_sigma=0.005,0.01,0.02,0.05 \
