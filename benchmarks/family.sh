@@ -11,7 +11,7 @@ M=erm,amp,amp:variant=onepass,sam,asam,asam:eta=0.01,weights_only=true,gsam,gsam
 M=$M,wsam,bsam,esam,esam:esam_gamma=1.0,msam,sam:sam_splits=4,interval_sam,vasso,lookbehind,rwp
 start=$(date +%s)
 for ds in mnist1d digits; do
-  t0=$(date +%s)
+  t0=$(date +%s); mkdir -p "$OUT/$ds"
   $FLATMIN compare --dataset $ds --methods "$M" --seeds 5 --tune-seeds 2 --quiet --out "$OUT/$ds" \
     --tune rho=0.01,0.05,0.1,0.2,0.5 --tune asam:rho=0.1,0.2,0.5,1,2 --tune msam:rho=0.1,0.3,1,3 \
     --tune epsilon=0.05,0.1,0.2,0.5 --tune looksam_alpha=0.1,0.7 --tune rwp_sigma=0.005,0.01,0.02,0.05 \
