@@ -162,9 +162,10 @@ def test_the_shared_folder_probe_names_what_a_node_cannot_do(tmp_path):
 @pytest.mark.slow  # processes killed and restarted: .ci/run runs it
 def test_interrupt_keeps_finished_runs_and_a_rerun_trains_only_the_rest(cluster, tmp_path, capsys):
     out = tmp_path / "int"
-    # One run at a time (2 CPUs each on the 2-CPU cluster), 40 epochs (≈ 1 s a run): Ctrl-C lands while
+    # One run at a time (2 CPUs each on the 2-CPU cluster), 120 epochs (≈ 1.5 s a run since a run no longer
+    # fsyncs a checkpoint every epoch; 40 epochs let all four finish before the signal): Ctrl-C lands while
     # the next run is mid-way, not as it finishes (a cancel meeting a finishing task aborts Ray 2.60)
-    args = ["compare", "--dataset", "spiral", "--epochs", "40", "--no-figures", "--methods", "erm,sam",
+    args = ["compare", "--dataset", "spiral", "--epochs", "120", "--no-figures", "--methods", "erm,sam",
             "--seeds", "2", "--backend", "ray", "--ray-address", cluster, "--cpus-per-run", "2",
             "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "flatmin", *args], env={**os.environ, "PYTHONPATH": SRC},
