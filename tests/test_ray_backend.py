@@ -171,7 +171,9 @@ def test_interrupt_keeps_finished_runs_and_a_rerun_trains_only_the_rest(cluster,
     proc = subprocess.Popen([sys.executable, "-m", "flatmin", *args], env={**os.environ, "PYTHONPATH": SRC},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     db = out / "results.db"
-    while proc.poll() is None:  # Ctrl-C once the first run is stored
+    while proc.poll() is None:  # Ctrl-C once the first run has finished (its metrics.json) or is stored
+        if any(out.glob("runs/*/metrics.json")):
+            break
         try:
             if db.exists() and sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] >= 1:
                 break
