@@ -130,12 +130,12 @@ def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], 
     refuse_unread(bases, {k for sw in sweeps for k in sw}, {k: f"--tune {k}" for sw in sweeps for k in sw})
     for s, b in zip(specs, bases):  # a spec's own field its method does not read: a slip in the spec
         refuse_unread([b], s.fields, {f: f"method spec {s.label!r}" for f in s.fields})
-    backend = make_backend()  # before anything is written
+    for b in bases:
+        resolved(b)  # names, numbers, device: checked before the store or any folder is written
+    backend = make_backend()  # before anything is written (a Ray driver connects only after the checks)
     try:
         if hasattr(backend, "start"):
-            backend.start()  # workers import torch while the configurations are checked
-        for b in bases:
-            resolved(b)  # names, numbers, device: checked before the store or any folder is written
+            backend.start()  # local workers import torch while the store opens and the runs are planned
         store = Store(check_out(out) / "results.db")
     except BaseException:
         backend.close()
