@@ -160,8 +160,8 @@ def test_the_shared_folder_probe_names_what_a_node_cannot_do(tmp_path):
 
 
 @pytest.mark.slow  # processes killed and restarted: .ci/run runs it
-@pytest.mark.xfail(strict=False, reason="open: in a clean clone's full -n auto run the Ray driver finishes all "
-                   "four runs without raising on the Ctrl-C (passes alone and in a full run of the working tree)")
+@pytest.mark.xfail(strict=False, reason="open: in a clean clone's full -n auto run the Ray driver "
+                   "finishes all four runs without raising on the Ctrl-C (passes alone)")
 def test_interrupt_keeps_finished_runs_and_a_rerun_trains_only_the_rest(cluster, tmp_path, capsys):
     out = tmp_path / "int"
     # One run at a time (2 CPUs each on the 2-CPU cluster), 120 epochs (≈ 1.5 s a run since a run no longer
