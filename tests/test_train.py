@@ -352,3 +352,16 @@ def test_a_checkpoint_carries_a_digest_checked_at_load_and_version_1_still_loads
     old = {k: v for k, v in raw.items() if k != "digest"} | {"version": 1}
     torch.save(old, tmp_path / "v1.pt")  # written before the digest existed: read, unverified
     assert load_checkpoint(tmp_path / "v1.pt")["version"] == 1
+
+
+@pytest.mark.parametrize("epoch, start, epochs, since, saves", [
+    (0, 0, 60, 0.1, True),    # a run's first epoch: a kill after it loses nothing
+    (5, 0, 60, 0.1, False),   # a short epoch, 0.1 s after the last save: no fsync'd file
+    (5, 0, 60, 31.0, True),   # CHECKPOINT_SECONDS passed
+    (59, 0, 60, 0.1, True),   # the last epoch: the analyses read this checkpoint
+    (10, 10, 60, 0.1, True),  # a resumed run's first epoch
+])
+def test_checkpoints_are_written_first_last_and_every_30_seconds(epoch, start, epochs, since, saves):
+    from flatmin.train.loop import CHECKPOINT_SECONDS, _saves
+    assert CHECKPOINT_SECONDS == 30.0
+    assert _saves(epoch, start, epochs, since) is saves
