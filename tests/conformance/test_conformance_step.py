@@ -4,8 +4,10 @@ written by hand, so a new rule is tested here as soon as it is registered.
 
 Properties: the neutral setting is the base optimizer bit for bit; every route equals the driver
 bit for bit; a NaN/inf in any pass leaves θ and the optimizer's state bit for bit and raises at
-``poll()``; a GradScaler overflow is skipped and backs the scale off without an error; a step makes
-no host sync; a ``state_dict`` round trip mid-training continues the same trajectory; bf16 and
+``poll()``, on both of the guard's paths (the CPU's, which reads the step's flag and does not take a
+bad step, and the accelerator's, which takes it and selects the old values back on the device), which
+give the same trajectory; a GradScaler overflow is skipped and backs the scale off without an error;
+a step makes no host sync; a ``state_dict`` round trip mid-training continues the same trajectory; bf16 and
 fp16 (+ GradScaler) train.
 """
 
@@ -18,6 +20,7 @@ import torch
 from tests.conformance.rule_db import BASE, CASES, Poison, RuleCase, Step, batch, model, same, snapshot
 
 from flatmin.errors import NonFiniteLossError
+from flatmin.optim import nonfinite
 from flatmin.optim.syncs import count_syncs
 
 STEPS = 3
@@ -26,6 +29,15 @@ CELLS = [(c, r) for c in CASES for r in c.routes()]
 
 def cell_id(x: object) -> str:
     return x.id if isinstance(x, RuleCase) else str(x)
+
+
+@pytest.fixture(params=["cpu_path", "device_path"])
+def guard_path(request, monkeypatch):
+    """The step guard's two paths: the CPU's own (the flag read on the host), and the accelerator's (a
+    select on the device, what a GPU runs), forced here on the CPU."""
+    if request.param == "device_path":
+        monkeypatch.setattr(nonfinite, "host_decides", lambda device: False)
+    return request.param
 
 
 def run(case: RuleCase, route: str, steps: int = STEPS, kwargs: dict | None = None, **step_kw):
@@ -69,7 +81,7 @@ def test_the_neutral_setting_is_the_base_optimizer(case, route):
 @pytest.mark.parametrize("which", ["first", "last"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("case, route", CELLS, ids=cell_id)
-def test_a_non_finite_pass_changes_nothing_and_raises(case, route, value, which):
+def test_a_non_finite_pass_changes_nothing_and_raises(case, route, value, which, guard_path):
     """Two good steps, then a step whose first or last pass is NaN/inf: θ and every state tensor
     bit for bit, poll() raises, training goes on."""
     net, opt = run(case, route, steps=2)
@@ -88,7 +100,7 @@ def test_a_non_finite_pass_changes_nothing_and_raises(case, route, value, which)
 
 @pytest.mark.parametrize("route", ["drive", "two_call"])
 @pytest.mark.parametrize("case", CASES, ids=cell_id)
-def test_a_scaler_overflow_is_skipped_and_is_not_an_error(case, route):
+def test_a_scaler_overflow_is_skipped_and_is_not_an_error(case, route, guard_path):
     """Finite losses whose scaled gradients overflow: the step is skipped, the scale backs off, and
     poll() does not raise (an overflow is the scaler's business, not a non-finite loss)."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
@@ -105,6 +117,24 @@ def test_a_scaler_overflow_is_skipped_and_is_not_an_error(case, route):
     assert opt.poll() == 0
     drv.run(route, *batch(2, torch.float32))
     assert all(bool(torch.isfinite(p).all()) for p in net32.parameters())
+
+
+@pytest.mark.parametrize("case", CASES, ids=cell_id)
+def test_both_guard_paths_give_the_same_trajectory(case, monkeypatch):
+    """Good steps, a step with a NaN in its last pass, good steps again: the CPU's path (a bad step not
+    taken) and the accelerator's (taken, then selected back) leave the same weights and state, bit for bit."""
+    def trained() -> list[dict]:
+        net, opt = run(case, "drive", steps=2)
+        drv = Step(net, opt, case)
+        drv.run("drive", *batch(2), Poison(float("nan"), "last"))
+        after_bad = snapshot(net, opt)
+        for t in (3, 4):
+            drv.run("drive", *batch(t))
+        return [after_bad, snapshot(net, opt)]
+    cpu = trained()
+    monkeypatch.setattr(nonfinite, "host_decides", lambda device: False)
+    for when, a, b in zip(("after the bad step", "two steps later"), cpu, trained()):
+        assert same(a, b) == [], f"{case.id}: the guard's two paths differ {when}"
 
 
 @pytest.mark.parametrize("case, route", CELLS, ids=cell_id)

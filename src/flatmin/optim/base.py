@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _kernels as K
 from flatmin.optim import driver
-from flatmin.optim.nonfinite import StepGuard, check_policy, supports_found_inf
+from flatmin.optim.nonfinite import StepGuard, check_policy, host_decides, supports_found_inf
 from flatmin.optim.protocol import StepState
 from flatmin.optim.sharded import Shards, local
 from flatmin.optim.splits import Splits
@@ -285,6 +285,9 @@ class PerturbedOptimizer(Optimizer):
     # mix) sets this, so the base checks that gradient itself; in every other rule a NaN/±inf in g moves
     # θ+Δ and so reaches the final gradient, which is checked anyway (no extra kernel on their steps).
     ascent_unread: bool = False
+    # A rule that writes its base optimizer's state during the step (bSAM leaves √s|g| there) sets this,
+    # so that a skipped step puts that state back on the CPU too, where a bad update is otherwise not taken.
+    writes_base_state: bool = False
 
     def ascent_passes(self) -> int:
         """How many gradient passes feed `perturb` before the final pass of this step."""
@@ -343,7 +346,7 @@ class PerturbedOptimizer(Optimizer):
         self.guard.begin()
         self._begin()
         if self.guard.policy != "off" or self._scaled:  # what a skipped step must leave as it was
-            self.guard.hold(self.base_optimizer, self.carried_state())
+            self.guard.hold(self.base_optimizer, self.carried_state(), self.writes_base_state)
 
     @torch.no_grad()
     def perturb(self, grad_scale: Tensor | float | None = None) -> None:
@@ -417,11 +420,13 @@ class PerturbedOptimizer(Optimizer):
         if found is None:
             self.base_optimizer.step()
         else:
-            unsaved = [p for p in param_order(self.param_groups) if p.grad is not None and p not in before]
-            if unsaved and not supports_found_inf(self.base_optimizer):  # θ kept where perturbations keep it
-                self._theta.save(unsaved)
-                before.update(self._theta.pairs())
-                self._theta.saved.clear()
+            if not supports_found_inf(self.base_optimizer) and not host_decides(found.device):
+                # θ kept for the select where perturbations keep it (the CPU reads the flag instead)
+                params = param_order(self.param_groups)
+                if unsaved := [p for p in params if p.grad is not None and p not in before]:
+                    self._theta.save(unsaved)
+                    before.update(self._theta.pairs())
+                    self._theta.saved.clear()
             self.guard.step(self.base_optimizer, found, before)
         self._after_step(found)
         if found is not None:

@@ -9,6 +9,10 @@ takes the flag itself, as under GradScaler (``_step_supports_amp_scaling``), and
 its state alone on device. Any other base optimizer steps, then every parameter and state
 tensor is put back with ``torch.where(bad, before, after)`` from a snapshot taken just before
 (kept across steps: one copy of the state; θ's copy is the perturbation's own when it has one).
+On the CPU there is no device to wait for: reading the flag costs nothing, so the guard reads it
+(`host_decides`) and a bad step is simply not taken, with no snapshot and no select — the same
+numbers, cheaper. While `flatmin.optim.syncs.count_syncs` measures, the CPU takes the accelerator's
+path instead, so that "no host sync in a step" is tested on the path an accelerator runs.
 
 Overflow is not failure. Under a GradScaler a scaled gradient that overflows (the loss scale is
 too high, the losses finite) also skips the step on the device, and the scaler backs its scale
@@ -33,6 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.errors import NonFiniteLossError
+from flatmin.optim import syncs
 from flatmin.optim.sharded import local
 
 POLICIES = ("raise", "skip", "off")
@@ -71,6 +76,16 @@ def check_and_unscale_(grads: list[Tensor], found: Tensor, inv_scale: Tensor | N
         torch._amp_foreach_non_finite_check_and_unscale_(gs, here, inv.to(device))
         if here is not found:
             found.copy_(torch.maximum(found, here.to(found.device)))
+
+
+def host_decides(device: torch.device) -> bool:
+    """Read a step's verdict on the host: on the CPU that waits for nothing (not while syncs are counted)."""
+    return device.type == "cpu" and not syncs.counting()
+
+
+def _device_of(base: Optimizer) -> torch.device:
+    """Where the base optimizer's parameters live."""
+    return next((p.device for g in base.param_groups for p in g["params"]), torch.device("cpu"))
 
 
 def supports_found_inf(base: Optimizer) -> bool:
@@ -177,11 +192,12 @@ class StepGuard:
             buf = self._snap[key] = torch.empty_like(t)
         return buf.copy_(t)
 
-    def hold(self, base: Optimizer, kept: list[Tensor]) -> None:
-        """A step begins: snapshot the base optimizer's state (unless it skips itself on a flag) and what the
-        rule keeps across steps, so that a skipped or abandoned step puts them back bit for bit."""
+    def hold(self, base: Optimizer, kept: list[Tensor], base_written: bool = False) -> None:
+        """A step begins: snapshot the base optimizer's state (unless it skips itself on a flag, or the CPU
+        will not take a bad step and nothing but that step writes the state) and what the rule keeps across
+        steps, so that a skipped or abandoned step puts them back bit for bit."""
         self._held = set()
-        if not supports_found_inf(base):
+        if not supports_found_inf(base) and (base_written or not host_decides(_device_of(base))):
             for p, state in base.state.items():
                 for k, v in state.items():
                     if isinstance(v, Tensor):
@@ -222,6 +238,15 @@ class StepGuard:
                 base.step()
             finally:
                 del base.grad_scale, base.found_inf
+            return
+        if host_decides(found.device):  # a bad step is not taken: θ and the state are as they were
+            if not found.item():
+                base.step()
+            elif held:  # except what the rule wrote into the state during the step (`hold` saw it)
+                for p, state in base.state.items():
+                    for key, value in state.items():
+                        if isinstance(value, Tensor):
+                            value.copy_(self._snap[(id(p), key)] if (id(p), key) in held else 0)
             return
         before = dict(before or {})
         params = [p for g in base.param_groups for p in g["params"] if p.grad is not None]

@@ -5,7 +5,8 @@
 ops whose output size depends on values (``nonzero``, ``masked_select``, ``unique`` …) — and
 every copy from a non-CPU device to the CPU, each with the Python line that asked for it. It
 runs on CPU too, so "no sync in a step" is a test, not a GPU-only claim. (On CPU a device→host
-copy cannot occur; there the value-reading ops are what is counted.)
+copy cannot occur; there the value-reading ops are what is counted, and while counting the step
+guard takes the accelerator's path, not its CPU shortcut: `flatmin.optim.nonfinite.host_decides`.)
 """
 
 from __future__ import annotations
@@ -68,9 +69,22 @@ class _Counter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+_counting = 0  # how many count_syncs are open
+
+
+def counting() -> bool:
+    """Whether syncs are being counted (then code with a CPU shortcut takes its accelerator path)."""
+    return _counting > 0
+
+
 @contextmanager
 def count_syncs() -> Iterator[SyncLog]:
     """Inside: every host-sync op is recorded in the yielded log."""
+    global _counting
     log = SyncLog()
-    with _Counter(log):
-        yield log
+    _counting += 1
+    try:
+        with _Counter(log):
+            yield log
+    finally:
+        _counting -= 1

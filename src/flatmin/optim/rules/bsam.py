@@ -124,6 +124,8 @@ class VariationalUpdate(Optimizer):
 class BSAM(PerturbedOptimizer):
     """Bayesian SAM: noisy first pass, precision-scaled ascent, variational update (gm, s: 2× params)."""
 
+    writes_base_state = True  # the ascent leaves √s|g| in the update's state
+
     def __init__(
         self,
         params: Iterable,
