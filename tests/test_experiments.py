@@ -190,3 +190,73 @@ def test_a_spec_may_train_on_more_data_as_a_positive_control():
     from flatmin.experiments.compare import parse_specs
     specs = parse_specs("erm,erm:train_size=300,lr=0.1")
     assert specs[1].fields == {"dataset_options": {"train_size": 300}, "lr": 0.1}
+
+
+def test_a_single_threaded_driver_forks_its_workers_and_a_threaded_one_spawns_them():
+    """Fork and threads do not mix: the CLI (one thread) forks; a driver with another thread spawns."""
+    import subprocess
+    import sys
+    import threading
+
+    from flatmin.experiments.backends.local import start_method
+
+    code = "from flatmin.experiments.backends.local import start_method; print(start_method())"
+    alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert alone.stdout.strip() == ("fork" if sys.platform == "linux" else "spawn")
+    hold = threading.Event()
+    other = threading.Thread(target=hold.wait)
+    other.start()
+    try:
+        assert start_method() == "spawn"
+    finally:
+        hold.set()
+        other.join()
+
+
+def test_a_forked_pool_trains_what_this_process_trains_and_measures_the_step_cost(tmp_path):
+    """`compare --workers 2` from the command line (a forked pool, the step cost measured in the driver once
+    a core is free) gives every run's numbers of `--workers 1` (this very process), and the step cost."""
+    import json
+    import subprocess
+    import sys
+
+    args = ["compare", "--dataset", "spiral", "--epochs", "2", "--seeds", "3", "--methods", "erm,sam",
+            "--no-figures", "--cost-epochs", "1"]
+    pool = [sys.executable, "-m", "flatmin", *args, "--workers", "2", "--out", str(tmp_path / "pool")]
+    subprocess.run(pool, check=True, capture_output=True, text=True)
+    assert main([*args, "--workers", "1", "--out", str(tmp_path / "inline")]) == 0
+
+    def rows(name: str) -> dict:
+        with open(tmp_path / name / "results.csv") as f:
+            return {(r["method"], r["seed"]): (r["test_error"], r["test_nll"], r["val_nll"])
+                    for r in csv.DictReader(f)}
+    assert rows("pool") == rows("inline") and len(rows("pool")) == 6
+    steps = json.loads((tmp_path / "pool" / "summary.json").read_text())["cost"]["steps"]
+    assert set(steps) == {"erm", "sam"} and all(v["cpu_s_per_step"] > 0 for v in steps.values())
+
+
+def test_background_work_waits_for_a_free_core_and_hands_back_its_value_or_its_error():
+    import threading
+
+    from flatmin.experiments.background import Background
+
+    started = threading.Event()
+
+    def work(stop: threading.Event) -> int:
+        started.set()
+        return 7
+    job = Background(work)
+    assert not started.wait(0.2)  # nothing runs before `go`
+    job.go()
+    assert started.wait(5) and job.result() == 7
+    assert Background(lambda stop: 8).result() == 8  # `result` starts it when no core was ever free
+
+    def broken(stop: threading.Event) -> None:
+        raise ValueError("measured nothing")
+    with pytest.raises(ValueError, match="measured nothing"):
+        Background(broken).result()
+
+    ran = threading.Event()
+    cancelled = Background(lambda stop: ran.set())
+    cancelled.cancel()
+    assert not ran.is_set()  # cancelled before it started: it never runs

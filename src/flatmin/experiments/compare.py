@@ -4,6 +4,7 @@ table, paired verdicts and files they give. `flatmin compare` (`flatmin.cli.comp
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ from flatmin.errors import FlatminError, RunFailedError
 from flatmin.experiments import figures as fig
 from flatmin.experiments import health, paired, tuning
 from flatmin.experiments.backends import Backend
+from flatmin.experiments.background import Background
 from flatmin.experiments.runner import resolved
 from flatmin.experiments.tables import compare_table
-from flatmin.results.plot import write_csv
+from flatmin.results.plot import pyplot, write_csv
 from flatmin.results.store import Store
 from flatmin.train.config import TrainConfig
 from flatmin.train.methods import refuse_unread
@@ -96,32 +98,63 @@ def compare(specs: list[Spec], baseline: str, seeds: list[int], cap: int | None,
     verdicts, write CSV/Markdown/JSON/PNGs into ``out``."""
     t0 = time.perf_counter()
     rounds: list[dict[str, Any]] = []
-    while True:
-        res, done = train_specs(specs, seeds, overrides, sweep, tune_seeds, tune_metric, out, backend,
-                                progress)
-        tasks = dict(enumerate(res.tasks))
-        groups = {specs[i].label: [_result(done[t.key]) for t in tasks[i]] for i in range(len(specs))}
-        if cap is None:
-            break
-        primary = next(c for c in paired.comparisons(groups, baseline) if c.metric == "error")
-        rounds.append({"seeds": len(seeds), "method": primary.method, **primary.summary()})
-        print(f"seeds auto: {len(seeds)} seeds, {primary.method} vs {baseline} test error "
-              f"{paired.ci_cell(primary)} -> {primary.verdict}")
-        if primary.verdict in ("better", "worse") or len(seeds) >= cap:
-            break
-        seeds = list(range(min(cap, len(seeds) + AUTO_BATCH)))
-    configs = {s.label: tasks[i][0].config for i, s in enumerate(specs)}
-    ev = paired.Evidence.gather(groups, baseline, configs, cost_epochs, rounds, cap)
+    tail: list[tuple[dict[str, TrainConfig], Background]] = []  # the step cost, measured while runs train
+
+    def configs_known(configs: dict[str, TrainConfig]) -> None:
+        if not tail:
+            work = Background(lambda stop: _while_runs_train(configs, cost_epochs, figures, stop))
+            tail.append((configs, work))
+
+    def spare() -> None:  # a core is free: measure there, not after the runs
+        if tail:
+            tail[0][1].go()
+    try:
+        while True:
+            res, done = train_specs(specs, seeds, overrides, sweep, tune_seeds, tune_metric, out, backend,
+                                    progress, configs_known, spare)
+            tasks = dict(enumerate(res.tasks))
+            groups = {specs[i].label: [_result(done[t.key]) for t in tasks[i]] for i in range(len(specs))}
+            if cap is None:
+                break
+            primary = next(c for c in paired.comparisons(groups, baseline) if c.metric == "error")
+            rounds.append({"seeds": len(seeds), "method": primary.method, **primary.summary()})
+            print(f"seeds auto: {len(seeds)} seeds, {primary.method} vs {baseline} test error "
+                  f"{paired.ci_cell(primary)} -> {primary.verdict}")
+            if primary.verdict in ("better", "worse") or len(seeds) >= cap:
+                break
+            seeds = list(range(min(cap, len(seeds) + AUTO_BATCH)))
+        configs = {s.label: tasks[i][0].config for i, s in enumerate(specs)}
+        steps = tail[0][1].result() if tail and tail[0][0] == configs else None
+    except BaseException:
+        for _, work in tail:
+            work.cancel()
+        raise
+    ev = paired.Evidence.gather(groups, baseline, configs, cost_epochs, rounds, cap, steps)
     text = summary(groups, tasks, specs, res, tune_metric, ev)
     print(text + f"\nwall time {time.perf_counter() - t0:.1f}s")
     write_outputs(out, groups, tasks, specs, done, figures, ev)
     paired.write_summary(out, ev.payload(configs, seeds), text)
 
 
+def _while_runs_train(configs: dict[str, TrainConfig], cost_epochs: int, figures: bool,
+                      stop: threading.Event) -> dict[str, dict[str, float]]:
+    """What the driver can do before the runs end: measure the step cost, import matplotlib."""
+    steps = paired.step_cost(configs, cost_epochs, stop) if cost_epochs > 0 else {}
+    if figures:
+        try:
+            pyplot()
+        except FlatminError:  # said where the figures are drawn
+            pass
+    return steps
+
+
 def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], sweep: dict[str, list[Any]],
                 tune_seeds: list[int], tune_metric: str, out: Path, make_backend: Callable[[], Backend],
-                progress: bool | None = None) -> tuple[tuning.Outcome, dict]:
-    """Tune (if asked) and train every spec over ``seeds``; finished runs are read back, not retrained."""
+                progress: bool | None = None,
+                on_configs: Callable[[dict[str, TrainConfig]], None] | None = None,
+                spare: Callable[[], None] | None = None) -> tuple[tuning.Outcome, dict]:
+    """Tune (if asked) and train every spec over ``seeds``; finished runs are read back, not retrained.
+    ``on_configs``, ``spare``: as `tuning.tune_and_run` takes them."""
     bases = [TrainConfig(**{**overrides, "method": s.method, **s.fields, "dataset_options": {
         **overrides.get("dataset_options", {}), **s.fields.get("dataset_options", {})}}) for s in specs]
     sweeps = [{k: v for k, v in tuning.for_method(sweep, s.method).items() if k not in s.fields}
@@ -142,7 +175,8 @@ def train_specs(specs: list[Spec], seeds: list[int], overrides: dict[str, Any], 
         raise
     try:
         res = tuning.tune_and_run(bases, [s.label for s in specs], sweeps, seeds,
-                                  tune_seeds, out, store, backend, tune_metric, progress=progress)
+                                  tune_seeds, out, store, backend, tune_metric, progress=progress,
+                                  on_configs=on_configs, spare=spare)
         done = {r["key"]: r for r in store.rows()}
     finally:
         store.close()

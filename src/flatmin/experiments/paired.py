@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,13 +135,14 @@ def oversubscribed(cost: dict[str, dict[str, Any]]) -> str | None:
             "columns use CPU time")
 
 
-def step_cost(configs: dict[str, Any], epochs: int) -> dict[str, dict[str, float]]:
-    """A dedicated measurement: every label's training epochs interleaved in this one process (drift
+def step_cost(configs: dict[str, Any], epochs: int,
+              stop: threading.Event | None = None) -> dict[str, dict[str, float]]:
+    """A dedicated measurement: every label's training epochs interleaved in this one thread (drift
     hits all alike), CPU seconds per optimizer step, median over ``epochs`` timed epochs."""
     labels, threads = list(configs), torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers
     try:
-        contenders = measure_configs([configs[k] for k in labels], epochs)
+        contenders = measure_configs([configs[k] for k in labels], epochs, stop)
     finally:
         torch.set_num_threads(threads)
     out = {}
@@ -184,10 +186,13 @@ class Evidence:
 
     @classmethod
     def gather(cls, groups: dict[str, list[dict[str, Any]]], baseline: str, configs: dict[str, Any],
-               cost_epochs: int, rounds: list[dict[str, Any]], cap: int | None) -> Evidence:
-        """Comparisons from the runs; the step cost measured now (``cost_epochs`` epochs per spec)."""
+               cost_epochs: int, rounds: list[dict[str, Any]], cap: int | None,
+               steps: dict[str, dict[str, float]] | None = None) -> Evidence:
+        """Comparisons from the runs; the step cost (``steps``, else measured now: ``cost_epochs`` epochs
+        per spec)."""
         comps = comparisons(groups, baseline) if len(groups) > 1 else []
-        steps = step_cost(configs, cost_epochs) if cost_epochs > 0 else {}
+        if steps is None:
+            steps = step_cost(configs, cost_epochs) if cost_epochs > 0 else {}
         return cls(baseline, comps, method_stats(groups), run_cost(groups, baseline), steps, rounds, cap,
                    groups)
 
@@ -208,8 +213,8 @@ class Evidence:
         lines = [verdict_lines(self.comps, notes)] if self.comps else []
         if self.steps:
             some = next(iter(self.steps.values()))
-            lines.append("step CPU: process CPU time per optimizer step, every spec's epochs interleaved in "
-                         f"one process (1 thread), median of {some['epochs_timed']} timed epochs after a "
+            lines.append("step CPU: CPU time per optimizer step, every spec's epochs interleaved in one "
+                         f"thread (torch on 1 thread), median of {some['epochs_timed']} timed epochs after a "
                          "warm-up (range: per-epoch ratios); run CPU: worker CPU time per run, evaluation "
                          "included")
         if warning := oversubscribed(self.runs):

@@ -118,12 +118,13 @@ class Progress:
 
 
 def execute(tasks: list[Task], store: Store, workers: int | Backend = 1,
-            log: Callable[[str], None] = print, poll_s: float = 1.0, progress: bool | None = None
-            ) -> list[str]:
+            log: Callable[[str], None] = print, poll_s: float = 1.0, progress: bool | None = None,
+            spare: Callable[[], None] | None = None) -> list[str]:
     """Train every unfinished task on ``workers`` (a count: local processes, or a backend), waiting
     for runs a live peer holds and taking over those whose owner died; this process alone writes
     the store. Returns one message per run that is not in the store at the end (why it is not).
-    ``progress``: the overall bar (None: on a terminal only)."""
+    ``progress``: the overall bar (None: on a terminal only); ``spare``: told when the last runs
+    leave a worker's core free (a backend that knows)."""
     backend = LocalBackend(workers) if isinstance(workers, int) else workers
     unique = list({t.key: t for t in tasks}.values())
     done = store.done_keys()
@@ -156,7 +157,7 @@ def execute(tasks: list[Task], store: Store, workers: int | Backend = 1,
 
     ledger = Ledger(claim=claim, renew=lambda ts: store.renew([t.key for t in ts]), finished=finished,
                     failed=fail, heartbeat_s=store.lease_s / 4,
-                    holding=lambda ts: store.heartbeat([t.key for t in ts]))
+                    holding=lambda ts: store.heartbeat([t.key for t in ts]), spare=spare)
     try:
         while queue:
             held.clear()

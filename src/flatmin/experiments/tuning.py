@@ -202,11 +202,15 @@ class Outcome:
 def tune_and_run(bases: list[TrainConfig], labels: list[str], sweeps: list[dict[str, list[Any]]],
                  seeds: list[int], tune_seeds: list[int], root: str | Path, store: Store,
                  workers: int | Backend, metric: str = "error",
-                 log: Callable[[str], None] = print, progress: bool | None = None) -> Outcome:
+                 log: Callable[[str], None] = print, progress: bool | None = None,
+                 on_configs: Callable[[dict[str, TrainConfig]], None] | None = None,
+                 spare: Callable[[], None] | None = None) -> Outcome:
     """Tune on val where a sweep has more than one candidate, then run every base over ``seeds``.
 
     Bases with nothing to tune train alongside the tuning runs, so the cores stay busy. ``progress``:
-    the overall bar of `runner.execute` (None: on a terminal only).
+    the overall bar of `runner.execute` (None: on a terminal only). ``on_configs``: told each label's
+    final configuration (first seed) as soon as it is known, before the runs that remain train;
+    ``spare``: told when their last runs leave a core free (`runner.execute`).
     """
     p = plan(bases, sweeps, tune_seeds, root, labels)
 
@@ -218,12 +222,19 @@ def tune_and_run(bases: list[TrainConfig], labels: list[str], sweeps: list[dict[
     if p.runs():
         log(f"tuning {', '.join(sorted({k for g in p.grids if len(g) > 1 for k in g[0]}))} on the "
             f"validation split: {len(p.runs())} runs")
+    def known() -> None:
+        if on_configs is not None and len(tasks) == len(bases):
+            on_configs({labels[i]: tasks[i][0].config for i in range(len(bases))})
+
+    known()
     first = p.runs() + [t for ts in tasks.values() for t in ts]
-    failed = execute(first, store, workers, log, progress=progress)
+    failed = execute(first, store, workers, log, progress=progress, spare=spare)
     chosen = choose(p, store, metric, log)
-    tasks.update({i: final(i, chosen[i]) for i in range(len(bases)) if i not in fixed})
+    if len(tasks) < len(bases):
+        tasks.update({i: final(i, chosen[i]) for i in range(len(bases)) if i not in fixed})
+        known()
     failed += execute([t for i in range(len(bases)) if i not in fixed for t in tasks[i]], store, workers, log,
-                      progress=progress)
+                      progress=progress, spare=spare)
     return Outcome([tasks[i] for i in range(len(bases))], chosen, p, failed)
 
 

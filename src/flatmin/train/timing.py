@@ -7,7 +7,9 @@ evaluation) and trained an epoch at a time in turn, so load drift hits all alike
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,10 @@ from flatmin.train.config import resolve
 from flatmin.train.distributed import current
 from flatmin.train.loop import StepContext, lr_at, run_epoch
 from flatmin.train.methods import get_method
+
+
+class Cancelled(Exception):
+    """A measurement told to stop before it finished."""
 
 
 @dataclass
@@ -63,9 +69,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_configs(configs: list[Any], epochs: int) -> list[Contender]:
+def cpu_clock() -> Callable[[], float]:
+    """This thread's CPU time when torch runs on one thread (every kernel then runs on the calling thread,
+    and another thread of the process does not count), else the whole process's."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
+
+def measure_configs(configs: list[Any], epochs: int, stop: threading.Event | None = None) -> list[Contender]:
     """One contender per config (same data as the first), 1 + epochs interleaved epochs each; wall
-    and process-CPU time of every epoch but the first (CPU time ignores waits for a busy core)."""
+    and CPU time (`cpu_clock`) of every epoch but the first (CPU time ignores waits for a busy core).
+    ``stop``: checked before every epoch; once set, `Cancelled` is raised."""
     base = configs[0].replace(epochs=epochs + 1)
     ds = load_dataset(base.dataset, data_dir=base.data_dir, val_fraction=base.val_fraction, seed=base.seed,
                       augment=base.augment, download=base.download, **base.dataset_options)
@@ -75,19 +88,22 @@ def measure_configs(configs: list[Any], epochs: int) -> list[Contender]:
     input_range = float(sample.max() - sample.min())
     contenders = [_contender(c.replace(epochs=epochs + 1), ds, input_range) for c in configs]
     steps = -(-len(ds.train) // contenders[0].ctx.cfg.batch_size)
+    clock = cpu_clock()
     for epoch in range(epochs + 1):
         k = epoch % len(contenders)
         for c in contenders[k:] + contenders[:k]:
+            if stop is not None and stop.is_set():
+                raise Cancelled("the step-cost measurement was cancelled")
             for group in c.opt.param_groups:
                 group["lr"] = lr_at(c.ctx.cfg, epoch)
             c.forwards = 0
             _sync(device)
-            t0, cpu0 = time.perf_counter(), time.process_time()
+            t0, cpu0 = time.perf_counter(), clock()
             run_epoch(c.model, c.model, c.opt, ds, epoch, c.ctx, progress=False)
             _sync(device)
             if epoch > 0:
                 c.times.append(time.perf_counter() - t0)
-                c.cpu_times.append(time.process_time() - cpu0)
+                c.cpu_times.append(clock() - cpu0)
                 c.passes.append(c.forwards / steps)
     for c in contenders:
         c.steps = steps

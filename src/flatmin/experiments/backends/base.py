@@ -39,6 +39,7 @@ class Ledger:
     heartbeat_s: float  # how often `renew` must be called while runs are in flight
     # a context that keeps the leases of runs alive while this very process trains them (inline)
     holding: Callable[[list[Task]], AbstractContextManager[Any]] | None = None
+    spare: Callable[[], None] | None = None  # told when a worker's core is free and no run waits for it
 
 
 class Backend(Protocol):
