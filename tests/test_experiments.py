@@ -192,8 +192,9 @@ def test_a_spec_may_train_on_more_data_as_a_positive_control():
     assert specs[1].fields == {"dataset_options": {"train_size": 300}, "lr": 0.1}
 
 
-def test_a_single_threaded_driver_forks_its_workers_and_a_threaded_one_spawns_them():
-    """Fork and threads do not mix: the CLI (one thread) forks; a driver with another thread spawns."""
+def test_a_single_threaded_driver_forks_its_workers_and_a_threaded_one_spawns_them(monkeypatch):
+    """Fork and threads do not mix, nor fork and CUDA: the CLI (one thread) forks; a driver with another
+    thread, or one that has initialised CUDA, spawns."""
     import subprocess
     import sys
     import threading
@@ -211,6 +212,10 @@ def test_a_single_threaded_driver_forks_its_workers_and_a_threaded_one_spawns_th
     finally:
         hold.set()
         other.join()
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    assert start_method() == alone.stdout.strip()
+    monkeypatch.setattr("torch.cuda.is_initialized", lambda: True)
+    assert start_method() == "spawn"
 
 
 def test_a_forked_pool_trains_what_this_process_trains_and_measures_the_step_cost(tmp_path):

@@ -3,8 +3,9 @@ process itself when one worker is enough.
 
 Workers are forked from a single-threaded driver on Linux: a copy of a process that has already
 imported torch, flatmin and torch._dynamo starts in milliseconds, where a spawned one imports them
-again (about 2 s of CPU per worker, before its first run). Fork and threads do not mix, so a driver
-that runs other threads (a test runner, a results store's heartbeat) spawns its workers, clean."""
+again (about 2 s of CPU per worker, before its first run). Fork and threads do not mix, nor does fork
+and an initialised CUDA, so a driver that runs other threads (a test runner, a progress bar's
+monitor, a results store's heartbeat) or has used a GPU spawns its workers, clean."""
 
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def _warm() -> None:
 
 
 def start_method() -> str:
-    """``fork`` from a single-threaded driver on Linux (a worker is a copy, ready at once), else ``spawn``."""
-    single = threading.active_count() == 1
+    """``fork`` from a single-threaded driver on Linux that has not initialised CUDA (a worker is a copy,
+    ready at once), else ``spawn``."""
+    single = threading.active_count() == 1 and not torch.cuda.is_initialized()
     forks = sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
     return "fork" if forks and single else "spawn"
 
