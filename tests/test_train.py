@@ -365,3 +365,25 @@ def test_checkpoints_are_written_first_last_and_every_30_seconds(epoch, start, e
     from flatmin.train.loop import CHECKPOINT_SECONDS, _saves
     assert CHECKPOINT_SECONDS == 30.0
     assert _saves(epoch, start, epochs, since) is saves
+
+
+def test_a_run_records_test_metrics_after_temperature_scaling_fitted_on_val(tmp_path):
+    """metrics.json's ``test_ts``: T fitted on the run's own validation logits (recomputed here from the
+    saved model: the same T, the same scaled test NLL and ECE), test error unchanged."""
+    from flatmin.train.metrics import classification_metrics, fit_temperature
+
+    result = train(TrainConfig(method="erm", dataset="spiral", epochs=3, seed=0), tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    ts = saved["test_ts"]
+    assert ts["error"] == saved["test"]["error"] and ts["temperature"] > 0 and result["test_ts"] == ts
+    run = load_run(tmp_path)
+    ds = run.dataset
+    with torch.no_grad():
+        val = run.model(ds.transform(ds.val.x, False)).double()
+        test = run.model(ds.transform(ds.test.x, False)).double()
+    t = fit_temperature(val, ds.val.y)
+    assert t == pytest.approx(ts["temperature"], rel=1e-9)
+    scaled = classification_metrics(test / t, ds.test.y)
+    assert scaled["nll"] == pytest.approx(ts["nll"], rel=1e-9)
+    assert scaled["ece"] == pytest.approx(ts["ece"], rel=1e-9)
+    assert abs(t - 1) > 1e-3  # a real fit, not the identity
