@@ -98,16 +98,18 @@ def compare(specs: list[Spec], baseline: str, seeds: list[int], cap: int | None,
     verdicts, write CSV/Markdown/JSON/PNGs into ``out``."""
     t0 = time.perf_counter()
     rounds: list[dict[str, Any]] = []
-    tail: list[tuple[dict[str, TrainConfig], Background]] = []  # the step cost, measured while runs train
+    work: Background | None = None  # the step cost, measured on a core the last runs leave free
+    measured: dict[str, TrainConfig] = {}  # the configurations it measures
 
     def configs_known(configs: dict[str, TrainConfig]) -> None:
-        if not tail:
+        nonlocal work
+        if work is None:
+            measured.update(configs)
             work = Background(lambda stop: _while_runs_train(configs, cost_epochs, figures, stop))
-            tail.append((configs, work))
 
-    def spare() -> None:  # a core is free: measure there, not after the runs
-        if tail:
-            tail[0][1].go()
+    def spare() -> None:
+        if work is not None:
+            work.go()
     try:
         while True:
             res, done = train_specs(specs, seeds, overrides, sweep, tune_seeds, tune_metric, out, backend,
@@ -124,9 +126,9 @@ def compare(specs: list[Spec], baseline: str, seeds: list[int], cap: int | None,
                 break
             seeds = list(range(min(cap, len(seeds) + AUTO_BATCH)))
         configs = {s.label: tasks[i][0].config for i, s in enumerate(specs)}
-        steps = tail[0][1].result() if tail and tail[0][0] == configs else None
+        steps = work.result() if work is not None and measured == configs else None
     except BaseException:
-        for _, work in tail:
+        if work is not None:
             work.cancel()
         raise
     ev = paired.Evidence.gather(groups, baseline, configs, cost_epochs, rounds, cap, steps)
